@@ -1,0 +1,191 @@
+//! `ouro bench ...`: kernel and model benchmarks, each printed beside the peer run in the same process.
+
+use anyhow::{bail, Context, Result};
+use ouro_kernels::ssd::{self, Dims, ScanGrads, ScanIn};
+use ouro_kernels::Segments;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(clap::Subcommand)]
+pub enum Bench {
+    /// The Mamba-2 SSD scan on the CPU: chunked vs sequential, forward and forward+backward.
+    Ssd(SsdArgs),
+}
+
+#[derive(clap::Args)]
+pub struct SsdArgs {
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    #[arg(long, default_value_t = 24)]
+    heads: usize,
+    #[arg(long, default_value_t = 64)]
+    head_dim: usize,
+    #[arg(long, default_value_t = 128)]
+    state: usize,
+    #[arg(long, default_value_t = 1)]
+    groups: usize,
+    /// Sequence lengths, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "512,2048,8192")]
+    lens: Vec<usize>,
+    /// Chunk size of the chunked algorithm.
+    #[arg(long, default_value_t = 64)]
+    chunk: usize,
+    /// Timed repetitions per measurement (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    /// Also time the backward pass.
+    #[arg(long)]
+    backward: bool,
+    /// Run a peer side by side: a Python interpreter with torch, running scripts/peers/ssd_torch.py
+    /// (`mamba_ssm`'s ssd_minimal_discrete and its sequential reference on CPU PyTorch).
+    #[arg(long)]
+    peer_python: Option<String>,
+    /// Print one JSON object per measurement instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Row {
+    len: usize,
+    algo: String,
+    pass: &'static str,
+    seconds: f64,
+    tokens_per_s: f64,
+    gflops: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn time<F: FnMut()>(iters: usize, mut f: F) -> f64 {
+    f(); // warm-up
+    median((0..iters.max(1)).map(|_| {
+        let t = Instant::now();
+        f();
+        t.elapsed().as_secs_f64()
+    }).collect())
+}
+
+/// FLOPs of the chunked forward per (batch·token): per head 2·(Q·N [CBᵀ, shared by a group] / (H/G)
+/// + Q·P [M·X] + 2·P·N [chunk state, C·Sᵀ]).
+fn chunked_flops(d: &Dims, q: usize) -> f64 {
+    let (h, p, n, g) = (d.h as f64, d.p as f64, d.n as f64, d.g as f64);
+    let q = q.min(d.l) as f64;
+    2.0 * (g * q * n + h * (q * p + 2.0 * p * n))
+}
+
+pub fn run(b: Bench) -> Result<()> {
+    match b {
+        Bench::Ssd(a) => ssd_bench(a),
+    }
+}
+
+fn ssd_bench(a: SsdArgs) -> Result<()> {
+    if a.heads % a.groups != 0 {
+        bail!("--heads {} must be divisible by --groups {}", a.heads, a.groups);
+    }
+    let mut rows = Vec::new();
+    let mut rng = StdRng::seed_from_u64(0);
+    for &l in &a.lens {
+        let d = Dims { b: a.batch, l, h: a.heads, p: a.head_dim, g: a.groups, n: a.state };
+        let mut rand = |n: usize, lo: f32, hi: f32| -> Vec<f32> { (0..n).map(|_| rng.random_range(lo..hi)).collect() };
+        let x = rand(d.b * l * d.h * d.p, -0.1, 0.1); // X = dt·x with dt ≈ 0.1
+        let av = rand(d.b * l * d.h, -0.2, -0.001);
+        let bm = rand(d.b * l * d.g * d.n, -1.0, 1.0);
+        let cm = rand(d.b * l * d.g * d.n, -1.0, 1.0);
+        let seg = Segments::none();
+        let inp = ScanIn { x: &x, a: &av, bm: &bm, cm: &cm, s0: None, seg: &seg };
+        let mut y = vec![0f32; x.len()];
+        let mut sf = vec![0f32; d.b * d.h * d.p * d.n];
+        let toks = (d.b * l) as f64;
+        let flops = chunked_flops(&d, a.chunk) * toks;
+        let t = time(a.iters, || ssd::scan_chunked(d, a.chunk, inp, &mut y, &mut sf));
+        rows.push(Row { len: l, algo: format!("chunked(Q={})", a.chunk), pass: "fwd", seconds: t, tokens_per_s: toks / t, gflops: flops / t / 1e9 });
+        let rec_flops = 4.0 * (d.h * d.p * d.n) as f64 * toks;
+        let t = time(a.iters, || ssd::scan_recurrent(d, inp, &mut y, &mut sf));
+        rows.push(Row { len: l, algo: "sequential".into(), pass: "fwd", seconds: t, tokens_per_s: toks / t, gflops: rec_flops / t / 1e9 });
+        if a.backward {
+            let dy = rand(x.len(), -1.0, 1.0);
+            let (mut dx, mut da) = (vec![0f32; x.len()], vec![0f32; av.len()]);
+            let (mut dbm, mut dcm, mut ds0) = (vec![0f32; bm.len()], vec![0f32; cm.len()], vec![0f32; sf.len()]);
+            let t = time(a.iters, || {
+                ssd::scan_chunked(d, a.chunk, inp, &mut y, &mut sf);
+                let gr = ScanGrads { dx: &mut dx, da: &mut da, dbm: &mut dbm, dcm: &mut dcm, ds0: &mut ds0 };
+                ssd::scan_chunked_bwd(d, a.chunk, inp, &dy, None, gr);
+            });
+            rows.push(Row { len: l, algo: format!("chunked(Q={})", a.chunk), pass: "fwd+bwd", seconds: t, tokens_per_s: toks / t, gflops: f64::NAN });
+        }
+    }
+    let peer = match &a.peer_python {
+        Some(py) => Some(run_peer(py, &a)?),
+        None => None,
+    };
+    if a.json {
+        for r in &rows {
+            println!("{}", serde_json::to_string(r)?);
+        }
+        if let Some(p) = &peer {
+            for r in p {
+                println!("{}", serde_json::to_string(r)?);
+            }
+        }
+        return Ok(());
+    }
+    println!(
+        "SSD scan, CPU f32, b={} h={} p={} n={} g={}, {} threads (median of {})",
+        a.batch, a.heads, a.head_dim, a.state, a.groups, rayon::current_num_threads(), a.iters
+    );
+    println!("{:>6}  {:<16} {:<8} {:>10} {:>12} {:>8}", "len", "algorithm", "pass", "ms", "tokens/s", "GFLOP/s");
+    for r in &rows {
+        println!("{:>6}  {:<16} {:<8} {:>10.2} {:>12.0} {:>8.1}", r.len, r.algo, r.pass, r.seconds * 1e3, r.tokens_per_s, r.gflops);
+    }
+    for &l in &a.lens {
+        let get = |algo: &str, pass: &str| rows.iter().find(|r| r.len == l && r.algo.starts_with(algo) && r.pass == pass).map(|r| r.tokens_per_s);
+        if let (Some(c), Some(s)) = (get("chunked", "fwd"), get("sequential", "fwd")) {
+            println!("len {l}: chunked / sequential = {:.2}x", c / s);
+        }
+    }
+    if let Some(p) = peer {
+        println!("\npeer (PyTorch CPU, same shapes, same process tree):");
+        for r in &p {
+            let ours = rows.iter().find(|o| o.len == r.len && o.pass == r.pass && o.algo.starts_with(if r.algo.contains("sequential") { "sequential" } else { "chunked" }));
+            let ratio = ours.map(|o| o.tokens_per_s / r.tokens_per_s).unwrap_or(f64::NAN);
+            println!("{:>6}  {:<28} {:<8} {:>10.2} ms {:>12.0} tok/s   ouro is {:.1}x", r.len, r.algo, r.pass, r.seconds * 1e3, r.tokens_per_s, ratio);
+        }
+    }
+    Ok(())
+}
+
+#[derive(serde::Deserialize, Serialize)]
+struct PeerRow {
+    len: usize,
+    algo: String,
+    pass: String,
+    seconds: f64,
+    tokens_per_s: f64,
+}
+
+fn run_peer(python: &str, a: &SsdArgs) -> Result<Vec<PeerRow>> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/peers/ssd_torch.py");
+    let lens: Vec<String> = a.lens.iter().map(|l| l.to_string()).collect();
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .args(["--batch", &a.batch.to_string(), "--heads", &a.heads.to_string(), "--head-dim", &a.head_dim.to_string()])
+        .args(["--state", &a.state.to_string(), "--groups", &a.groups.to_string(), "--chunk", &a.chunk.to_string()])
+        .args(["--iters", &a.iters.to_string(), "--threads", &rayon::current_num_threads().to_string(), "--lens", &lens.join(",")])
+        .args(if a.backward { vec!["--backward"] } else { vec![] })
+        .output()
+        .with_context(|| format!("running the peer {python} {}", script.display()))?;
+    if !out.status.success() {
+        bail!("peer benchmark failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).context("peer output"))
+        .collect()
+}

@@ -1,0 +1,24 @@
+//! ouro's state-space kernels.
+//!
+//! Each kernel exists as plain slice functions (the math, written for speed: contiguous inner loops,
+//! rayon over independent work, no per-timestep allocation) and as a candle custom op with a
+//! backward pass, so models built on candle get autodiff through them.
+//!
+//! - [`ssd`]: Mamba-2's state space duality layer (`mamba_chunk_scan_combined` semantics), computed as a
+//!   recurrence, as a chunked scan, or as masked "attention" through its materialised L×L matrix.
+//! - [`selective_scan`]: Mamba-1's S6 selective scan (`selective_scan_fn` semantics).
+//! - [`conv`]: causal depthwise conv1d with carried state and document boundaries.
+//! - [`norm`]: RMSNorm and gated RMSNorm (`group_size`, both `norm_before_gate` orders).
+//! - [`act`]: softplus and friends.
+
+pub mod act;
+pub mod conv;
+mod cpu;
+pub mod norm;
+pub mod selective_scan;
+pub mod ssd;
+#[doc(hidden)]
+pub mod testing;
+mod util;
+
+pub use util::{seq_idx_to_vec, Segments};

@@ -1,0 +1,1046 @@
+//! Mamba-2's SSD layer (state space duality), `mamba_ssm` semantics.
+//!
+//! Per head h (group g = h / (H/G)), with dt already biased/softplus'd/clamped, X_t = dt_t·x_t and
+//! a_t = dt_t·A_h (the log of the per-step decay):
+//!
+//! ```text
+//! S_t = exp(a_t)·S_{t−1} + X_t ⊗ B_{t,g}        S: (P, N)
+//! y_t = S_t·C_{t,g} + D_h·x_t,   then y ⊙ SiLU(z) if z is given
+//! ```
+//!
+//! computed three ways that must agree: [`Algo::Recurrent`] (the scan above), [`Algo::Chunked`] (the SSD
+//! algorithm: quadratic "attention" inside chunks of Q steps, a recurrence over chunk states between
+//! them — `ssd_minimal_discrete`), and [`Algo::Quadratic`] (the whole L×L semiseparable matrix from
+//! [`materialize`], times X). Document boundaries (`seq_idx`) reset the state.
+//!
+//! The slice-level kernels work on the discretised inputs (X, a, B, C, S₀); [`ssd`] does the
+//! preprocessing (dt bias, softplus, clamp), the D skip and the z gate with candle ops, so that all of it
+//! is differentiable. The chunked backward pass is hand-written and serves both fast algorithms.
+
+use crate::cpu::{dot, exp, matmul, Mat, SendPtr};
+use crate::util::{cpu_f32, expect_dims, to_f32_contig, Segments};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use multiversion::multiversion;
+use rayon::prelude::*;
+
+/// Problem sizes: batch, length, heads, head dim, groups, state size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dims {
+    pub b: usize,
+    pub l: usize,
+    pub h: usize,
+    pub p: usize,
+    pub g: usize,
+    pub n: usize,
+}
+
+impl Dims {
+    /// Heads per group.
+    #[inline]
+    pub fn hpg(&self) -> usize {
+        self.h / self.g
+    }
+    fn chunks(&self, q: usize) -> usize {
+        self.l.div_ceil(q)
+    }
+}
+
+/// Discretised kernel inputs (contiguous f32).
+#[derive(Clone, Copy)]
+pub struct ScanIn<'a> {
+    /// X = dt·x, (b, l, h, p)
+    pub x: &'a [f32],
+    /// a = dt·A, (b, l, h)
+    pub a: &'a [f32],
+    /// (b, l, g, n)
+    pub bm: &'a [f32],
+    /// (b, l, g, n)
+    pub cm: &'a [f32],
+    /// Initial states (b, h, p, n); zero when absent.
+    pub s0: Option<&'a [f32]>,
+    pub seg: &'a Segments,
+}
+
+/// The algorithm computing the scan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algo {
+    /// The SSD chunked algorithm with this chunk size.
+    Chunked(usize),
+    /// The sequential recurrence.
+    Recurrent,
+    /// The materialised L×L matrix (candle ops; memory O(L²)).
+    Quadratic,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sequential recurrence.
+// ---------------------------------------------------------------------------------------------
+
+/// The recurrence, one (batch, head) per task. Writes y (b, l, h, p) and the final states (b, h, p, n).
+pub fn scan_recurrent(d: Dims, inp: ScanIn, y: &mut [f32], s_final: &mut [f32]) {
+    let Dims { b, l, h, p, n, .. } = d;
+    assert_eq!(y.len(), b * l * h * p);
+    assert_eq!(s_final.len(), b * h * p * n);
+    let yp = SendPtr(y.as_mut_ptr());
+    s_final.par_chunks_mut(p * n).enumerate().for_each(|(bh, st)| {
+        recurrent_one(d, &inp, bh / h, bh % h, yp, st);
+    });
+}
+
+#[multiversion(targets = "simd")]
+fn recurrent_one(d: Dims, inp: &ScanIn, bi: usize, hi: usize, y: SendPtr, st: &mut [f32]) {
+    let Dims { l, h, p, g, n, .. } = d;
+    let gi = hi / d.hpg();
+    match inp.s0 {
+        Some(s0) => st.copy_from_slice(&s0[(bi * h + hi) * p * n..][..p * n]),
+        None => st.fill(0.0),
+    }
+    let seg = inp.seg.row(bi, l);
+    for t in 0..l {
+        if let Some(s) = seg {
+            if t > 0 && s[t] != s[t - 1] {
+                st.fill(0.0);
+            }
+        }
+        let row = (bi * l + t) * h + hi;
+        let decay = exp(inp.a[row]);
+        let xr = &inp.x[row * p..][..p];
+        let br = &inp.bm[((bi * l + t) * g + gi) * n..][..n];
+        let cr = &inp.cm[((bi * l + t) * g + gi) * n..][..n];
+        // SAFETY: each (b, t, h) row of y is written by exactly one task.
+        let yr = unsafe { y.slice(row * p, p) };
+        for (i, si) in st.chunks_exact_mut(n).enumerate() {
+            let xi = xr[i];
+            for k in 0..n {
+                si[k] = decay * si[k] + xi * br[k];
+            }
+            yr[i] = dot(si, cr);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chunked SSD.
+// ---------------------------------------------------------------------------------------------
+
+/// One chunk of one row: positions [t0, t0 + q) and their document structure.
+struct Chunk<'s> {
+    t0: usize,
+    q: usize,
+    /// Document ids of the chunk's positions (None: one document).
+    sid: Option<&'s [u32]>,
+    /// Document the incoming state belongs to.
+    prev: u32,
+}
+
+impl<'s> Chunk<'s> {
+    fn new(d: &Dims, seg: &'s Segments, bi: usize, c: usize, q_max: usize) -> Self {
+        let t0 = c * q_max;
+        let q = q_max.min(d.l - t0);
+        let row = seg.row(bi, d.l);
+        let sid = row.map(|r| &r[t0..t0 + q]);
+        let prev = row.map_or(0, |r| if t0 == 0 { r[0] } else { r[t0 - 1] });
+        Self { t0, q, sid, prev }
+    }
+    #[inline(always)]
+    fn same(&self, i: usize, j: usize) -> bool {
+        self.sid.is_none_or(|s| s[i] == s[j])
+    }
+    /// Position i still sees the incoming state.
+    #[inline(always)]
+    fn sees_prev(&self, i: usize) -> bool {
+        self.sid.is_none_or(|s| s[i] == self.prev)
+    }
+    /// Position j contributes to the outgoing state.
+    #[inline(always)]
+    fn reaches_end(&self, j: usize) -> bool {
+        self.sid.is_none_or(|s| s[j] == s[self.q - 1])
+    }
+}
+
+/// Per-(chunk, head) decay factors.
+struct Decay {
+    /// Inclusive cumulative sum of a over the chunk.
+    acum: Vec<f32>,
+    /// e_i = exp(acum_i): decay of the incoming state to position i (0 across a boundary).
+    e: Vec<f32>,
+    /// w_j = exp(acum_end − acum_j): decay of position j's input to the chunk end (0 across a boundary).
+    w: Vec<f32>,
+    /// exp(acum_end): decay of the incoming state across the whole chunk.
+    alpha: f32,
+}
+
+impl Decay {
+    fn new(q_max: usize) -> Self {
+        Self { acum: vec![0.0; q_max], e: vec![0.0; q_max], w: vec![0.0; q_max], alpha: 0.0 }
+    }
+    fn compute(&mut self, d: &Dims, a: &[f32], bi: usize, hi: usize, ch: &Chunk) {
+        let q = ch.q;
+        let mut s = 0f32;
+        for i in 0..q {
+            s += a[(bi * d.l + ch.t0 + i) * d.h + hi];
+            self.acum[i] = s;
+        }
+        let end = self.acum[q - 1];
+        for i in 0..q {
+            self.e[i] = if ch.sees_prev(i) { exp(self.acum[i]) } else { 0.0 };
+            self.w[i] = if ch.reaches_end(i) { exp(end - self.acum[i]) } else { 0.0 };
+        }
+        self.alpha = if ch.sees_prev(q - 1) { exp(end) } else { 0.0 };
+    }
+    /// L[i, j] = exp(acum_i − acum_j) for j ≤ i in one document, else 0. Writes a (q, q) matrix.
+    fn fill_l(&self, ch: &Chunk, l_mat: &mut [f32]) {
+        let q = ch.q;
+        for i in 0..q {
+            let row = &mut l_mat[i * q..(i + 1) * q];
+            let ai = self.acum[i];
+            for j in 0..=i {
+                row[j] = if ch.same(i, j) { exp(ai - self.acum[j]) } else { 0.0 };
+            }
+            row[i + 1..].fill(0.0);
+        }
+    }
+}
+
+/// Offsets of row (b, t) of the (b, l, h, p) and (b, l, g, n) layouts.
+#[inline(always)]
+fn x_off(d: &Dims, bi: usize, t: usize, hi: usize) -> usize {
+    ((bi * d.l + t) * d.h + hi) * d.p
+}
+#[inline(always)]
+fn bc_off(d: &Dims, bi: usize, t: usize, gi: usize) -> usize {
+    ((bi * d.l + t) * d.g + gi) * d.n
+}
+
+/// States entering every chunk, (b, h, T, p, n), and the final states (b, h, p, n).
+/// This is `_chunk_state_fwd` followed by `_state_passing_fwd`.
+fn chunk_states(d: Dims, q_max: usize, inp: &ScanIn, s_final: &mut [f32]) -> Vec<f32> {
+    let Dims { b, h, p, n, .. } = d;
+    let t_n = d.chunks(q_max);
+    let pn = p * n;
+    let mut states = vec![0f32; b * h * t_n * pn];
+    // Each chunk's own contribution to its end state: Σ_j w_j X_j ⊗ B_j.
+    states.par_chunks_mut(pn).enumerate().for_each_init(
+        || (Decay::new(q_max), vec![0f32; q_max * p]),
+        |(dec, xw), (idx, st)| {
+            let (bh, c) = (idx / t_n, idx % t_n);
+            let (bi, hi) = (bh / h, bh % h);
+            let ch = Chunk::new(&d, inp.seg, bi, c, q_max);
+            dec.compute(&d, inp.a, bi, hi, &ch);
+            for j in 0..ch.q {
+                let xr = &inp.x[x_off(&d, bi, ch.t0 + j, hi)..][..p];
+                let wj = dec.w[j];
+                for (o, &xv) in xw[j * p..(j + 1) * p].iter_mut().zip(xr) {
+                    *o = wj * xv;
+                }
+            }
+            let gi = hi / d.hpg();
+            // (p, n) = Xwᵀ (p, q) · B (q, n)
+            unsafe {
+                matmul(
+                    p,
+                    n,
+                    ch.q,
+                    st.as_mut_ptr(),
+                    n,
+                    false,
+                    Mat::rows_t(xw, 0, p),
+                    Mat::rows(inp.bm, bc_off(&d, bi, ch.t0, gi), d.g * n),
+                    1.0,
+                );
+            }
+        },
+    );
+    // Pass states across chunks: S_{c+1} = α_c S_c + s_c; keep the entering state in slot c.
+    states.par_chunks_mut(t_n * pn).zip(s_final.par_chunks_mut(pn)).enumerate().for_each(
+        |(bh, (st, sf))| {
+            let (bi, hi) = (bh / h, bh % h);
+            match inp.s0 {
+                Some(s0) => sf.copy_from_slice(&s0[bh * pn..(bh + 1) * pn]),
+                None => sf.fill(0.0),
+            }
+            let mut dec = Decay::new(q_max);
+            for c in 0..t_n {
+                let ch = Chunk::new(&d, inp.seg, bi, c, q_max);
+                dec.compute(&d, inp.a, bi, hi, &ch);
+                let slot = &mut st[c * pn..(c + 1) * pn];
+                for (s_run, s_loc) in sf.iter_mut().zip(slot.iter_mut()) {
+                    let local = *s_loc;
+                    *s_loc = *s_run;
+                    *s_run = dec.alpha * *s_run + local;
+                }
+            }
+        },
+    );
+    states
+}
+
+/// The chunked SSD forward. Writes y (b, l, h, p) and the final states (b, h, p, n).
+pub fn scan_chunked(d: Dims, q_max: usize, inp: ScanIn, y: &mut [f32], s_final: &mut [f32]) {
+    let Dims { b, l, h, p, g, n } = d;
+    assert!(q_max > 0);
+    assert_eq!(y.len(), b * l * h * p);
+    assert_eq!(s_final.len(), b * h * p * n);
+    let t_n = d.chunks(q_max);
+    let states = chunk_states(d, q_max, &inp, s_final);
+    let yp = SendPtr(y.as_mut_ptr());
+    (0..b * t_n * g).into_par_iter().for_each_init(
+        || ChunkScratch::new(q_max, p.max(n)),
+        |sc, task| {
+            let gi = task % g;
+            let c = (task / g) % t_n;
+            let bi = task / (g * t_n);
+            chunk_scan_fwd(d, q_max, &inp, &states, bi, c, gi, yp, sc);
+        },
+    );
+}
+
+struct ChunkScratch {
+    dec: Decay,
+    gm: Vec<f32>,  // (q, q) C Bᵀ
+    lm: Vec<f32>,  // (q, q) decays
+    mm: Vec<f32>,  // (q, q) M = G ∘ L
+    dm: Vec<f32>,  // (q, q)
+    dg: Vec<f32>,  // (q, q)
+    t1: Vec<f32>,  // (q, max(p, n))
+    t2: Vec<f32>,  // (q, max(p, n))
+    dacum: Vec<f32>,
+}
+
+impl ChunkScratch {
+    fn new(q: usize, w: usize) -> Self {
+        Self {
+            dec: Decay::new(q),
+            gm: vec![0.0; q * q],
+            lm: vec![0.0; q * q],
+            mm: vec![0.0; q * q],
+            dm: vec![0.0; q * q],
+            dg: vec![0.0; q * q],
+            t1: vec![0.0; q * w],
+            t2: vec![0.0; q * w],
+            dacum: vec![0.0; q],
+        }
+    }
+}
+
+/// G = C·Bᵀ for one (batch, chunk, group): shared by the group's heads.
+fn fill_g(d: &Dims, inp: &ScanIn, bi: usize, gi: usize, ch: &Chunk, gm: &mut [f32]) {
+    let off = bc_off(d, bi, ch.t0, gi);
+    unsafe {
+        matmul(
+            ch.q,
+            ch.q,
+            d.n,
+            gm.as_mut_ptr(),
+            ch.q,
+            false,
+            Mat::rows(inp.cm, off, d.g * d.n),
+            Mat::rows_t(inp.bm, off, d.g * d.n),
+            1.0,
+        );
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn chunk_scan_fwd(
+    d: Dims,
+    q_max: usize,
+    inp: &ScanIn,
+    states: &[f32],
+    bi: usize,
+    c: usize,
+    gi: usize,
+    y: SendPtr,
+    sc: &mut ChunkScratch,
+) {
+    let Dims { h, p, g, n, .. } = d;
+    let t_n = d.chunks(q_max);
+    let ch = Chunk::new(&d, inp.seg, bi, c, q_max);
+    let q = ch.q;
+    fill_g(&d, inp, bi, gi, &ch, &mut sc.gm);
+    let c_off = bc_off(&d, bi, ch.t0, gi);
+    for hi in gi * d.hpg()..(gi + 1) * d.hpg() {
+        sc.dec.compute(&d, inp.a, bi, hi, &ch);
+        sc.dec.fill_l(&ch, &mut sc.lm);
+        for ((m, &gv), &lv) in sc.mm[..q * q].iter_mut().zip(&sc.gm[..q * q]).zip(&sc.lm[..q * q]) {
+            *m = gv * lv;
+        }
+        let xo = x_off(&d, bi, ch.t0, hi);
+        let s_c = &states[((bi * h + hi) * t_n + c) * p * n..][..p * n];
+        // Ce = diag(e) C  (q, n)
+        for i in 0..q {
+            let ei = sc.dec.e[i];
+            let cr = &inp.cm[c_off + i * g * n..][..n];
+            for (o, &cv) in sc.t1[i * n..(i + 1) * n].iter_mut().zip(cr) {
+                *o = ei * cv;
+            }
+        }
+        unsafe {
+            // Y = M · X   (q, p)
+            matmul(q, p, q, y.0.add(xo), h * p, false, Mat::rows(&sc.mm, 0, q), Mat::rows(inp.x, xo, h * p), 1.0);
+            // Y += Ce · S_cᵀ
+            matmul(q, p, n, y.0.add(xo), h * p, true, Mat::rows(&sc.t1, 0, n), Mat::rows_t(s_c, 0, n), 1.0);
+        }
+    }
+}
+
+/// Gradients of the scan, all with the layouts of the inputs.
+pub struct ScanGrads<'a> {
+    pub dx: &'a mut [f32],
+    pub da: &'a mut [f32],
+    pub dbm: &'a mut [f32],
+    pub dcm: &'a mut [f32],
+    pub ds0: &'a mut [f32],
+}
+
+/// Backward pass of the scan (any algorithm: it is the gradient of the function), via the chunked
+/// decomposition. `dy` (b, l, h, p), `ds_final` (b, h, p, n) or none.
+pub fn scan_chunked_bwd(
+    d: Dims,
+    q_max: usize,
+    inp: ScanIn,
+    dy: &[f32],
+    ds_final: Option<&[f32]>,
+    gr: ScanGrads,
+) {
+    let Dims { b, h, p, g, n, .. } = d;
+    let t_n = d.chunks(q_max);
+    let pn = p * n;
+    let mut sf = vec![0f32; b * h * pn];
+    let states = chunk_states(d, q_max, &inp, &mut sf);
+    // u_c = Σ_i e_i dY_i ⊗ C_i: what chunk c's outputs ask of the state entering it.
+    let mut dstates = vec![0f32; b * h * t_n * pn];
+    dstates.par_chunks_mut(pn).enumerate().for_each_init(
+        || (Decay::new(q_max), vec![0f32; q_max * n]),
+        |(dec, ce), (idx, u)| {
+            let (bh, c) = (idx / t_n, idx % t_n);
+            let (bi, hi) = (bh / h, bh % h);
+            let gi = hi / d.hpg();
+            let ch = Chunk::new(&d, inp.seg, bi, c, q_max);
+            dec.compute(&d, inp.a, bi, hi, &ch);
+            let c_off = bc_off(&d, bi, ch.t0, gi);
+            for i in 0..ch.q {
+                let ei = dec.e[i];
+                for (o, &cv) in ce[i * n..(i + 1) * n].iter_mut().zip(&inp.cm[c_off + i * g * n..][..n]) {
+                    *o = ei * cv;
+                }
+            }
+            unsafe {
+                // (p, n) = dYᵀ (p, q) · Ce (q, n)
+                matmul(
+                    p,
+                    n,
+                    ch.q,
+                    u.as_mut_ptr(),
+                    n,
+                    false,
+                    Mat::rows_t(dy, x_off(&d, bi, ch.t0, hi), h * p),
+                    Mat::rows(ce, 0, n),
+                    1.0,
+                );
+            }
+        },
+    );
+    // Reverse state passing: slot c becomes the gradient w.r.t. the state at the end of chunk c.
+    dstates.par_chunks_mut(t_n * pn).zip(gr.ds0.par_chunks_mut(pn)).enumerate().for_each(
+        |(bh, (dst, ds0))| {
+            let (bi, hi) = (bh / h, bh % h);
+            match ds_final {
+                Some(df) => ds0.copy_from_slice(&df[bh * pn..(bh + 1) * pn]),
+                None => ds0.fill(0.0),
+            }
+            let mut dec = Decay::new(q_max);
+            for c in (0..t_n).rev() {
+                let ch = Chunk::new(&d, inp.seg, bi, c, q_max);
+                dec.compute(&d, inp.a, bi, hi, &ch);
+                let slot = &mut dst[c * pn..(c + 1) * pn];
+                for (run, u) in ds0.iter_mut().zip(slot.iter_mut()) {
+                    let uc = *u;
+                    *u = *run;
+                    *run = dec.alpha * *run + uc;
+                }
+            }
+        },
+    );
+    let ptrs = (
+        SendPtr(gr.dx.as_mut_ptr()),
+        SendPtr(gr.da.as_mut_ptr()),
+        SendPtr(gr.dbm.as_mut_ptr()),
+        SendPtr(gr.dcm.as_mut_ptr()),
+    );
+    (0..b * t_n * g).into_par_iter().for_each_init(
+        || ChunkScratch::new(q_max, p.max(n)),
+        |sc, task| {
+            let gi = task % g;
+            let c = (task / g) % t_n;
+            let bi = task / (g * t_n);
+            chunk_scan_bwd(d, q_max, &inp, dy, &states, &dstates, bi, c, gi, ptrs, sc);
+        },
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+fn chunk_scan_bwd(
+    d: Dims,
+    q_max: usize,
+    inp: &ScanIn,
+    dy: &[f32],
+    states: &[f32],
+    dstates: &[f32],
+    bi: usize,
+    c: usize,
+    gi: usize,
+    (dx, da, dbm, dcm): (SendPtr, SendPtr, SendPtr, SendPtr),
+    sc: &mut ChunkScratch,
+) {
+    let Dims { l, h, p, g, n, .. } = d;
+    let t_n = d.chunks(q_max);
+    let ch = Chunk::new(&d, inp.seg, bi, c, q_max);
+    let q = ch.q;
+    let bco = bc_off(&d, bi, ch.t0, gi);
+    let gn = g * n;
+    fill_g(&d, inp, bi, gi, &ch, &mut sc.gm);
+    sc.dg[..q * q].fill(0.0);
+    // SAFETY: rows [t0, t0+q) of group gi (dB, dC) and of its heads (dX, da) belong to this task only.
+    unsafe {
+        for i in 0..q {
+            dbm.slice(bco + i * gn, n).fill(0.0);
+            dcm.slice(bco + i * gn, n).fill(0.0);
+        }
+    }
+    for hi in gi * d.hpg()..(gi + 1) * d.hpg() {
+        let dec = &mut sc.dec;
+        dec.compute(&d, inp.a, bi, hi, &ch);
+        dec.fill_l(&ch, &mut sc.lm);
+        for ((m, &gv), &lv) in sc.mm[..q * q].iter_mut().zip(&sc.gm[..q * q]).zip(&sc.lm[..q * q]) {
+            *m = gv * lv;
+        }
+        let xo = x_off(&d, bi, ch.t0, hi);
+        let so = ((bi * h + hi) * t_n + c) * p * n;
+        let s_c = &states[so..so + p * n];
+        let d_c = &dstates[so..so + p * n];
+        unsafe {
+            // dM = dY · Xᵀ (q, q); dX = Mᵀ · dY (q, p)
+            matmul(q, q, p, sc.dm.as_mut_ptr(), q, false, Mat::rows(dy, xo, h * p), Mat::rows_t(inp.x, xo, h * p), 1.0);
+            matmul(q, p, q, dx.0.add(xo), h * p, false, Mat::rows_t(&sc.mm, 0, q), Mat::rows(dy, xo, h * p), 1.0);
+        }
+        let dacum = &mut sc.dacum[..q];
+        dacum.fill(0.0);
+        for i in 0..q {
+            let mut row_sum = 0f32;
+            for j in 0..=i {
+                let dmij = sc.dm[i * q + j];
+                let r = dmij * sc.mm[i * q + j];
+                row_sum += r;
+                dacum[j] -= r;
+                sc.dg[i * q + j] += dmij * sc.lm[i * q + j];
+            }
+            dacum[i] += row_sum;
+        }
+        // Off-diagonal term Y_i += e_i S_c C_i.
+        let (dye, cs) = (&mut sc.t1, &mut sc.t2);
+        for i in 0..q {
+            let ei = dec.e[i];
+            let dyr = &dy[xo + i * h * p..][..p];
+            for (o, &v) in dye[i * p..(i + 1) * p].iter_mut().zip(dyr) {
+                *o = ei * v;
+            }
+        }
+        unsafe {
+            // dC += diag(e) dY · S_c ; CS = C · S_cᵀ
+            matmul(q, n, p, dcm.0.add(bco), gn, true, Mat::rows(dye, 0, p), Mat::rows(s_c, 0, n), 1.0);
+            matmul(q, p, n, cs.as_mut_ptr(), p, false, Mat::rows(inp.cm, bco, gn), Mat::rows_t(s_c, 0, n), 1.0);
+        }
+        for i in 0..q {
+            let de = dot(&dy[xo + i * h * p..][..p], &cs[i * p..(i + 1) * p]);
+            dacum[i] += de * dec.e[i];
+        }
+        // This chunk's contribution to its end state: s = Σ_j w_j X_j ⊗ B_j.
+        let (bd, xw) = (&mut sc.t1, &mut sc.t2);
+        unsafe {
+            // BD = B · D_cᵀ (q, p)
+            matmul(q, p, n, bd.as_mut_ptr(), p, false, Mat::rows(inp.bm, bco, gn), Mat::rows_t(d_c, 0, n), 1.0);
+        }
+        let mut daend = 0f32;
+        for j in 0..q {
+            let wj = dec.w[j];
+            let xr = &inp.x[xo + j * h * p..][..p];
+            let bdr = &bd[j * p..(j + 1) * p];
+            let dxr = unsafe { dx.slice(xo + j * h * p, p) };
+            for i in 0..p {
+                dxr[i] += wj * bdr[i];
+            }
+            let dw = dot(xr, bdr) * wj;
+            dacum[j] -= dw;
+            daend += dw;
+            for (o, &v) in xw[j * p..(j + 1) * p].iter_mut().zip(xr) {
+                *o = wj * v;
+            }
+        }
+        unsafe {
+            // dB += diag(w) X · D_c
+            matmul(q, n, p, dbm.0.add(bco), gn, true, Mat::rows(xw, 0, p), Mat::rows(d_c, 0, n), 1.0);
+        }
+        daend += dot(s_c, d_c) * dec.alpha;
+        dacum[q - 1] += daend;
+        // a_k enters every acum_i with i ≥ k.
+        let mut run = 0f32;
+        for k in (0..q).rev() {
+            run += dacum[k];
+            unsafe { *da.0.add((bi * l + ch.t0 + k) * h + hi) = run };
+        }
+    }
+    unsafe {
+        // dC += dG · B ; dB += dGᵀ · C
+        matmul(q, n, q, dcm.0.add(bco), gn, true, Mat::rows(&sc.dg, 0, q), Mat::rows(inp.bm, bco, gn), 1.0);
+        matmul(q, n, q, dbm.0.add(bco), gn, true, Mat::rows_t(&sc.dg, 0, q), Mat::rows(inp.cm, bco, gn), 1.0);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The candle op: packed inputs so that autodiff sees three tensors.
+//   xa (b, l, h, p+1) = [X | a],  bc (b, l, g, 2n) = [B | C],  s0 (b, h, p, n)
+//   output: 1-D [y (b·l·h·p) | final states (b·h·p·n)]
+// ---------------------------------------------------------------------------------------------
+
+struct Unpacked {
+    x: Vec<f32>,
+    a: Vec<f32>,
+    bm: Vec<f32>,
+    cm: Vec<f32>,
+}
+
+fn unpack(d: &Dims, xa: &[f32], bc: &[f32]) -> Unpacked {
+    let Dims { b, l, h, p, g, n } = *d;
+    let rows = b * l * h;
+    let mut x = vec![0f32; rows * p];
+    let mut a = vec![0f32; rows];
+    for r in 0..rows {
+        x[r * p..(r + 1) * p].copy_from_slice(&xa[r * (p + 1)..r * (p + 1) + p]);
+        a[r] = xa[r * (p + 1) + p];
+    }
+    let rows = b * l * g;
+    let mut bm = vec![0f32; rows * n];
+    let mut cm = vec![0f32; rows * n];
+    for r in 0..rows {
+        bm[r * n..(r + 1) * n].copy_from_slice(&bc[r * 2 * n..r * 2 * n + n]);
+        cm[r * n..(r + 1) * n].copy_from_slice(&bc[r * 2 * n + n..(r + 1) * 2 * n]);
+    }
+    Unpacked { x, a, bm, cm }
+}
+
+fn dims_of(xa: &Layout, bc: &Layout) -> Result<Dims> {
+    let (b, l, h, p1) = xa.shape().dims4()?;
+    let (_, _, g, n2) = bc.shape().dims4()?;
+    Ok(Dims { b, l, h, p: p1 - 1, g, n: n2 / 2 })
+}
+
+struct SsdOp {
+    algo: Algo,
+    seg: Segments,
+}
+
+impl CustomOp3 for SsdOp {
+    fn name(&self) -> &'static str {
+        "ssd-scan"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = dims_of(l1, l2)?;
+        let u = unpack(&d, cpu_f32(s1, l1, "ssd xa")?, cpu_f32(s2, l2, "ssd bc")?);
+        let s0 = cpu_f32(s3, l3, "ssd initial states")?;
+        let inp = ScanIn { x: &u.x, a: &u.a, bm: &u.bm, cm: &u.cm, s0: Some(s0), seg: &self.seg };
+        let ny = d.b * d.l * d.h * d.p;
+        let mut out = vec![0f32; ny + d.b * d.h * d.p * d.n];
+        let (y, sf) = out.split_at_mut(ny);
+        match self.algo {
+            Algo::Chunked(q) => scan_chunked(d, q, inp, y, sf),
+            Algo::Recurrent => scan_recurrent(d, inp, y, sf),
+            Algo::Quadratic => bail!("ssd-scan: the quadratic form is computed with tensor ops"),
+        }
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+
+    fn bwd(
+        &self,
+        xa: &Tensor,
+        bc: &Tensor,
+        s0: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let q = match self.algo {
+            Algo::Chunked(q) => q,
+            _ => 64,
+        };
+        let packed = Tensor::cat(&[&s0.detach().flatten_all()?, &grad.detach().flatten_all()?], 0)?;
+        let op = SsdBwdOp { q, seg: self.seg.clone() };
+        let g = xa.detach().apply_op3_no_bwd(&bc.detach(), &packed, &op)?;
+        let (nxa, nbc) = (xa.elem_count(), bc.elem_count());
+        let dxa = g.narrow(0, 0, nxa)?.reshape(xa.shape())?;
+        let dbc = g.narrow(0, nxa, nbc)?.reshape(bc.shape())?;
+        let ds0 = g.narrow(0, nxa + nbc, s0.elem_count())?.reshape(s0.shape())?;
+        Ok((Some(dxa), Some(dbc), Some(ds0)))
+    }
+}
+
+/// Backward op: (xa, bc, [s0 | dy | ds_final]) → 1-D [dxa | dbc | ds0].
+struct SsdBwdOp {
+    q: usize,
+    seg: Segments,
+}
+
+impl CustomOp3 for SsdBwdOp {
+    fn name(&self) -> &'static str {
+        "ssd-scan-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = dims_of(l1, l2)?;
+        let Dims { b, l, h, p, g, n } = d;
+        let u = unpack(&d, cpu_f32(s1, l1, "ssd xa")?, cpu_f32(s2, l2, "ssd bc")?);
+        let packed = cpu_f32(s3, l3, "ssd grads")?;
+        let (ns, ny) = (b * h * p * n, b * l * h * p);
+        let (s0, rest) = packed.split_at(ns);
+        let (dy, dsf) = rest.split_at(ny);
+        let inp = ScanIn { x: &u.x, a: &u.a, bm: &u.bm, cm: &u.cm, s0: Some(s0), seg: &self.seg };
+        let mut dx = vec![0f32; ny];
+        let mut da = vec![0f32; b * l * h];
+        let mut dbm = vec![0f32; b * l * g * n];
+        let mut dcm = vec![0f32; b * l * g * n];
+        let mut ds0 = vec![0f32; ns];
+        let gr = ScanGrads { dx: &mut dx, da: &mut da, dbm: &mut dbm, dcm: &mut dcm, ds0: &mut ds0 };
+        scan_chunked_bwd(d, self.q, inp, dy, Some(dsf), gr);
+        // Pack [dxa | dbc | ds0] in the input layouts.
+        let mut out = Vec::with_capacity(b * l * h * (p + 1) + b * l * g * 2 * n + ns);
+        for r in 0..b * l * h {
+            out.extend_from_slice(&dx[r * p..(r + 1) * p]);
+            out.push(da[r]);
+        }
+        for r in 0..b * l * g {
+            out.extend_from_slice(&dbm[r * n..(r + 1) * n]);
+            out.extend_from_slice(&dcm[r * n..(r + 1) * n]);
+        }
+        out.extend_from_slice(&ds0);
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quadratic ("masked attention") form.
+// ---------------------------------------------------------------------------------------------
+
+/// (1, 1, l, l) or (b, 1, l, l) u8 mask: j ≤ i and i, j in the same document.
+fn causal_doc_mask(b: usize, l: usize, seg: &Segments, dev: &candle_core::Device) -> Result<Tensor> {
+    let rows = if seg.is_none() { 1 } else { b };
+    let mut m = vec![0u8; rows * l * l];
+    for bi in 0..rows {
+        for i in 0..l {
+            for j in 0..=i {
+                m[(bi * l + i) * l + j] = (seg.id(bi, l, i) == seg.id(bi, l, j)) as u8;
+            }
+        }
+    }
+    Tensor::from_vec(m, (rows, 1, l, l), dev)
+}
+
+/// Broadcasts (b, l, g, n) over the heads of each group → (b, h, l, n).
+fn heads_of_groups(t: &Tensor, h: usize) -> Result<Tensor> {
+    let (b, l, g, n) = t.dims4()?;
+    t.permute((0, 2, 1, 3))?.unsqueeze(2)?.expand((b, g, h / g, l, n))?.reshape((b, h, l, n))
+}
+
+/// Segment-sum decays: exp(Σ_{j<k≤i} a_k) for j ≤ i in one document, else 0. `a` (b, l, h) → (b, h, l, l).
+pub fn decay_matrix(a: &Tensor, seg: &Segments) -> Result<Tensor> {
+    let (b, l, _h) = a.dims3()?;
+    let acum = a.transpose(1, 2)?.contiguous()?.cumsum(D::Minus1)?; // (b, h, l)
+    let diff = acum.unsqueeze(3)?.broadcast_sub(&acum.unsqueeze(2)?)?; // [i, j] = acum_i − acum_j
+    let mask = causal_doc_mask(b, l, seg, a.device())?.broadcast_as(diff.shape())?;
+    let neg_inf = Tensor::new(f32::NEG_INFINITY, a.device())?.broadcast_as(diff.shape())?;
+    mask.where_cond(&diff, &neg_inf)?.exp()
+}
+
+/// The SSD mixing matrix in discretised form: M[b, h, i, j] = (C_i·B_j)·exp(Σ_{j<k≤i} a_k), so that
+/// y_i = Σ_j M[i, j] X_j (without the incoming state and the D skip).
+/// `a` (b, l, h) = dt·A, B and C (b, l, g, n). Returns (b, h, l, l).
+pub fn materialize_discrete(a: &Tensor, bm: &Tensor, cm: &Tensor, seg: &Segments) -> Result<Tensor> {
+    let h = a.dim(2)?;
+    let bh = heads_of_groups(bm, h)?;
+    let ch = heads_of_groups(cm, h)?;
+    let cb = ch.matmul(&bh.t()?)?; // (b, h, l, l)
+    cb.mul(&decay_matrix(a, seg)?)
+}
+
+/// The quadratic form: y and final state from materialised matrices (candle ops: autodiff).
+fn scan_quadratic(x: &Tensor, a: &Tensor, bm: &Tensor, cm: &Tensor, s0: &Tensor, seg: &Segments) -> Result<(Tensor, Tensor)> {
+    let (b, l, h, _p) = x.dims4()?;
+    let m = materialize_discrete(a, bm, cm, seg)?;
+    let xh = x.permute((0, 2, 1, 3))?.contiguous()?; // (b, h, l, p)
+    let mut y = m.matmul(&xh)?; // (b, h, l, p)
+    // Incoming state: y_i += e_i S0 C_i with e_i = exp(acum_i) while in the first document.
+    let acum = a.transpose(1, 2)?.contiguous()?.cumsum(D::Minus1)?; // (b, h, l)
+    let first = first_doc_mask(b, l, seg, a.device())?; // (b, 1, l) f32
+    let e = acum.exp()?.broadcast_mul(&first)?;
+    let ch = heads_of_groups(cm, h)?; // (b, h, l, n)
+    let from_s0 = ch.matmul(&s0.t()?)?.broadcast_mul(&e.unsqueeze(3)?)?; // (b, h, l, p)
+    y = (y + from_s0)?;
+    // Final state: Σ_j w_j X_j ⊗ B_j over the last document, plus α·S0 if one document.
+    let last = last_doc_mask(b, l, seg, a.device())?; // (b, 1, l)
+    let aend = acum.narrow(2, l - 1, 1)?; // (b, h, 1)
+    let w = aend.broadcast_sub(&acum)?.exp()?.broadcast_mul(&last)?; // (b, h, l)
+    let bh = heads_of_groups(bm, h)?;
+    let sf = xh.broadcast_mul(&w.unsqueeze(3)?)?.t()?.matmul(&bh)?; // (b, h, p, n)
+    let alpha = aend.exp()?.broadcast_mul(&first.narrow(2, l - 1, 1)?)?; // (b, h, 1)
+    let sf = (sf + s0.broadcast_mul(&alpha.unsqueeze(3)?)?)?;
+    Ok((y.permute((0, 2, 1, 3))?.contiguous()?, sf))
+}
+
+fn first_doc_mask(b: usize, l: usize, seg: &Segments, dev: &candle_core::Device) -> Result<Tensor> {
+    let v: Vec<f32> = (0..b).flat_map(|bi| (0..l).map(move |t| (seg.id(bi, l, t) == seg.id(bi, l, 0)) as u8 as f32)).collect();
+    Tensor::from_vec(v, (b, 1, l), dev)
+}
+
+fn last_doc_mask(b: usize, l: usize, seg: &Segments, dev: &candle_core::Device) -> Result<Tensor> {
+    let v: Vec<f32> =
+        (0..b).flat_map(|bi| (0..l).map(move |t| (seg.id(bi, l, t) == seg.id(bi, l, l - 1)) as u8 as f32)).collect();
+    Tensor::from_vec(v, (b, 1, l), dev)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The public entry point: `mamba_chunk_scan_combined`.
+// ---------------------------------------------------------------------------------------------
+
+/// Inputs of [`ssd`], as in `mamba_ssm`'s `mamba_chunk_scan_combined`.
+#[derive(Clone, Copy)]
+pub struct SsdInput<'a> {
+    /// (b, l, h, p)
+    pub x: &'a Tensor,
+    /// (b, l, h), raw (before `dt_bias` and softplus)
+    pub dt: &'a Tensor,
+    /// A (h), negative
+    pub a: &'a Tensor,
+    /// (b, l, g, n)
+    pub b: &'a Tensor,
+    /// (b, l, g, n)
+    pub c: &'a Tensor,
+    /// D skip: (h) or (h, p)
+    pub d: Option<&'a Tensor>,
+    /// Gate (b, l, h, p): y ⊙ SiLU(z)
+    pub z: Option<&'a Tensor>,
+    /// (h)
+    pub dt_bias: Option<&'a Tensor>,
+    pub dt_softplus: bool,
+    /// Clamp of dt after softplus; (0, ∞) is no clamp.
+    pub dt_limit: (f64, f64),
+    /// (b, h, p, n)
+    pub initial_states: Option<&'a Tensor>,
+    /// Document ids (b, l), non-decreasing per row.
+    pub seq_idx: Option<&'a Tensor>,
+}
+
+impl<'a> SsdInput<'a> {
+    pub fn new(x: &'a Tensor, dt: &'a Tensor, a: &'a Tensor, b: &'a Tensor, c: &'a Tensor) -> Self {
+        Self {
+            x,
+            dt,
+            a,
+            b,
+            c,
+            d: None,
+            z: None,
+            dt_bias: None,
+            dt_softplus: false,
+            dt_limit: (0.0, f64::INFINITY),
+            initial_states: None,
+            seq_idx: None,
+        }
+    }
+
+    /// Validates shapes and returns the problem sizes.
+    pub fn dims(&self) -> Result<Dims> {
+        let (b, l, h, p) = match self.x.dims() {
+            &[b, l, h, p] => (b, l, h, p),
+            s => bail!("ssd: x must be (batch, len, heads, head_dim), got shape {s:?}"),
+        };
+        if l == 0 {
+            bail!("ssd: empty sequence (len 0)");
+        }
+        let (g, n) = match self.b.dims() {
+            &[bb, ll, g, n] if bb == b && ll == l => (g, n),
+            s => bail!("ssd: B must be ({b}, {l}, groups, d_state), got shape {s:?}"),
+        };
+        if g == 0 || h % g != 0 {
+            bail!("ssd: heads ({h}) must be divisible by groups ({g})");
+        }
+        expect_dims(self.c, &[b, l, g, n], "ssd: C")?;
+        expect_dims(self.dt, &[b, l, h], "ssd: dt")?;
+        expect_dims(self.a, &[h], "ssd: A")?;
+        if let Some(d) = self.d {
+            if d.dims() != [h] && d.dims() != [h, p] {
+                bail!("ssd: D must be ({h}) or ({h}, {p}), got shape {:?}", d.dims());
+            }
+        }
+        if let Some(z) = self.z {
+            expect_dims(z, &[b, l, h, p], "ssd: z")?;
+        }
+        if let Some(t) = self.dt_bias {
+            expect_dims(t, &[h], "ssd: dt_bias")?;
+        }
+        if let Some(s) = self.initial_states {
+            expect_dims(s, &[b, h, p, n], "ssd: initial_states")?;
+        }
+        if !(self.dt_limit.0 <= self.dt_limit.1) {
+            bail!("ssd: dt_limit ({}, {}) is not an interval", self.dt_limit.0, self.dt_limit.1);
+        }
+        Ok(Dims { b, l, h, p, g, n })
+    }
+
+    /// dt after bias, softplus and clamp, f32 (b, l, h).
+    pub fn processed_dt(&self) -> Result<Tensor> {
+        let mut dt = self.dt.to_dtype(DType::F32)?;
+        if let Some(bias) = self.dt_bias {
+            dt = dt.broadcast_add(&bias.to_dtype(DType::F32)?)?;
+        }
+        if self.dt_softplus {
+            dt = crate::act::softplus(&dt)?;
+        }
+        let (lo, hi) = self.dt_limit;
+        if lo > 0.0 || hi.is_finite() {
+            dt = dt.clamp(lo as f32, hi as f32)?;
+        }
+        Ok(dt)
+    }
+}
+
+/// Mamba-2 SSD with every option of `mamba_chunk_scan_combined`. Returns y (b, l, h, p) in x's dtype
+/// and the final states (b, h, p, n) in f32. Differentiable w.r.t. every tensor input.
+pub fn ssd(inp: &SsdInput, algo: Algo) -> Result<(Tensor, Tensor)> {
+    let dm = inp.dims()?;
+    if let Algo::Chunked(0) = algo {
+        bail!("ssd: chunk size must be positive");
+    }
+    let seg = Segments::from_tensor(inp.seq_idx, dm.b, dm.l)?;
+    let x = inp.x.to_dtype(DType::F32)?;
+    let dt = inp.processed_dt()?; // (b, l, h)
+    let a_t = dt.broadcast_mul(&inp.a.to_dtype(DType::F32)?.reshape((1, 1, dm.h))?)?; // (b, l, h)
+    let xd = x.broadcast_mul(&dt.unsqueeze(3)?)?; // X = dt·x
+    let bm = inp.b.to_dtype(DType::F32)?;
+    let cm = inp.c.to_dtype(DType::F32)?;
+    let s0 = match inp.initial_states {
+        Some(s) => s.to_dtype(DType::F32)?,
+        None => Tensor::zeros((dm.b, dm.h, dm.p, dm.n), DType::F32, x.device())?,
+    };
+    let (mut y, sf) = match algo {
+        Algo::Quadratic => scan_quadratic(&xd, &a_t, &bm, &cm, &s0, &seg)?,
+        _ => {
+            let xa = to_f32_contig(&Tensor::cat(&[&xd, &a_t.unsqueeze(3)?], 3)?)?;
+            let bc = to_f32_contig(&Tensor::cat(&[&bm, &cm], 3)?)?;
+            let out = xa.apply_op3(&bc, &s0.contiguous()?, SsdOp { algo, seg })?;
+            let ny = dm.b * dm.l * dm.h * dm.p;
+            let y = out.narrow(0, 0, ny)?.reshape((dm.b, dm.l, dm.h, dm.p))?;
+            let sf = out.narrow(0, ny, dm.b * dm.h * dm.p * dm.n)?.reshape((dm.b, dm.h, dm.p, dm.n))?;
+            (y, sf)
+        }
+    };
+    if let Some(d) = inp.d {
+        let d = d.to_dtype(DType::F32)?;
+        let d = if d.rank() == 1 { d.unsqueeze(1)? } else { d }; // (h, 1) or (h, p)
+        y = (y + x.broadcast_mul(&d)?)?;
+    }
+    if let Some(z) = inp.z {
+        y = (y * z.to_dtype(DType::F32)?.silu()?)?;
+    }
+    Ok((y.to_dtype(inp.x.dtype())?, sf))
+}
+
+/// The SSD mixing matrix for raw x: y_i = Σ_j M[i, j]·x_j (+ D·x_i when `d` is given, on the diagonal),
+/// per head, for the given (processed) dt (b, l, h), A (h), B, C (b, l, g, n). Returns (b, h, l, l).
+/// This is the semiseparable matrix of the SSD duality; the Hydra and MOHAWK code build on it.
+pub fn materialize(dt: &Tensor, a: &Tensor, bm: &Tensor, cm: &Tensor, d: Option<&Tensor>, seq_idx: Option<&Tensor>) -> Result<Tensor> {
+    let (b, l, h) = dt.dims3()?;
+    let seg = Segments::from_tensor(seq_idx, b, l)?;
+    let dt = dt.to_dtype(DType::F32)?;
+    let a_t = dt.broadcast_mul(&a.to_dtype(DType::F32)?.reshape((1, 1, h))?)?;
+    let m = materialize_discrete(&a_t, &bm.to_dtype(DType::F32)?, &cm.to_dtype(DType::F32)?, &seg)?;
+    let m = m.broadcast_mul(&dt.transpose(1, 2)?.unsqueeze(2)?)?; // scale column j by dt_j
+    match d {
+        None => Ok(m),
+        Some(d) => {
+            let eye = Tensor::eye(l, DType::F32, dt.device())?.reshape((1, 1, l, l))?;
+            m.broadcast_add(&eye.broadcast_mul(&d.to_dtype(DType::F32)?.reshape((1, h, 1, 1))?)?)
+        }
+    }
+}
+
+/// One recurrent step for a batch of single tokens (decode), in candle ops.
+/// `state` (b, h, p, n) f32; x (b, h, p); dt (b, h) raw; A (h); B, C (b, g, n); D (h) or (h, p);
+/// z (b, h, p). dt is processed like [`SsdInput`] does. Returns (y (b, h, p), new state).
+#[allow(clippy::too_many_arguments)]
+pub fn ssd_step(
+    state: &Tensor,
+    x: &Tensor,
+    dt: &Tensor,
+    a: &Tensor,
+    bm: &Tensor,
+    cm: &Tensor,
+    d: Option<&Tensor>,
+    z: Option<&Tensor>,
+    dt_bias: Option<&Tensor>,
+    dt_softplus: bool,
+    dt_limit: (f64, f64),
+) -> Result<(Tensor, Tensor)> {
+    let (b, h, p, n) = state.dims4()?;
+    let g = bm.dim(1)?;
+    expect_dims(x, &[b, h, p], "ssd_step: x")?;
+    expect_dims(dt, &[b, h], "ssd_step: dt")?;
+    expect_dims(bm, &[b, g, n], "ssd_step: B")?;
+    expect_dims(cm, &[b, g, n], "ssd_step: C")?;
+    if h % g != 0 {
+        bail!("ssd_step: heads ({h}) must be divisible by groups ({g})");
+    }
+    // Reuse SsdInput's dt processing on a length-1 sequence.
+    let dt3 = dt.unsqueeze(1)?;
+    let mut si = SsdInput::new(x, &dt3, a, bm, cm);
+    si.dt_bias = dt_bias;
+    si.dt_softplus = dt_softplus;
+    si.dt_limit = dt_limit;
+    let dt = si.processed_dt()?.squeeze(1)?; // (b, h)
+    let x = x.to_dtype(DType::F32)?;
+    let decay = dt.broadcast_mul(&a.to_dtype(DType::F32)?.unsqueeze(0)?)?.exp()?; // (b, h)
+    let expand = |t: &Tensor| -> Result<Tensor> {
+        t.to_dtype(DType::F32)?.unsqueeze(2)?.expand((b, g, h / g, n))?.reshape((b, h, n))
+    };
+    let (bh, ch) = (expand(bm)?, expand(cm)?);
+    let dx = x.broadcast_mul(&dt.unsqueeze(2)?)?; // (b, h, p)
+    let new_state = state
+        .broadcast_mul(&decay.reshape((b, h, 1, 1))?)?
+        .add(&dx.unsqueeze(3)?.broadcast_mul(&bh.unsqueeze(2)?)?)?;
+    let mut y = new_state.matmul(&ch.unsqueeze(3)?)?.squeeze(3)?; // (b, h, p)
+    if let Some(d) = d {
+        let d = d.to_dtype(DType::F32)?;
+        let d = if d.rank() == 1 { d.unsqueeze(1)? } else { d };
+        y = (y + x.broadcast_mul(&d)?)?;
+    }
+    if let Some(z) = z {
+        y = (y * z.to_dtype(DType::F32)?.silu()?)?;
+    }
+    Ok((y, new_state))
+}
