@@ -63,7 +63,8 @@ impl Mat {
     }
 }
 
-/// dst (m×n, row stride `dst_rs`, contiguous rows) = [dst +] scale · lhs (m×k) · rhs (k×n).
+/// dst (m×n, row stride `dst_rs`, contiguous rows) = dst_scale · dst + scale · lhs (m×k) · rhs (k×n)
+/// (dst is not read when `dst_scale` is 0).
 ///
 /// Single-threaded: callers parallelise over independent (batch, head, chunk) work.
 ///
@@ -77,7 +78,7 @@ pub unsafe fn matmul(
     k: usize,
     dst: *mut f32,
     dst_rs: usize,
-    accumulate: bool,
+    dst_scale: f32,
     lhs: Mat,
     rhs: Mat,
     scale: f32,
@@ -86,9 +87,13 @@ pub unsafe fn matmul(
         return;
     }
     if k == 0 {
-        if !accumulate {
+        if dst_scale == 0.0 {
             for i in 0..m {
                 std::slice::from_raw_parts_mut(dst.add(i * dst_rs), n).fill(0.0);
+            }
+        } else if dst_scale != 1.0 {
+            for i in 0..m {
+                std::slice::from_raw_parts_mut(dst.add(i * dst_rs), n).iter_mut().for_each(|v| *v *= dst_scale);
             }
         }
         return;
@@ -100,14 +105,14 @@ pub unsafe fn matmul(
         dst,
         1,
         dst_rs as isize,
-        accumulate,
+        dst_scale != 0.0,
         lhs.ptr,
         lhs.cs,
         lhs.rs,
         rhs.ptr,
         rhs.cs,
         rhs.rs,
-        1.0,
+        dst_scale,
         scale,
         false,
         false,
@@ -123,6 +128,11 @@ unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
+    /// The pointer `off` elements further.
+    #[inline]
+    pub fn offset(&self, off: usize) -> SendPtr {
+        SendPtr(self.0.wrapping_add(off))
+    }
     /// # Safety
     /// The caller guarantees exclusive access to `[off, off + len)` for the lifetime of the slice.
     #[inline]

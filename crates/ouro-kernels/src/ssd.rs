@@ -23,6 +23,10 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Ten
 use multiversion::multiversion;
 use rayon::prelude::*;
 
+/// Chunk size for the CPU kernels: the result does not depend on it (up to rounding), and on AVX-512
+/// CPUs 24–32 runs fastest (see docs/performance.md); GPU kernels use the checkpoint's chunk size.
+pub const CPU_CHUNK: usize = 32;
+
 /// Problem sizes: batch, length, heads, head dim, groups, state size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dims {
@@ -212,87 +216,71 @@ fn bc_off(d: &Dims, bi: usize, t: usize, gi: usize) -> usize {
     ((bi * d.l + t) * d.g + gi) * d.n
 }
 
-/// States entering every chunk, (b, h, T, p, n), and the final states (b, h, p, n).
-/// This is `_chunk_state_fwd` followed by `_state_passing_fwd`.
-fn chunk_states(d: Dims, q_max: usize, inp: &ScanIn, s_final: &mut [f32]) -> Vec<f32> {
-    let Dims { b, h, p, n, .. } = d;
-    let t_n = d.chunks(q_max);
-    let pn = p * n;
-    let mut states = vec![0f32; b * h * t_n * pn];
-    // Each chunk's own contribution to its end state: Σ_j w_j X_j ⊗ B_j.
-    states.par_chunks_mut(pn).enumerate().for_each_init(
-        || (Decay::new(q_max), vec![0f32; q_max * p]),
-        |(dec, xw), (idx, st)| {
-            let (bh, c) = (idx / t_n, idx % t_n);
-            let (bi, hi) = (bh / h, bh % h);
-            let ch = Chunk::new(&d, inp.seg, bi, c, q_max);
-            dec.compute(&d, inp.a, bi, hi, &ch);
-            for j in 0..ch.q {
-                let xr = &inp.x[x_off(&d, bi, ch.t0 + j, hi)..][..p];
-                let wj = dec.w[j];
-                for (o, &xv) in xw[j * p..(j + 1) * p].iter_mut().zip(xr) {
-                    *o = wj * xv;
-                }
-            }
-            let gi = hi / d.hpg();
-            // (p, n) = Xwᵀ (p, q) · B (q, n)
-            unsafe {
-                matmul(
-                    p,
-                    n,
-                    ch.q,
-                    st.as_mut_ptr(),
-                    n,
-                    false,
-                    Mat::rows_t(xw, 0, p),
-                    Mat::rows(inp.bm, bc_off(&d, bi, ch.t0, gi), d.g * n),
-                    1.0,
-                );
-            }
-        },
-    );
-    // Pass states across chunks: S_{c+1} = α_c S_c + s_c; keep the entering state in slot c.
-    states.par_chunks_mut(t_n * pn).zip(s_final.par_chunks_mut(pn)).enumerate().for_each(
-        |(bh, (st, sf))| {
-            let (bi, hi) = (bh / h, bh % h);
-            match inp.s0 {
-                Some(s0) => sf.copy_from_slice(&s0[bh * pn..(bh + 1) * pn]),
-                None => sf.fill(0.0),
-            }
-            let mut dec = Decay::new(q_max);
-            for c in 0..t_n {
-                let ch = Chunk::new(&d, inp.seg, bi, c, q_max);
-                dec.compute(&d, inp.a, bi, hi, &ch);
-                let slot = &mut st[c * pn..(c + 1) * pn];
-                for (s_run, s_loc) in sf.iter_mut().zip(slot.iter_mut()) {
-                    let local = *s_loc;
-                    *s_loc = *s_run;
-                    *s_run = dec.alpha * *s_run + local;
-                }
-            }
-        },
-    );
-    states
-}
-
 /// The chunked SSD forward. Writes y (b, l, h, p) and the final states (b, h, p, n).
+///
+/// One task per (batch, block of heads in a group) sweeps the chunks in order, carrying its heads'
+/// states (P×N each, cache-resident): per chunk, G = C·Bᵀ once for the block, then per head
+/// Y = (G ∘ L)·X + diag(e)·C·Sᵀ and S ← α·S + Xᵀ·diag(w)·B. Inputs are read once and nothing of size
+/// O(L·P·N) is materialised. Blocks split a group's heads only as far as needed to feed every thread.
 pub fn scan_chunked(d: Dims, q_max: usize, inp: ScanIn, y: &mut [f32], s_final: &mut [f32]) {
     let Dims { b, l, h, p, g, n } = d;
     assert!(q_max > 0);
     assert_eq!(y.len(), b * l * h * p);
     assert_eq!(s_final.len(), b * h * p * n);
-    let t_n = d.chunks(q_max);
-    let states = chunk_states(d, q_max, &inp, s_final);
+    let hpg = d.hpg();
+    let (blocks_per_group, hb) = head_blocks(&d);
     let yp = SendPtr(y.as_mut_ptr());
-    (0..b * t_n * g).into_par_iter().for_each_init(
-        || ChunkScratch::new(q_max, p.max(n)),
-        |sc, task| {
-            let gi = task % g;
-            let c = (task / g) % t_n;
-            let bi = task / (g * t_n);
-            chunk_scan_fwd(d, q_max, &inp, &states, bi, c, gi, yp, sc);
-        },
-    );
+    let sp = SendPtr(s_final.as_mut_ptr());
+    (0..b * g * blocks_per_group).into_par_iter().for_each(|task| {
+        let blk = task % blocks_per_group;
+        let gi = (task / blocks_per_group) % g;
+        let bi = task / (blocks_per_group * g);
+        let h0 = gi * hpg + blk * hb;
+        let h1 = (h0 + hb).min((gi + 1) * hpg);
+        // SAFETY: heads [h0, h1) of row bi (their states and outputs) belong to this task.
+        let states = unsafe { sp.slice((bi * h + h0) * p * n, (h1 - h0) * p * n) };
+        fwd_sweep(d, q_max, &inp, bi, gi, h0, h1, yp, states);
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fwd_sweep(d: Dims, q_max: usize, inp: &ScanIn, bi: usize, gi: usize, h0: usize, h1: usize, y: SendPtr, states: &mut [f32]) {
+    let Dims { h, p, g, n, .. } = d;
+    let pn = p * n;
+    match inp.s0 {
+        Some(s0) => states.copy_from_slice(&s0[(bi * h + h0) * pn..(bi * h + h1) * pn]),
+        None => states.fill(0.0),
+    }
+    let mut sc = ChunkScratch::new(q_max, p.max(n));
+    for c in 0..d.chunks(q_max) {
+        let ch = Chunk::new(&d, inp.seg, bi, c, q_max);
+        let q = ch.q;
+        let bco = bc_off(&d, bi, ch.t0, gi);
+        fill_g(&d, inp, bi, gi, &ch, &mut sc.gm);
+        for hi in h0..h1 {
+            let s_h = &mut states[(hi - h0) * pn..(hi - h0 + 1) * pn];
+            sc.dec.compute(&d, inp.a, bi, hi, &ch);
+            sc.dec.fill_l(&ch, &mut sc.lm);
+            for ((m, &gv), &lv) in sc.mm[..q * q].iter_mut().zip(&sc.gm[..q * q]).zip(&sc.lm[..q * q]) {
+                *m = gv * lv;
+            }
+            let xo = x_off(&d, bi, ch.t0, hi);
+            // Ce = diag(e) C (q, n)
+            for i in 0..q {
+                let ei = sc.dec.e[i];
+                for (o, &cv) in sc.t1[i * n..(i + 1) * n].iter_mut().zip(&inp.cm[bco + i * g * n..][..n]) {
+                    *o = ei * cv;
+                }
+            }
+            unsafe {
+                // Y = M·X ; Y += Ce·Sᵀ
+                matmul(q, p, q, y.0.add(xo), h * p, 0.0, Mat::rows(&sc.mm, 0, q), Mat::rows(inp.x, xo, h * p), 1.0);
+                matmul(q, p, n, y.0.add(xo), h * p, 1.0, Mat::rows(&sc.t1, 0, n), Mat::rows_t(s_h, 0, n), 1.0);
+            }
+            // S = α·S + Xᵀ·diag(w)·B
+            state_update(&d, inp, bi, gi, hi, &ch, &sc.dec, &mut sc.t2, s_h);
+        }
+    }
 }
 
 struct ChunkScratch {
@@ -304,6 +292,7 @@ struct ChunkScratch {
     dg: Vec<f32>,  // (q, q)
     t1: Vec<f32>,  // (q, max(p, n))
     t2: Vec<f32>,  // (q, max(p, n))
+    t3: Vec<f32>,  // (q, max(p, n))
     dacum: Vec<f32>,
 }
 
@@ -318,6 +307,7 @@ impl ChunkScratch {
             dg: vec![0.0; q * q],
             t1: vec![0.0; q * w],
             t2: vec![0.0; q * w],
+            t3: vec![0.0; q * w],
             dacum: vec![0.0; q],
         }
     }
@@ -333,54 +323,11 @@ fn fill_g(d: &Dims, inp: &ScanIn, bi: usize, gi: usize, ch: &Chunk, gm: &mut [f3
             d.n,
             gm.as_mut_ptr(),
             ch.q,
-            false,
+            0.0,
             Mat::rows(inp.cm, off, d.g * d.n),
             Mat::rows_t(inp.bm, off, d.g * d.n),
             1.0,
         );
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn chunk_scan_fwd(
-    d: Dims,
-    q_max: usize,
-    inp: &ScanIn,
-    states: &[f32],
-    bi: usize,
-    c: usize,
-    gi: usize,
-    y: SendPtr,
-    sc: &mut ChunkScratch,
-) {
-    let Dims { h, p, g, n, .. } = d;
-    let t_n = d.chunks(q_max);
-    let ch = Chunk::new(&d, inp.seg, bi, c, q_max);
-    let q = ch.q;
-    fill_g(&d, inp, bi, gi, &ch, &mut sc.gm);
-    let c_off = bc_off(&d, bi, ch.t0, gi);
-    for hi in gi * d.hpg()..(gi + 1) * d.hpg() {
-        sc.dec.compute(&d, inp.a, bi, hi, &ch);
-        sc.dec.fill_l(&ch, &mut sc.lm);
-        for ((m, &gv), &lv) in sc.mm[..q * q].iter_mut().zip(&sc.gm[..q * q]).zip(&sc.lm[..q * q]) {
-            *m = gv * lv;
-        }
-        let xo = x_off(&d, bi, ch.t0, hi);
-        let s_c = &states[((bi * h + hi) * t_n + c) * p * n..][..p * n];
-        // Ce = diag(e) C  (q, n)
-        for i in 0..q {
-            let ei = sc.dec.e[i];
-            let cr = &inp.cm[c_off + i * g * n..][..n];
-            for (o, &cv) in sc.t1[i * n..(i + 1) * n].iter_mut().zip(cr) {
-                *o = ei * cv;
-            }
-        }
-        unsafe {
-            // Y = M · X   (q, p)
-            matmul(q, p, q, y.0.add(xo), h * p, false, Mat::rows(&sc.mm, 0, q), Mat::rows(inp.x, xo, h * p), 1.0);
-            // Y += Ce · S_cᵀ
-            matmul(q, p, n, y.0.add(xo), h * p, true, Mat::rows(&sc.t1, 0, n), Mat::rows_t(s_c, 0, n), 1.0);
-        }
     }
 }
 
@@ -393,137 +340,186 @@ pub struct ScanGrads<'a> {
     pub ds0: &'a mut [f32],
 }
 
+/// Chunks per checkpoint segment of the backward sweep: states are stored at segment starts and
+/// recomputed inside a segment, so the backward pass keeps O(L·P·N / SEGMENT) floats per head.
+const SEGMENT: usize = 8;
+
+/// How a group's heads are split into blocks so that every thread has work: (blocks per group, heads per block).
+fn head_blocks(d: &Dims) -> (usize, usize) {
+    let hpg = d.hpg();
+    let want = 2 * rayon::current_num_threads();
+    let hb = hpg.div_ceil(want.div_ceil(d.b * d.g).clamp(1, hpg));
+    (hpg.div_ceil(hb), hb)
+}
+
+/// S ← α·S + Xᵀ·diag(w)·B for head `hi` over chunk `ch` (decays in `dec`; `xw` is (q, p) scratch).
+#[allow(clippy::too_many_arguments)]
+fn state_update(d: &Dims, inp: &ScanIn, bi: usize, gi: usize, hi: usize, ch: &Chunk, dec: &Decay, xw: &mut [f32], s_h: &mut [f32]) {
+    let (h, p, n) = (d.h, d.p, d.n);
+    let xo = x_off(d, bi, ch.t0, hi);
+    for j in 0..ch.q {
+        let wj = dec.w[j];
+        for (o, &xv) in xw[j * p..(j + 1) * p].iter_mut().zip(&inp.x[xo + j * h * p..][..p]) {
+            *o = wj * xv;
+        }
+    }
+    unsafe {
+        matmul(p, n, ch.q, s_h.as_mut_ptr(), n, dec.alpha, Mat::rows_t(xw, 0, p), Mat::rows(inp.bm, bc_off(d, bi, ch.t0, gi), d.g * n), 1.0);
+    }
+}
+
 /// Backward pass of the scan (any algorithm: it is the gradient of the function), via the chunked
 /// decomposition. `dy` (b, l, h, p), `ds_final` (b, h, p, n) or none.
-pub fn scan_chunked_bwd(
-    d: Dims,
-    q_max: usize,
-    inp: ScanIn,
-    dy: &[f32],
-    ds_final: Option<&[f32]>,
-    gr: ScanGrads,
-) {
-    let Dims { b, h, p, g, n, .. } = d;
-    let t_n = d.chunks(q_max);
+///
+/// One task per (batch, block of heads) sweeps forward to checkpoint the states, then backward over
+/// the chunks carrying each head's state gradient D (the gradient w.r.t. the state at the chunk's end):
+/// D ← α·D + Σ_i e_i dY_i ⊗ C_i. dB and dC, shared by a group's heads, go to per-block partial sums
+/// when a group is split over several tasks.
+pub fn scan_chunked_bwd(d: Dims, q_max: usize, inp: ScanIn, dy: &[f32], ds_final: Option<&[f32]>, gr: ScanGrads) {
+    let Dims { b, l, h, p, g, n } = d;
+    let hpg = d.hpg();
     let pn = p * n;
-    let mut sf = vec![0f32; b * h * pn];
-    let states = chunk_states(d, q_max, &inp, &mut sf);
-    // u_c = Σ_i e_i dY_i ⊗ C_i: what chunk c's outputs ask of the state entering it.
-    let mut dstates = vec![0f32; b * h * t_n * pn];
-    dstates.par_chunks_mut(pn).enumerate().for_each_init(
-        || (Decay::new(q_max), vec![0f32; q_max * n]),
-        |(dec, ce), (idx, u)| {
-            let (bh, c) = (idx / t_n, idx % t_n);
-            let (bi, hi) = (bh / h, bh % h);
-            let gi = hi / d.hpg();
-            let ch = Chunk::new(&d, inp.seg, bi, c, q_max);
-            dec.compute(&d, inp.a, bi, hi, &ch);
-            let c_off = bc_off(&d, bi, ch.t0, gi);
-            for i in 0..ch.q {
-                let ei = dec.e[i];
-                for (o, &cv) in ce[i * n..(i + 1) * n].iter_mut().zip(&inp.cm[c_off + i * g * n..][..n]) {
-                    *o = ei * cv;
-                }
-            }
-            unsafe {
-                // (p, n) = dYᵀ (p, q) · Ce (q, n)
-                matmul(
-                    p,
-                    n,
-                    ch.q,
-                    u.as_mut_ptr(),
-                    n,
-                    false,
-                    Mat::rows_t(dy, x_off(&d, bi, ch.t0, hi), h * p),
-                    Mat::rows(ce, 0, n),
-                    1.0,
-                );
-            }
-        },
-    );
-    // Reverse state passing: slot c becomes the gradient w.r.t. the state at the end of chunk c.
-    dstates.par_chunks_mut(t_n * pn).zip(gr.ds0.par_chunks_mut(pn)).enumerate().for_each(
-        |(bh, (dst, ds0))| {
-            let (bi, hi) = (bh / h, bh % h);
-            match ds_final {
-                Some(df) => ds0.copy_from_slice(&df[bh * pn..(bh + 1) * pn]),
-                None => ds0.fill(0.0),
-            }
-            let mut dec = Decay::new(q_max);
-            for c in (0..t_n).rev() {
-                let ch = Chunk::new(&d, inp.seg, bi, c, q_max);
-                dec.compute(&d, inp.a, bi, hi, &ch);
-                let slot = &mut dst[c * pn..(c + 1) * pn];
-                for (run, u) in ds0.iter_mut().zip(slot.iter_mut()) {
-                    let uc = *u;
-                    *u = *run;
-                    *run = dec.alpha * *run + uc;
-                }
-            }
-        },
-    );
-    let ptrs = (
+    let (bpg, hb) = head_blocks(&d);
+    let nbc = b * l * g * n;
+    let mut partial = if bpg > 1 { vec![0f32; bpg * 2 * nbc] } else { Vec::new() };
+    let (dxp, dap, dbp, dcp, pp) = (
         SendPtr(gr.dx.as_mut_ptr()),
         SendPtr(gr.da.as_mut_ptr()),
         SendPtr(gr.dbm.as_mut_ptr()),
         SendPtr(gr.dcm.as_mut_ptr()),
+        SendPtr(partial.as_mut_ptr()),
     );
-    (0..b * t_n * g).into_par_iter().for_each_init(
-        || ChunkScratch::new(q_max, p.max(n)),
-        |sc, task| {
-            let gi = task % g;
-            let c = (task / g) % t_n;
-            let bi = task / (g * t_n);
-            chunk_scan_bwd(d, q_max, &inp, dy, &states, &dstates, bi, c, gi, ptrs, sc);
-        },
-    );
+    let ds0p = SendPtr(gr.ds0.as_mut_ptr());
+    (0..b * g * bpg).into_par_iter().for_each(|task| {
+        let blk = task % bpg;
+        let gi = (task / bpg) % g;
+        let bi = task / (bpg * g);
+        let h0 = gi * hpg + blk * hb;
+        let h1 = (h0 + hb).min((gi + 1) * hpg);
+        let (db, dc) = if bpg == 1 { (dbp, dcp) } else { (pp.offset(blk * 2 * nbc), pp.offset(blk * 2 * nbc + nbc)) };
+        // SAFETY: heads [h0, h1) of row bi are this task's; so are its dB/dC rows (or partial buffer).
+        let d_run = unsafe { ds0p.slice((bi * h + h0) * pn, (h1 - h0) * pn) };
+        bwd_sweep(d, q_max, &inp, dy, ds_final, bi, gi, h0, h1, (dxp, dap, db, dc), d_run);
+    });
+    if bpg > 1 {
+        for (k, dst) in [gr.dbm, gr.dcm].into_iter().enumerate() {
+            dst.par_chunks_mut(4096).enumerate().for_each(|(ci, out)| {
+                let off = ci * 4096;
+                out.fill(0.0);
+                for blk in 0..bpg {
+                    let src = &partial[blk * 2 * nbc + k * nbc + off..][..out.len()];
+                    out.iter_mut().zip(src).for_each(|(o, v)| *o += v);
+                }
+            });
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
-fn chunk_scan_bwd(
+fn bwd_sweep(
     d: Dims,
     q_max: usize,
     inp: &ScanIn,
     dy: &[f32],
-    states: &[f32],
-    dstates: &[f32],
+    ds_final: Option<&[f32]>,
     bi: usize,
-    c: usize,
     gi: usize,
+    h0: usize,
+    h1: usize,
+    ptrs: (SendPtr, SendPtr, SendPtr, SendPtr),
+    d_run: &mut [f32],
+) {
+    let Dims { h, p, n, .. } = d;
+    let (pn, hb, t_n) = (p * n, h1 - h0, d.chunks(q_max));
+    let nseg = t_n.div_ceil(SEGMENT);
+    let mut sc = ChunkScratch::new(q_max, p.max(n));
+    // Forward: checkpoint the states entering each segment.
+    let mut ckpt = vec![0f32; nseg * hb * pn];
+    let mut s_run = match inp.s0 {
+        Some(s0) => s0[(bi * h + h0) * pn..(bi * h + h1) * pn].to_vec(),
+        None => vec![0f32; hb * pn],
+    };
+    for c in 0..t_n {
+        if c % SEGMENT == 0 {
+            ckpt[(c / SEGMENT) * hb * pn..][..hb * pn].copy_from_slice(&s_run);
+        }
+        let ch = Chunk::new(&d, inp.seg, bi, c, q_max);
+        for hi in h0..h1 {
+            sc.dec.compute(&d, inp.a, bi, hi, &ch);
+            state_update(&d, inp, bi, gi, hi, &ch, &sc.dec, &mut sc.t2, &mut s_run[(hi - h0) * pn..][..pn]);
+        }
+    }
+    // Backward over segments and chunks.
+    match ds_final {
+        Some(df) => d_run.copy_from_slice(&df[(bi * h + h0) * pn..(bi * h + h1) * pn]),
+        None => d_run.fill(0.0),
+    }
+    let mut seg_states = vec![0f32; SEGMENT * hb * pn];
+    for s in (0..nseg).rev() {
+        let (c0, c1) = (s * SEGMENT, ((s + 1) * SEGMENT).min(t_n));
+        seg_states[..hb * pn].copy_from_slice(&ckpt[s * hb * pn..(s + 1) * hb * pn]);
+        for c in c0..c1 - 1 {
+            let ch = Chunk::new(&d, inp.seg, bi, c, q_max);
+            let k = c - c0;
+            let (prev, next) = seg_states.split_at_mut((k + 1) * hb * pn);
+            next[..hb * pn].copy_from_slice(&prev[k * hb * pn..]);
+            for hi in h0..h1 {
+                sc.dec.compute(&d, inp.a, bi, hi, &ch);
+                state_update(&d, inp, bi, gi, hi, &ch, &sc.dec, &mut sc.t2, &mut next[(hi - h0) * pn..][..pn]);
+            }
+        }
+        for c in (c0..c1).rev() {
+            let ch = Chunk::new(&d, inp.seg, bi, c, q_max);
+            let s_block = &seg_states[(c - c0) * hb * pn..][..hb * pn];
+            chunk_bwd(&d, inp, dy, bi, gi, h0, h1, &ch, s_block, d_run, ptrs, &mut sc);
+        }
+    }
+}
+
+/// Gradients of one chunk for heads [h0, h1): writes dX and da of these heads, overwrites then accumulates
+/// this group's dB, dC rows, and moves each head's D from the chunk's end to its start.
+#[allow(clippy::too_many_arguments)]
+fn chunk_bwd(
+    d: &Dims,
+    inp: &ScanIn,
+    dy: &[f32],
+    bi: usize,
+    gi: usize,
+    h0: usize,
+    h1: usize,
+    ch: &Chunk,
+    s_block: &[f32],
+    d_block: &mut [f32],
     (dx, da, dbm, dcm): (SendPtr, SendPtr, SendPtr, SendPtr),
     sc: &mut ChunkScratch,
 ) {
-    let Dims { l, h, p, g, n, .. } = d;
-    let t_n = d.chunks(q_max);
-    let ch = Chunk::new(&d, inp.seg, bi, c, q_max);
-    let q = ch.q;
-    let bco = bc_off(&d, bi, ch.t0, gi);
-    let gn = g * n;
-    fill_g(&d, inp, bi, gi, &ch, &mut sc.gm);
+    let Dims { l, h, p, g, n, .. } = *d;
+    let (q, pn, gn) = (ch.q, p * n, g * n);
+    let bco = bc_off(d, bi, ch.t0, gi);
+    fill_g(d, inp, bi, gi, ch, &mut sc.gm);
     sc.dg[..q * q].fill(0.0);
-    // SAFETY: rows [t0, t0+q) of group gi (dB, dC) and of its heads (dX, da) belong to this task only.
     unsafe {
         for i in 0..q {
             dbm.slice(bco + i * gn, n).fill(0.0);
             dcm.slice(bco + i * gn, n).fill(0.0);
         }
     }
-    for hi in gi * d.hpg()..(gi + 1) * d.hpg() {
+    for hi in h0..h1 {
+        let s_c = &s_block[(hi - h0) * pn..][..pn];
+        let d_c = &mut d_block[(hi - h0) * pn..][..pn];
         let dec = &mut sc.dec;
-        dec.compute(&d, inp.a, bi, hi, &ch);
-        dec.fill_l(&ch, &mut sc.lm);
+        dec.compute(d, inp.a, bi, hi, ch);
+        dec.fill_l(ch, &mut sc.lm);
         for ((m, &gv), &lv) in sc.mm[..q * q].iter_mut().zip(&sc.gm[..q * q]).zip(&sc.lm[..q * q]) {
             *m = gv * lv;
         }
-        let xo = x_off(&d, bi, ch.t0, hi);
-        let so = ((bi * h + hi) * t_n + c) * p * n;
-        let s_c = &states[so..so + p * n];
-        let d_c = &dstates[so..so + p * n];
+        let xo = x_off(d, bi, ch.t0, hi);
         unsafe {
-            // dM = dY · Xᵀ (q, q); dX = Mᵀ · dY (q, p)
-            matmul(q, q, p, sc.dm.as_mut_ptr(), q, false, Mat::rows(dy, xo, h * p), Mat::rows_t(inp.x, xo, h * p), 1.0);
-            matmul(q, p, q, dx.0.add(xo), h * p, false, Mat::rows_t(&sc.mm, 0, q), Mat::rows(dy, xo, h * p), 1.0);
+            // dM = dY·Xᵀ (q, q); dX = Mᵀ·dY (q, p)
+            matmul(q, q, p, sc.dm.as_mut_ptr(), q, 0.0, Mat::rows(dy, xo, h * p), Mat::rows_t(inp.x, xo, h * p), 1.0);
+            matmul(q, p, q, dx.0.add(xo), h * p, 0.0, Mat::rows_t(&sc.mm, 0, q), Mat::rows(dy, xo, h * p), 1.0);
         }
+        // L[i, j] = exp(acum_i − acum_j): ∂/∂acum_i = +dM∘M, ∂/∂acum_j = −dM∘M.
         let dacum = &mut sc.dacum[..q];
         dacum.fill(0.0);
         for i in 0..q {
@@ -537,30 +533,28 @@ fn chunk_scan_bwd(
             }
             dacum[i] += row_sum;
         }
-        // Off-diagonal term Y_i += e_i S_c C_i.
-        let (dye, cs) = (&mut sc.t1, &mut sc.t2);
+        // Incoming state: Y_i += e_i S_c C_i.
+        let (dye, cs, bd) = (&mut sc.t3, &mut sc.t1, &mut sc.t2);
         for i in 0..q {
             let ei = dec.e[i];
-            let dyr = &dy[xo + i * h * p..][..p];
-            for (o, &v) in dye[i * p..(i + 1) * p].iter_mut().zip(dyr) {
+            for (o, &v) in dye[i * p..(i + 1) * p].iter_mut().zip(&dy[xo + i * h * p..][..p]) {
                 *o = ei * v;
             }
         }
         unsafe {
-            // dC += diag(e) dY · S_c ; CS = C · S_cᵀ
-            matmul(q, n, p, dcm.0.add(bco), gn, true, Mat::rows(dye, 0, p), Mat::rows(s_c, 0, n), 1.0);
-            matmul(q, p, n, cs.as_mut_ptr(), p, false, Mat::rows(inp.cm, bco, gn), Mat::rows_t(s_c, 0, n), 1.0);
+            // dC += diag(e)·dY·S_c ; CS = C·S_cᵀ
+            matmul(q, n, p, dcm.0.add(bco), gn, 1.0, Mat::rows(dye, 0, p), Mat::rows(s_c, 0, n), 1.0);
+            matmul(q, p, n, cs.as_mut_ptr(), p, 0.0, Mat::rows(inp.cm, bco, gn), Mat::rows_t(s_c, 0, n), 1.0);
         }
         for i in 0..q {
-            let de = dot(&dy[xo + i * h * p..][..p], &cs[i * p..(i + 1) * p]);
-            dacum[i] += de * dec.e[i];
+            dacum[i] += dot(&dy[xo + i * h * p..][..p], &cs[i * p..(i + 1) * p]) * dec.e[i];
         }
         // This chunk's contribution to its end state: s = Σ_j w_j X_j ⊗ B_j.
-        let (bd, xw) = (&mut sc.t1, &mut sc.t2);
         unsafe {
-            // BD = B · D_cᵀ (q, p)
-            matmul(q, p, n, bd.as_mut_ptr(), p, false, Mat::rows(inp.bm, bco, gn), Mat::rows_t(d_c, 0, n), 1.0);
+            // BD = B·D_cᵀ (q, p)
+            matmul(q, p, n, bd.as_mut_ptr(), p, 0.0, Mat::rows(inp.bm, bco, gn), Mat::rows_t(d_c, 0, n), 1.0);
         }
+        let xw = &mut sc.t1;
         let mut daend = 0f32;
         for j in 0..q {
             let wj = dec.w[j];
@@ -578,8 +572,8 @@ fn chunk_scan_bwd(
             }
         }
         unsafe {
-            // dB += diag(w) X · D_c
-            matmul(q, n, p, dbm.0.add(bco), gn, true, Mat::rows(xw, 0, p), Mat::rows(d_c, 0, n), 1.0);
+            // dB += diag(w)·X·D_c
+            matmul(q, n, p, dbm.0.add(bco), gn, 1.0, Mat::rows(xw, 0, p), Mat::rows(d_c, 0, n), 1.0);
         }
         daend += dot(s_c, d_c) * dec.alpha;
         dacum[q - 1] += daend;
@@ -589,11 +583,15 @@ fn chunk_scan_bwd(
             run += dacum[k];
             unsafe { *da.0.add((bi * l + ch.t0 + k) * h + hi) = run };
         }
+        unsafe {
+            // D ← α·D + (diag(e)·dY)ᵀ·C: the gradient w.r.t. the state entering this chunk.
+            matmul(p, n, q, d_c.as_mut_ptr(), n, dec.alpha, Mat::rows_t(dye, 0, p), Mat::rows(inp.cm, bco, gn), 1.0);
+        }
     }
     unsafe {
-        // dC += dG · B ; dB += dGᵀ · C
-        matmul(q, n, q, dcm.0.add(bco), gn, true, Mat::rows(&sc.dg, 0, q), Mat::rows(inp.bm, bco, gn), 1.0);
-        matmul(q, n, q, dbm.0.add(bco), gn, true, Mat::rows_t(&sc.dg, 0, q), Mat::rows(inp.cm, bco, gn), 1.0);
+        // dC += dG·B ; dB += dGᵀ·C
+        matmul(q, n, q, dcm.0.add(bco), gn, 1.0, Mat::rows(&sc.dg, 0, q), Mat::rows(inp.bm, bco, gn), 1.0);
+        matmul(q, n, q, dbm.0.add(bco), gn, 1.0, Mat::rows_t(&sc.dg, 0, q), Mat::rows(inp.cm, bco, gn), 1.0);
     }
 }
 

@@ -260,7 +260,8 @@ fn backward_matches_autodiff_of_the_quadratic_form() {
         });
         let vs = vars(&cs);
         let reference = grads_of(&vs, Algo::Quadratic, seq_idx.as_ref(), &wy, &ws);
-        for algo in [Algo::Chunked(16), Algo::Chunked(64), Algo::Recurrent] {
+        // Chunked(4): 12 chunks, more than one checkpoint segment of the backward sweep.
+        for algo in [Algo::Chunked(4), Algo::Chunked(16), Algo::Chunked(64), Algo::Recurrent] {
             let got = grads_of(&vs, algo, seq_idx.as_ref(), &wy, &ws);
             for ((name, gr), (_, rf)) in got.iter().zip(&reference) {
                 // f32, different summation orders: 2e-5 relative to the gradient's scale.

@@ -197,7 +197,8 @@ impl Mamba2 {
     /// Parallel forward over u (b, l, d_model) with the chunked SSD. With `state`, the sequence continues
     /// from it and the state is advanced to the end (prefill); `seq_idx` (b, l) marks packed documents.
     pub fn forward(&self, u: &Tensor, seq_idx: Option<&Tensor>, state: Option<&mut Mamba2State>) -> Result<Tensor> {
-        self.forward_with(u, seq_idx, state, Algo::Chunked(self.cfg.chunk_size))
+        let chunk = if u.device().is_cpu() { ouro_kernels::ssd::CPU_CHUNK } else { self.cfg.chunk_size };
+        self.forward_with(u, seq_idx, state, Algo::Chunked(chunk))
     }
 
     /// [`Mamba2::forward`] with an explicit SSD algorithm.

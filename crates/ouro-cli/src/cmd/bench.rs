@@ -29,7 +29,7 @@ pub struct SsdArgs {
     #[arg(long, value_delimiter = ',', default_value = "512,2048,8192")]
     lens: Vec<usize>,
     /// Chunk size of the chunked algorithm.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = ouro_kernels::ssd::CPU_CHUNK)]
     chunk: usize,
     /// Timed repetitions per measurement (the median is reported).
     #[arg(long, default_value_t = 5)]
