@@ -32,5 +32,5 @@ echo "build-cuda: NEEDED:"
 readelf -d "$bin" | grep NEEDED
 # Here libcuda.so.1 is missing (no driver) and the CUDA libs are not on the
 # loader path; on the GPU machine scripts/gpu-run.sh provides them.
-echo "build-cuda: not found on this machine (expected: cuda, cudart, cublas, cublasLt, curand, nvrtc):"
+echo "build-cuda: not found on this machine (expected: only libcuda, libcublas, libcurand; plus libcudart/libnvrtc if referenced):"
 ldd "$bin" | grep 'not found' || echo "  (none)"

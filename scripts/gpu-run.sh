@@ -3,12 +3,14 @@
 #
 #   bash scripts/gpu-run.sh target-cuda/release/ouro doctor --device cuda
 #
-# The binary (built by scripts/build-cuda.sh) is dynamically linked against
+# The binary (built by scripts/build-cuda.sh) has DT_NEEDED entries
 #   libcuda.so.1      (driver: system copy, found by ldconfig)
-#   libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libnvrtc.so.13 libcurand.so.10
-# The latter come from the CUDA 13 pip wheels that torch (cu130) installed in
-# /opt/torch/.venv; this script puts their lib folders on LD_LIBRARY_PATH and
-# execs the binary. Diagnostics go to stderr, the binary's stdout is untouched.
+#   libcublas.so.13 (which itself needs libcublasLt.so.13)  libcurand.so.10
+# (linked with --as-needed; libcudart.so.13 / libnvrtc.so.13 are linked too
+# whenever the code references them). The non-driver libs come from the
+# CUDA 13 pip wheels that torch (cu130) installed in /opt/torch/.venv; this
+# script puts their lib folders on LD_LIBRARY_PATH and execs the binary.
+# Diagnostics go to stderr, the binary's stdout is untouched.
 # Override/extend the search with OURO_CUDA_LIB_DIRS="dir1:dir2".
 set -uo pipefail
 
@@ -58,7 +60,7 @@ if [[ -n "$missing" ]]; then
   echo "gpu-run: candidate files on this machine:" >&2
   for lib in $(echo "$missing" | awk '{print $1}'); do
     stem="${lib%%.so*}"
-    find / -xdev \( -name "$stem.so*" \) -not -path '/proc/*' 2>/dev/null | head -5 | sed 's/^/    /' >&2
+    find /opt /usr /lib /lib64 -name "$stem.so*" 2>/dev/null | head -5 | sed 's/^/    /' >&2
   done
   exit 127
 fi

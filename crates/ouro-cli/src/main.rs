@@ -22,6 +22,12 @@ enum Command {
     Bench(cmd::bench::Bench),
     /// Checks the build and a compute device: features, CPU SIMD, and a numeric check on the device.
     Doctor(cmd::doctor::Args),
+    /// Writes a model's logits for given token ids to a safetensors file (tensor `logits`).
+    Logits(cmd::lm::LogitsArgs),
+    /// Generates text from a prompt, streaming it (several samples decode as one batch).
+    Generate(cmd::lm::GenerateArgs),
+    /// Describes a checkpoint: architecture, parameters, dtypes, state size, tensors.
+    Info(cmd::lm::InfoArgs),
 }
 
 fn main() {
@@ -32,6 +38,9 @@ fn main() {
     let res = match cli.command {
         Command::Bench(b) => cmd::bench::run(b),
         Command::Doctor(a) => cmd::doctor::run(a),
+        Command::Logits(a) => cmd::lm::logits(a),
+        Command::Generate(a) => cmd::lm::generate_cmd(a),
+        Command::Info(a) => cmd::lm::info(a),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");

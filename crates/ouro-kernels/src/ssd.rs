@@ -935,29 +935,11 @@ pub fn ssd(inp: &SsdInput, algo: Algo) -> Result<(Tensor, Tensor)> {
     if let Algo::Chunked(0) = algo {
         bail!("ssd: chunk size must be positive");
     }
-    let seg = Segments::from_tensor(inp.seq_idx, dm.b, dm.l)?;
     let x = inp.x.to_dtype(DType::F32)?;
     let dt = inp.processed_dt()?; // (b, l, h)
     let a_t = dt.broadcast_mul(&inp.a.to_dtype(DType::F32)?.reshape((1, 1, dm.h))?)?; // (b, l, h)
     let xd = x.broadcast_mul(&dt.unsqueeze(3)?)?; // X = dt·x
-    let bm = inp.b.to_dtype(DType::F32)?;
-    let cm = inp.c.to_dtype(DType::F32)?;
-    let s0 = match inp.initial_states {
-        Some(s) => s.to_dtype(DType::F32)?,
-        None => Tensor::zeros((dm.b, dm.h, dm.p, dm.n), DType::F32, x.device())?,
-    };
-    let (mut y, sf) = match algo {
-        Algo::Quadratic => scan_quadratic(&xd, &a_t, &bm, &cm, &s0, &seg)?,
-        _ => {
-            let xa = to_f32_contig(&Tensor::cat(&[&xd, &a_t.unsqueeze(3)?], 3)?)?;
-            let bc = to_f32_contig(&Tensor::cat(&[&bm, &cm], 3)?)?;
-            let out = xa.apply_op3(&bc, &s0.contiguous()?, SsdOp { algo, seg })?;
-            let ny = dm.b * dm.l * dm.h * dm.p;
-            let y = out.narrow(0, 0, ny)?.reshape((dm.b, dm.l, dm.h, dm.p))?;
-            let sf = out.narrow(0, ny, dm.b * dm.h * dm.p * dm.n)?.reshape((dm.b, dm.h, dm.p, dm.n))?;
-            (y, sf)
-        }
-    };
+    let (mut y, sf) = scan(&xd, &a_t, inp.b, inp.c, inp.initial_states, inp.seq_idx, algo)?;
     if let Some(d) = inp.d {
         let d = d.to_dtype(DType::F32)?;
         let d = if d.rank() == 1 { d.unsqueeze(1)? } else { d }; // (h, 1) or (h, p)
@@ -967,6 +949,84 @@ pub fn ssd(inp: &SsdInput, algo: Algo) -> Result<(Tensor, Tensor)> {
         y = (y * z.to_dtype(DType::F32)?.silu()?)?;
     }
     Ok((y.to_dtype(inp.x.dtype())?, sf))
+}
+
+/// The scan on discretised inputs, for mixers that parameterise the decay themselves (e.g. the discrete
+/// Mamba-2 of Llamba): S_t = exp(a_t)·S_{t−1} + X_t ⊗ B_t, y_t = S_t·C_t. X (b, l, h, p), a (b, l, h),
+/// B, C (b, l, g, n), initial states (b, h, p, n). Returns y and the final states in f32; differentiable.
+pub fn scan(
+    x: &Tensor,
+    a: &Tensor,
+    bm: &Tensor,
+    cm: &Tensor,
+    initial_states: Option<&Tensor>,
+    seq_idx: Option<&Tensor>,
+    algo: Algo,
+) -> Result<(Tensor, Tensor)> {
+    let (b, l, h, p) = x.dims4()?;
+    if l == 0 {
+        bail!("ssd scan: empty sequence (len 0)");
+    }
+    expect_dims(a, &[b, l, h], "ssd scan: a")?;
+    let (g, n) = match bm.dims() {
+        &[bb, ll, g, n] if bb == b && ll == l => (g, n),
+        s => bail!("ssd scan: B must be ({b}, {l}, groups, d_state), got shape {s:?}"),
+    };
+    if g == 0 || h % g != 0 {
+        bail!("ssd scan: heads ({h}) must be divisible by groups ({g})");
+    }
+    expect_dims(cm, &[b, l, g, n], "ssd scan: C")?;
+    if let Algo::Chunked(0) = algo {
+        bail!("ssd: chunk size must be positive");
+    }
+    let seg = Segments::from_tensor(seq_idx, b, l)?;
+    let (x, a) = (x.to_dtype(DType::F32)?, a.to_dtype(DType::F32)?);
+    let (bm, cm) = (bm.to_dtype(DType::F32)?, cm.to_dtype(DType::F32)?);
+    let s0 = match initial_states {
+        Some(s) => {
+            expect_dims(s, &[b, h, p, n], "ssd scan: initial_states")?;
+            s.to_dtype(DType::F32)?
+        }
+        None => Tensor::zeros((b, h, p, n), DType::F32, x.device())?,
+    };
+    match algo {
+        Algo::Quadratic => scan_quadratic(&x, &a, &bm, &cm, &s0, &seg),
+        _ => {
+            if !x.device().is_cpu() {
+                bail!("ssd: the {algo:?} kernel runs on the CPU in this build; use Algo::Quadratic on other devices");
+            }
+            let xa = to_f32_contig(&Tensor::cat(&[&x, &a.unsqueeze(3)?], 3)?)?;
+            let bc = to_f32_contig(&Tensor::cat(&[&bm, &cm], 3)?)?;
+            let out = xa.apply_op3(&bc, &s0.contiguous()?, SsdOp { algo, seg })?;
+            let ny = b * l * h * p;
+            let y = out.narrow(0, 0, ny)?.reshape((b, l, h, p))?;
+            let sf = out.narrow(0, ny, b * h * p * n)?.reshape((b, h, p, n))?;
+            Ok((y, sf))
+        }
+    }
+}
+
+/// One step of [`scan`] for a batch of single tokens: state (b, h, p, n), X (b, h, p), a (b, h),
+/// B, C (b, g, n). Returns (y (b, h, p), new state), in candle ops.
+pub fn scan_step(state: &Tensor, x: &Tensor, a: &Tensor, bm: &Tensor, cm: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (b, h, p, n) = state.dims4()?;
+    let g = bm.dim(1)?;
+    expect_dims(x, &[b, h, p], "ssd step: x")?;
+    expect_dims(a, &[b, h], "ssd step: a")?;
+    expect_dims(bm, &[b, g, n], "ssd step: B")?;
+    expect_dims(cm, &[b, g, n], "ssd step: C")?;
+    if g == 0 || h % g != 0 {
+        bail!("ssd step: heads ({h}) must be divisible by groups ({g})");
+    }
+    let expand = |t: &Tensor| -> Result<Tensor> { t.to_dtype(DType::F32)?.unsqueeze(2)?.expand((b, g, h / g, n))?.reshape((b, h, n)) };
+    let (bh, ch) = (expand(bm)?, expand(cm)?);
+    let decay = a.to_dtype(DType::F32)?.exp()?; // (b, h)
+    let new_state = state
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&decay.reshape((b, h, 1, 1))?)?
+        .add(&x.to_dtype(DType::F32)?.unsqueeze(3)?.broadcast_mul(&bh.unsqueeze(2)?)?)?;
+    let y = new_state.matmul(&ch.unsqueeze(3)?)?.squeeze(3)?;
+    Ok((y, new_state))
 }
 
 /// The SSD mixing matrix for raw x: y_i = Σ_j M[i, j]·x_j (+ D·x_i when `d` is given, on the diagonal),
@@ -1005,15 +1065,8 @@ pub fn ssd_step(
     dt_softplus: bool,
     dt_limit: (f64, f64),
 ) -> Result<(Tensor, Tensor)> {
-    let (b, h, p, n) = state.dims4()?;
-    let g = bm.dim(1)?;
-    expect_dims(x, &[b, h, p], "ssd_step: x")?;
+    let (b, h, _, _) = state.dims4()?;
     expect_dims(dt, &[b, h], "ssd_step: dt")?;
-    expect_dims(bm, &[b, g, n], "ssd_step: B")?;
-    expect_dims(cm, &[b, g, n], "ssd_step: C")?;
-    if h % g != 0 {
-        bail!("ssd_step: heads ({h}) must be divisible by groups ({g})");
-    }
     // Reuse SsdInput's dt processing on a length-1 sequence.
     let dt3 = dt.unsqueeze(1)?;
     let mut si = SsdInput::new(x, &dt3, a, bm, cm);
@@ -1022,16 +1075,8 @@ pub fn ssd_step(
     si.dt_limit = dt_limit;
     let dt = si.processed_dt()?.squeeze(1)?; // (b, h)
     let x = x.to_dtype(DType::F32)?;
-    let decay = dt.broadcast_mul(&a.to_dtype(DType::F32)?.unsqueeze(0)?)?.exp()?; // (b, h)
-    let expand = |t: &Tensor| -> Result<Tensor> {
-        t.to_dtype(DType::F32)?.unsqueeze(2)?.expand((b, g, h / g, n))?.reshape((b, h, n))
-    };
-    let (bh, ch) = (expand(bm)?, expand(cm)?);
-    let dx = x.broadcast_mul(&dt.unsqueeze(2)?)?; // (b, h, p)
-    let new_state = state
-        .broadcast_mul(&decay.reshape((b, h, 1, 1))?)?
-        .add(&dx.unsqueeze(3)?.broadcast_mul(&bh.unsqueeze(2)?)?)?;
-    let mut y = new_state.matmul(&ch.unsqueeze(3)?)?.squeeze(3)?; // (b, h, p)
+    let a_t = dt.broadcast_mul(&a.to_dtype(DType::F32)?.unsqueeze(0)?)?; // (b, h)
+    let (mut y, new_state) = scan_step(state, &x.broadcast_mul(&dt.unsqueeze(2)?)?, &a_t, bm, cm)?;
     if let Some(d) = d {
         let d = d.to_dtype(DType::F32)?;
         let d = if d.rank() == 1 { d.unsqueeze(1)? } else { d };

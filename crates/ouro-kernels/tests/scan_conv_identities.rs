@@ -227,3 +227,24 @@ fn conv_gradients_with_documents_match_finite_differences() {
     assert_close(&st_only, &no_state, 0.0, "later documents ignore the carried state");
     assert!(gst.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
 }
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let cs = case(1, 1, 6, 4, 3, 1);
+    let wrong_a = Gen::new(1).normal(&[5, 3], 1.0);
+    let e = selective_scan(&ScanInput::new(&cs.u, &cs.delta, &wrong_a, &cs.b, &cs.c)).unwrap_err().to_string();
+    assert!(e.contains("A has 5 channels"), "{e}");
+    let b3 = Gen::new(2).normal(&[1, 6, 3, 3], 1.0);
+    let e = selective_scan(&ScanInput::new(&cs.u, &cs.delta, &cs.a, &b3, &b3)).unwrap_err().to_string();
+    assert!(e.contains("divisible by groups"), "{e}");
+    let short = cs.delta.narrow(1, 0, 5).unwrap();
+    let e = selective_scan(&ScanInput::new(&cs.u, &short, &cs.a, &cs.b, &cs.c)).unwrap_err().to_string();
+    assert!(e.contains("delta") && e.contains("expected shape"), "{e}");
+    let x = Gen::new(3).normal(&[1, 5, 4], 1.0);
+    let e = causal_conv1d(&x, &Gen::new(4).normal(&[3, 1, 4], 1.0), None, None, None).unwrap_err().to_string();
+    assert!(e.contains("3 channels"), "{e}");
+    let e = causal_conv1d(&x, &Gen::new(4).normal(&[4, 2, 4], 1.0), None, None, None).unwrap_err().to_string();
+    assert!(e.contains("(channels, 1, width)"), "{e}");
+    let e = causal_conv1d(&x.narrow(1, 0, 0).unwrap(), &Gen::new(4).normal(&[4, 4], 1.0), None, None, None).unwrap_err().to_string();
+    assert!(e.contains("empty sequence"), "{e}");
+}

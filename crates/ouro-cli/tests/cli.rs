@@ -1,0 +1,90 @@
+//! The `ouro` binary end to end on the small checkpoints of tests/fixtures (runs in CI).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn ouro() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ouro"))
+}
+
+fn fixture(p: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(p)
+}
+
+fn run(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd.output().expect("runs");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn generate_on_a_random_weight_checkpoint() {
+    for model in ["lm/mamba2_hf", "lm/mamba_ssm", "lm/llama_gqa", "lm/llamba"] {
+        let (ok, out, err) = run(ouro()
+            .args(["generate", "--model"])
+            .arg(fixture(model))
+            .args(["--prompt", "Hello", "--tokenizer", "bytes", "--max-new-tokens", "6", "--seed", "3"]));
+        assert!(ok, "{model}: {err}");
+        assert!(out.starts_with("Hello"), "{model}: {out}");
+        assert!(err.contains("generated 6 tokens"), "{model}: {err}");
+    }
+    // Several samples as one batch.
+    let (ok, out, err) = run(ouro()
+        .args(["generate", "--model"])
+        .arg(fixture("lm/mamba2_hf"))
+        .args(["--prompt", "ab", "--tokenizer", "bytes", "--max-new-tokens", "4", "--num-samples", "3"]));
+    assert!(ok, "{err}");
+    assert_eq!(out.matches("--- sample").count(), 3, "{out}");
+    assert!(err.contains("generated 12 tokens in 3 sequences"), "{err}");
+}
+
+#[test]
+fn generate_with_the_gguf_tokenizer() {
+    let (ok, out, err) = run(ouro()
+        .args(["generate", "--model"])
+        .arg(fixture("lm/llama_gguf/tiny-llama-mixed.gguf"))
+        .args(["--prompt", "The boat", "--max-new-tokens", "5", "--temperature", "0"]));
+    assert!(ok, "{err}");
+    assert!(out.starts_with("The boat"), "{out}");
+}
+
+#[test]
+fn logits_match_the_reference() {
+    let dir = std::env::temp_dir().join(format!("ouro-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("logits.safetensors");
+    let exp = candle_core::safetensors::load(fixture("lm/llama_tied/expected.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let ids: Vec<Vec<i64>> = exp["input_ids"].to_vec2().unwrap();
+    let mut cmd = ouro();
+    cmd.args(["logits", "--model"]).arg(fixture("lm/llama_tied")).arg("--out").arg(&out);
+    for row in &ids {
+        cmd.arg("--ids").arg(row.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(","));
+    }
+    let (ok, _, err) = run(&mut cmd);
+    assert!(ok, "{err}");
+    let got = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap();
+    ouro_kernels::testing::assert_close(&got["logits"], &exp["logits"], 1e-4, "ouro logits");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn info_describes_the_checkpoint() {
+    let (ok, out, err) = run(ouro().args(["info", "--model"]).arg(fixture("lm/mamba2_hybrid_ssm")));
+    assert!(ok, "{err}");
+    assert!(out.contains("architecture: mamba_ssm"), "{out}");
+    assert!(out.contains("mamba2×1 attention×1 mamba2×2"), "{out}");
+    assert!(out.contains("kv cache:"), "{out}");
+}
+
+#[test]
+fn bad_input_errors_clearly() {
+    let (ok, _, err) = run(ouro().args(["info", "--model", "/nonexistent/model"]));
+    assert!(!ok && err.contains("/nonexistent/model") && err.contains("no such file"), "{err}");
+    let (ok, _, err) = run(ouro().args(["logits", "--model"]).arg(fixture("lm/mamba2_hf")).args(["--ids", "1,2,99999", "--out", "/tmp/x.safetensors"]));
+    assert!(!ok && err.contains("99999") && err.contains("outside the vocabulary"), "{err}");
+    let (ok, _, err) = run(ouro().args(["logits", "--model"]).arg(fixture("lm/mamba2_hf")).args(["--ids", "1,2", "--ids", "3", "--out", "/tmp/x.safetensors"]));
+    assert!(!ok && err.contains("same length"), "{err}");
+    let (ok, _, err) = run(ouro().args(["generate", "--model"]).arg(fixture("lm/mamba2_hf")).args(["--prompt", "x"]));
+    assert!(!ok && err.contains("no tokenizer.json"), "{err}");
+    let (ok, _, err) = run(ouro().args(["generate", "--model"]).arg(fixture("lm/mamba2_hf")).args(["--prompt", "x", "--tokenizer", "bytes", "--device", "cuda"]));
+    assert!(!ok && (err.contains("CUDA build") || err.contains("cuda")), "{err}");
+}

@@ -1,0 +1,368 @@
+//! Layers shared by the models: RMSNorm, the two MLP styles, rotary embeddings, and multi-head
+//! attention with grouped KV heads and a KV cache (Llama's separate q/k/v projections or `mamba_ssm`'s
+//! fused `in_proj`).
+
+use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
+use candle_nn::{Embedding, Linear, VarBuilder};
+use ouro_kernels::norm::rms_norm;
+
+pub fn linear(vb: VarBuilder, i: usize, o: usize, bias: bool) -> Result<Linear> {
+    if bias {
+        candle_nn::linear(i, o, vb)
+    } else {
+        candle_nn::linear_no_bias(i, o, vb)
+    }
+}
+
+/// An embedding table (vocab, d) read from the checkpoint (its vocab size is the tensor's).
+pub fn embedding(vb: VarBuilder, vocab: usize, d: usize) -> Result<Embedding> {
+    Ok(Embedding::new(vb.get((vocab, d), "weight")?, d))
+}
+
+/// x · rsqrt(mean(x²) + eps) · w.
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(d: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { weight: vb.get_with_hints(d, "weight", candle_nn::Init::Const(1.0))?, eps })
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        rms_norm(x, &self.weight, self.eps)
+    }
+}
+
+/// Activations named in configs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    Silu,
+    Gelu,
+    GeluTanh,
+    Relu,
+}
+
+impl Act {
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "silu" | "swish" => Act::Silu,
+            "gelu" => Act::Gelu,
+            "gelu_pytorch_tanh" | "gelu_new" | "gelu_tanh" => Act::GeluTanh,
+            "relu" => Act::Relu,
+            other => bail!("unsupported activation '{other}' (supported: silu, gelu, gelu_pytorch_tanh, relu)"),
+        })
+    }
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Act::Silu => x.silu(),
+            Act::Gelu => x.gelu_erf(),
+            Act::GeluTanh => x.gelu(),
+            Act::Relu => x.relu(),
+        }
+    }
+}
+
+/// Llama's MLP: down(act(gate(x)) ⊙ up(x)).
+#[derive(Clone, Debug)]
+pub struct GluMlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+    pub act: Act,
+}
+
+impl GluMlp {
+    pub fn new(d: usize, hidden: usize, bias: bool, act: Act, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            gate_proj: linear(vb.pp("gate_proj"), d, hidden, bias)?,
+            up_proj: linear(vb.pp("up_proj"), d, hidden, bias)?,
+            down_proj: linear(vb.pp("down_proj"), hidden, d, bias)?,
+            act,
+        })
+    }
+}
+
+impl Module for GluMlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = self.act.apply(&self.gate_proj.forward(x)?)?;
+        self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)
+    }
+}
+
+/// `mamba_ssm`'s GatedMLP: y, gate = fc1(x).chunk(2); fc2(y ⊙ act(gate)).
+#[derive(Clone, Debug)]
+pub struct GatedMlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+    pub hidden: usize,
+    pub act: Act,
+}
+
+impl GatedMlp {
+    pub fn new(d: usize, hidden: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { fc1: linear(vb.pp("fc1"), d, 2 * hidden, bias)?, fc2: linear(vb.pp("fc2"), hidden, d, bias)?, hidden, act: Act::Silu })
+    }
+}
+
+impl Module for GatedMlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.fc1.forward(x)?;
+        let y = h.narrow(D::Minus1, 0, self.hidden)?;
+        let gate = h.narrow(D::Minus1, self.hidden, self.hidden)?;
+        self.fc2.forward(&(y * self.act.apply(&gate)?)?)
+    }
+}
+
+/// Rotary position embedding on the first `dim` channels of each head, rotate-half (GPT-NeoX/HF) layout.
+#[derive(Clone, Debug)]
+pub struct Rotary {
+    pub dim: usize,
+    inv_freq: Vec<f32>,
+}
+
+impl Rotary {
+    pub fn new(dim: usize, theta: f64) -> Self {
+        let inv_freq = (0..dim / 2).map(|i| (1.0 / theta.powf(2.0 * i as f64 / dim as f64)) as f32).collect();
+        Self { dim, inv_freq }
+    }
+
+    /// cos, sin for the given positions: (n, dim/2) each.
+    fn tables(&self, positions: &[u32], dev: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.dim / 2;
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in &self.inv_freq {
+                let a = p as f64 * f as f64;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Ok((Tensor::from_vec(cos, (positions.len(), half), dev)?, Tensor::from_vec(sin, (positions.len(), half), dev)?))
+    }
+
+    /// x (b, heads, l, head_dim); `positions` (b·l, row-major) → rotated x.
+    pub fn apply(&self, x: &Tensor, positions: &[u32]) -> Result<Tensor> {
+        if self.dim == 0 {
+            return Ok(x.clone());
+        }
+        let (b, _h, l, hd) = x.dims4()?;
+        let (cos, sin) = self.tables(positions, x.device())?;
+        let half = self.dim / 2;
+        let cos = cos.reshape((b, 1, l, half))?.to_dtype(x.dtype())?;
+        let sin = sin.reshape((b, 1, l, half))?.to_dtype(x.dtype())?;
+        let x1 = x.narrow(3, 0, half)?;
+        let x2 = x.narrow(3, half, half)?;
+        // [x1, x2] → [x1 cos − x2 sin, x2 cos + x1 sin]
+        let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+        let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+        if self.dim == hd {
+            Tensor::cat(&[&r1, &r2], 3)?.contiguous()
+        } else {
+            Tensor::cat(&[&r1, &r2, &x.narrow(3, self.dim, hd - self.dim)?], 3)?.contiguous()
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttentionConfig {
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Channels of each head that get RoPE (0: none).
+    pub rotary_dim: usize,
+    pub rope_theta: f64,
+    pub qkv_bias: bool,
+    pub out_bias: bool,
+    /// Sliding window (None: full causal attention).
+    pub window: Option<usize>,
+}
+
+#[derive(Clone, Debug)]
+enum QkvProj {
+    /// Llama: q_proj, k_proj, v_proj.
+    Separate(Linear, Linear, Linear),
+    /// `mamba_ssm` MHA: one in_proj producing [q | k | v].
+    Fused(Linear),
+}
+
+/// The keys and values seen so far, (b, kv_heads, len, head_dim) each.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    pub k: Option<Tensor>,
+    pub v: Option<Tensor>,
+}
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.k.as_ref().map_or(0, |k| k.dim(2).unwrap_or(0))
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Causal multi-head attention with grouped KV heads.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    pub cfg: AttentionConfig,
+    qkv: QkvProj,
+    pub out: Linear,
+    rope: Rotary,
+}
+
+impl Attention {
+    /// Llama layout: `q_proj`, `k_proj`, `v_proj`, `o_proj` under `vb`.
+    pub fn new_llama(cfg: AttentionConfig, vb: VarBuilder) -> Result<Self> {
+        Self::check(&cfg)?;
+        let (d, h, kv, hd) = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        let qkv = QkvProj::Separate(
+            linear(vb.pp("q_proj"), d, h * hd, cfg.qkv_bias)?,
+            linear(vb.pp("k_proj"), d, kv * hd, cfg.qkv_bias)?,
+            linear(vb.pp("v_proj"), d, kv * hd, cfg.qkv_bias)?,
+        );
+        let out = linear(vb.pp("o_proj"), h * hd, d, cfg.out_bias)?;
+        Ok(Self { rope: Rotary::new(cfg.rotary_dim, cfg.rope_theta), cfg, qkv, out })
+    }
+
+    /// `mamba_ssm` MHA layout: fused `in_proj` and `out_proj` under `vb`.
+    pub fn new_fused(cfg: AttentionConfig, vb: VarBuilder) -> Result<Self> {
+        Self::check(&cfg)?;
+        let (d, h, kv, hd) = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        let qkv = QkvProj::Fused(linear(vb.pp("in_proj"), d, (h + 2 * kv) * hd, cfg.qkv_bias)?);
+        let out = linear(vb.pp("out_proj"), h * hd, d, cfg.out_bias)?;
+        Ok(Self { rope: Rotary::new(cfg.rotary_dim, cfg.rope_theta), cfg, qkv, out })
+    }
+
+    fn check(cfg: &AttentionConfig) -> Result<()> {
+        if cfg.n_kv_heads == 0 || cfg.n_heads % cfg.n_kv_heads != 0 {
+            bail!("attention: {} heads are not a multiple of {} KV heads", cfg.n_heads, cfg.n_kv_heads);
+        }
+        if cfg.rotary_dim > cfg.head_dim || cfg.rotary_dim % 2 != 0 {
+            bail!("attention: rotary dim {} must be even and at most head_dim {}", cfg.rotary_dim, cfg.head_dim);
+        }
+        Ok(())
+    }
+
+    /// x (b, l, d). Positions continue from the cache; with `seq_idx`, they restart at each document and
+    /// attention stays inside documents.
+    pub fn forward(&self, x: &Tensor, seq_idx: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        let (h, kv, hd) = (self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim);
+        let (q, k, v) = match &self.qkv {
+            QkvProj::Separate(qp, kp, vp) => (qp.forward(x)?, kp.forward(x)?, vp.forward(x)?),
+            QkvProj::Fused(p) => {
+                let qkv = p.forward(x)?;
+                (qkv.narrow(2, 0, h * hd)?, qkv.narrow(2, h * hd, kv * hd)?, qkv.narrow(2, (h + kv) * hd, kv * hd)?)
+            }
+        };
+        let q = q.reshape((b, l, h, hd))?.transpose(1, 2)?.contiguous()?;
+        let k = k.reshape((b, l, kv, hd))?.transpose(1, 2)?.contiguous()?;
+        let v = v.reshape((b, l, kv, hd))?.transpose(1, 2)?.contiguous()?;
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        let docs = match seq_idx {
+            Some(s) => Some(ouro_kernels::seq_idx_to_vec(s, b, l)?),
+            None => None,
+        };
+        if docs.is_some() && offset > 0 {
+            bail!("attention: seq_idx with a non-empty KV cache is not supported");
+        }
+        let positions: Vec<u32> = (0..b)
+            .flat_map(|bi| {
+                let docs = docs.as_ref();
+                (0..l).map(move |t| match docs {
+                    None => (offset + t) as u32,
+                    Some(d) => {
+                        let row = &d[bi * l..(bi + 1) * l];
+                        let start = (0..=t).rev().take_while(|&s| row[s] == row[t]).last().unwrap_or(t);
+                        (t - start) as u32
+                    }
+                })
+            })
+            .collect();
+        let q = self.rope.apply(&q, &positions)?;
+        let k = self.rope.apply(&k, &positions)?;
+        let (k, v) = match cache {
+            Some(c) => {
+                let k = match &c.k {
+                    Some(prev) => Tensor::cat(&[prev, &k], 2)?,
+                    None => k,
+                };
+                let v = match &c.v {
+                    Some(prev) => Tensor::cat(&[prev, &v], 2)?,
+                    None => v,
+                };
+                let (k, v) = match self.cfg.window {
+                    // Keep only the window: memory bounded whatever the context length.
+                    Some(w) if k.dim(2)? > w => {
+                        let n = k.dim(2)?;
+                        (k.narrow(2, n - w, w)?, v.narrow(2, n - w, w)?)
+                    }
+                    _ => (k, v),
+                };
+                c.k = Some(k.clone());
+                c.v = Some(v.clone());
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let total = k.dim(2)?;
+        let start = offset + l - total.min(offset + l); // absolute position of the first cached key
+        // Repeat KV heads for the query heads of each group.
+        let rep = h / kv;
+        let (k, v) = if rep > 1 {
+            let expand = |t: &Tensor| -> Result<Tensor> {
+                t.unsqueeze(2)?.expand((b, kv, rep, total, hd))?.reshape((b, h, total, hd))
+            };
+            (expand(&k)?, expand(&v)?)
+        } else {
+            (k, v)
+        };
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)? * scale)?; // (b, h, l, total)
+        let scores = match self.mask(b, l, start, offset, total, docs.as_deref(), x.device())? {
+            Some(m) => scores.broadcast_add(&m)?,
+            None => scores,
+        };
+        let p = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let y = p.matmul(&v.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?; // (b, h, l, hd)
+        let y = y.transpose(1, 2)?.reshape((b, l, h * hd))?;
+        self.out.forward(&y)
+    }
+
+    /// Additive mask (b or 1, 1, l, total): query at absolute position offset+i sees keys at absolute
+    /// positions start+j ≤ offset+i (and > offset+i−window), within its document.
+    #[allow(clippy::too_many_arguments)]
+    fn mask(&self, b: usize, l: usize, start: usize, offset: usize, total: usize, docs: Option<&[u32]>, dev: &Device) -> Result<Option<Tensor>> {
+        if l == 1 && docs.is_none() && self.cfg.window.is_none_or(|w| total <= w) {
+            return Ok(None);
+        }
+        let rows = if docs.is_some() { b } else { 1 };
+        let mut m = vec![0f32; rows * l * total];
+        for bi in 0..rows {
+            for i in 0..l {
+                let qpos = offset + i;
+                for j in 0..total {
+                    let kpos = start + j;
+                    let mut ok = kpos <= qpos;
+                    if let Some(w) = self.cfg.window {
+                        ok &= qpos - kpos.min(qpos) < w;
+                    }
+                    if let Some(d) = docs {
+                        ok &= d[bi * l + i] == d[bi * l + j];
+                    }
+                    if !ok {
+                        m[(bi * l + i) * total + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(m, (rows, 1, l, total), dev)?))
+    }
+}

