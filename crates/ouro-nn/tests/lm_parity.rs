@@ -189,3 +189,18 @@ fn bad_checkpoints_error_clearly() {
     assert!(err(&g).contains("not a valid GGUF"), "{}", err(&g));
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+#[test]
+fn tokenizer_json_matches_the_python_tokenizers_package() {
+    let dir = Fixture::path("tokenizer");
+    let tok = Tokenizer::from_file(&dir.join("tokenizer.json"), None, vec![]).unwrap();
+    let exp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    for c in exp["cases"].as_array().unwrap() {
+        let text = c["text"].as_str().unwrap();
+        let want: Vec<u32> = c["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        assert_eq!(tok.encode(text).unwrap(), want, "tokens of {text:?}");
+        assert_eq!(tok.decode(&want).unwrap(), c["decoded"].as_str().unwrap(), "decoding {text:?}");
+    }
+    let e = Tokenizer::from_file(&dir.join("missing.json"), None, vec![]).err().unwrap().to_string();
+    assert!(e.contains("missing.json"), "{e}");
+}
