@@ -90,9 +90,9 @@ fn conv_bwd(d: Dims, xs: &[f32], wt: &[f32], dy: &[f32], seg: &Segments, dxs: &m
             }
         }
     });
-    // dw[s] = Σ_t dy[t] ⊙ xs[t + s]; partial sums per block of rows, then reduced.
+    // dw[s] = Σ_t dy[t] ⊙ xs[t + s]; partial sums per block of rows, added in block order (deterministic).
     let n_blocks = (b * l).div_ceil(ROWS_PER_TASK);
-    let partial: Vec<f32> = (0..n_blocks)
+    let partials: Vec<Vec<f32>> = (0..n_blocks)
         .into_par_iter()
         .map(|blk| {
             let mut acc = vec![0f32; k * c];
@@ -108,10 +108,11 @@ fn conv_bwd(d: Dims, xs: &[f32], wt: &[f32], dy: &[f32], seg: &Segments, dxs: &m
             }
             acc
         })
-        .reduce(|| vec![0f32; k * c], |mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-            a
-        });
+        .collect();
+    let mut partial = vec![0f32; k * c];
+    for p in &partials {
+        partial.iter_mut().zip(p).for_each(|(x, y)| *x += y);
+    }
     for ch in 0..c {
         for s in 0..k {
             dw[ch * k + s] = partial[s * c + ch];
@@ -126,24 +127,34 @@ fn fma_into(acc: &mut [f32], a: &[f32], b: &[f32]) {
     }
 }
 
-fn transpose_w(w: &[f32], c: usize, k: usize) -> Vec<f32> {
-    let mut wt = vec![0f32; k * c];
-    for ch in 0..c {
-        for s in 0..k {
-            wt[s * c + ch] = w[ch * k + s];
-        }
-    }
-    wt
-}
-
+/// The conv as an op over the padded input xs (b, l+k−1, c) and the weight (c, k), or with `bias` the
+/// weight with the bias as an extra last column (c, k+1).
 struct ConvOp {
     seg: Segments,
+    bias: bool,
 }
 
-fn dims_of(lx: &Layout, lw: &Layout) -> Result<Dims> {
+fn dims_of(lx: &Layout, lw: &Layout, bias: bool) -> Result<Dims> {
     let (b, lp, c) = lx.shape().dims3()?;
-    let (_, k) = lw.shape().dims2()?;
+    let (_, kb) = lw.shape().dims2()?;
+    let k = kb - bias as usize;
     Ok(Dims { b, l: lp + 1 - k, c, k })
+}
+
+/// Splits a (c, k[+1]) weight into the transposed taps (k, c) and the bias (c, or empty).
+fn taps_and_bias(w: &[f32], d: &Dims, bias: bool) -> (Vec<f32>, Vec<f32>) {
+    let kb = d.k + bias as usize;
+    let mut wt = vec![0f32; d.k * d.c];
+    let mut b = vec![0f32; if bias { d.c } else { 0 }];
+    for ch in 0..d.c {
+        for s in 0..d.k {
+            wt[s * d.c + ch] = w[ch * kb + s];
+        }
+        if bias {
+            b[ch] = w[ch * kb + d.k];
+        }
+    }
+    (wt, b)
 }
 
 impl CustomOp2 for ConvOp {
@@ -151,15 +162,18 @@ impl CustomOp2 for ConvOp {
         "causal-conv1d"
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let d = dims_of(l1, l2)?;
+        let d = dims_of(l1, l2, self.bias)?;
         let xs = cpu_f32(s1, l1, "conv1d input")?;
-        let wt = transpose_w(cpu_f32(s2, l2, "conv1d weight")?, d.c, d.k);
+        let (wt, bias) = taps_and_bias(cpu_f32(s2, l2, "conv1d weight")?, &d, self.bias);
         let mut y = vec![0f32; d.b * d.l * d.c];
         conv_fwd(d, xs, &wt, &self.seg, &mut y);
+        if self.bias {
+            y.par_chunks_mut(d.c).for_each(|r| r.iter_mut().zip(&bias).for_each(|(o, b)| *o += b));
+        }
         Ok((CpuStorage::F32(y), Shape::from((d.b, d.l, d.c))))
     }
     fn bwd(&self, xs: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let op = ConvBwdOp { seg: self.seg.clone() };
+        let op = ConvBwdOp { seg: self.seg.clone(), bias: self.bias };
         let g = xs.detach().apply_op3_no_bwd(&w.detach(), &grad.detach().contiguous()?, &op)?;
         let nx = xs.elem_count();
         let dxs = g.narrow(0, 0, nx)?.reshape(xs.shape())?;
@@ -168,9 +182,10 @@ impl CustomOp2 for ConvOp {
     }
 }
 
-/// (xs, w, dy) → 1-D [dxs | dw].
+/// (xs, w, dy) → 1-D [dxs | dw] (dw with the bias gradient as its last column when `bias`).
 struct ConvBwdOp {
     seg: Segments,
+    bias: bool,
 }
 
 impl CustomOp3 for ConvBwdOp {
@@ -186,14 +201,26 @@ impl CustomOp3 for ConvBwdOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let d = dims_of(l1, l2)?;
+        let d = dims_of(l1, l2, self.bias)?;
         let xs = cpu_f32(s1, l1, "conv1d input")?;
-        let wt = transpose_w(cpu_f32(s2, l2, "conv1d weight")?, d.c, d.k);
+        let (wt, _) = taps_and_bias(cpu_f32(s2, l2, "conv1d weight")?, &d, self.bias);
         let dy = cpu_f32(s3, l3, "conv1d grad")?;
         let nx = xs.len();
-        let mut out = vec![0f32; nx + d.c * d.k];
-        let (dxs, dw) = out.split_at_mut(nx);
-        conv_bwd(d, xs, &wt, dy, &self.seg, dxs, dw);
+        let kb = d.k + self.bias as usize;
+        let mut out = vec![0f32; nx + d.c * kb];
+        let (dxs, dwb) = out.split_at_mut(nx);
+        let mut dw = vec![0f32; d.c * d.k];
+        conv_bwd(d, xs, &wt, dy, &self.seg, dxs, &mut dw);
+        for ch in 0..d.c {
+            dwb[ch * kb..ch * kb + d.k].copy_from_slice(&dw[ch * d.k..(ch + 1) * d.k]);
+        }
+        if self.bias {
+            for r in dy.chunks_exact(d.c) {
+                for ch in 0..d.c {
+                    dwb[ch * kb + d.k] += r[ch];
+                }
+            }
+        }
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
     }
@@ -239,9 +266,17 @@ pub fn causal_conv1d(
         }
         (None, true) => Tensor::cat(&[&Tensor::zeros((b, k - 1, c), DType::F32, x.device())?, &x], 1)?,
     };
-    let y = if x.device().is_cpu() {
-        xs.contiguous()?.apply_op2(&w, ConvOp { seg })?
-    } else {
+    if x.device().is_cpu() {
+        let (wb, has_bias) = match bias {
+            Some(bias) => {
+                expect_dims(bias, &[c], "conv1d: bias")?;
+                (Tensor::cat(&[&w, &bias.to_dtype(DType::F32)?.unsqueeze(1)?], 1)?.contiguous()?, true)
+            }
+            None => (w, false),
+        };
+        return xs.contiguous()?.apply_op2(&wb, ConvOp { seg, bias: has_bias });
+    }
+    let y = {
         if !seg.is_none() {
             bail!("conv1d: seq_idx is only supported on the CPU path for now");
         }

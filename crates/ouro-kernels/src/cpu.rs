@@ -8,8 +8,10 @@ pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
+    // Round to nearest with the 1.5·2²³ trick (f32::round is a libm call that blocks vectorisation).
+    const MAGIC: f32 = 12_582_912.0;
     let xc = x.clamp(-87.5, 88.5);
-    let n = (xc * LOG2E).round();
+    let n = (xc * LOG2E + MAGIC) - MAGIC;
     let r = xc - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;

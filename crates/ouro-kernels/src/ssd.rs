@@ -195,14 +195,24 @@ impl Decay {
     /// L[i, j] = exp(acum_i − acum_j) for j ≤ i in one document, else 0. Writes a (q, q) matrix.
     fn fill_l(&self, ch: &Chunk, l_mat: &mut [f32]) {
         let q = ch.q;
+        let mut start = 0; // first position of i's document inside the chunk (documents are contiguous)
         for i in 0..q {
-            let row = &mut l_mat[i * q..(i + 1) * q];
-            let ai = self.acum[i];
-            for j in 0..=i {
-                row[j] = if ch.same(i, j) { exp(ai - self.acum[j]) } else { 0.0 };
+            if i > 0 && !ch.same(i, i - 1) {
+                start = i;
             }
+            let row = &mut l_mat[i * q..(i + 1) * q];
+            row[..start].fill(0.0);
+            exp_diff(self.acum[i], &self.acum[start..=i], &mut row[start..=i]);
             row[i + 1..].fill(0.0);
         }
+    }
+}
+
+/// out[j] = exp(a − b[j]).
+#[multiversion(targets = "simd")]
+fn exp_diff(a: f32, b: &[f32], out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(b) {
+        *o = exp(a - v);
     }
 }
 
@@ -596,11 +606,43 @@ fn chunk_bwd(
 }
 
 // ---------------------------------------------------------------------------------------------
-// The candle op: packed inputs so that autodiff sees three tensors.
-//   xa (b, l, h, p+1) = [X | a],  bc (b, l, g, 2n) = [B | C],  s0 (b, h, p, n)
-//   output: 1-D [y (b·l·h·p) | final states (b·h·p·n)]
+// The candle op. Autodiff sees three tensors, in one of two layouts:
+//   Discrete:  xa (b, l, h, p+1) = [X | a],  bc (b, l, g, 2n) = [B | C],  s0 (b, h, p, n)
+//   Xbc:       xbc (b, l, h·p + 2·g·n) = [x | B | C] (the Mamba-2 conv output as it is),
+//              dt (b, l, h) raw, params 1-D [A (h) | dt_bias (h) | D (h, h·p or none) | s0 (b·h·p·n)];
+//              dt = clamp(softplus(dt + dt_bias)), X = x·dt, a = dt·A and y += D·x happen inside.
+// Output: 1-D [y (b·l·h·p) | final states (b·h·p·n)].
 // ---------------------------------------------------------------------------------------------
 
+/// The fused input preparation of the Xbc layout.
+#[derive(Clone, Copy, Debug)]
+struct Prep {
+    h: usize,
+    p: usize,
+    g: usize,
+    n: usize,
+    softplus: bool,
+    lo: f32,
+    hi: f32,
+    /// D per head (h), per channel (h·p), or none (0).
+    d_len: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum OpLayout {
+    Discrete,
+    Xbc(Prep),
+}
+
+/// Parameters of the Xbc layout's third input.
+struct PrepParams<'a> {
+    a: &'a [f32],
+    dt_bias: &'a [f32],
+    d: &'a [f32],
+    s0: &'a [f32],
+}
+
+/// The scan's inputs in its own layout, unpacked from either op layout.
 struct Unpacked {
     x: Vec<f32>,
     a: Vec<f32>,
@@ -608,16 +650,84 @@ struct Unpacked {
     cm: Vec<f32>,
 }
 
-fn unpack(d: &Dims, xa: &[f32], bc: &[f32]) -> Unpacked {
-    let Dims { b, l, h, p, g, n } = *d;
-    let rows = b * l * h;
+impl Prep {
+    fn row(&self) -> usize {
+        self.h * self.p + 2 * self.g * self.n
+    }
+
+    fn split<'a>(&self, b: usize, packed: &'a [f32]) -> (PrepParams<'a>, &'a [f32]) {
+        let (a, rest) = packed.split_at(self.h);
+        let (dt_bias, rest) = rest.split_at(self.h);
+        let (d, rest) = rest.split_at(self.d_len);
+        let (s0, rest) = rest.split_at(b * self.h * self.p * self.n);
+        (PrepParams { a, dt_bias, d, s0 }, rest)
+    }
+
+    /// dt after bias, softplus and clamp, and d dt / d dt_raw (0 where the clamp is active).
+    #[inline(always)]
+    fn dt(&self, raw: f32, bias: f32) -> (f32, f32) {
+        let v = raw + bias;
+        let (sp, dsp) = if self.softplus { (crate::cpu::softplus(v), 1.0 / (1.0 + (-v).exp())) } else { (v, 1.0) };
+        if sp < self.lo || sp > self.hi {
+            (sp.clamp(self.lo, self.hi), 0.0)
+        } else {
+            (sp, dsp)
+        }
+    }
+
+    fn unpack(&self, rows: usize, xbc: &[f32], dt_raw: &[f32], pp: &PrepParams) -> Unpacked {
+        let (h, p, g, n, c) = (self.h, self.p, self.g, self.n, self.row());
+        let mut u = Unpacked { x: vec![0f32; rows * h * p], a: vec![0f32; rows * h], bm: vec![0f32; rows * g * n], cm: vec![0f32; rows * g * n] };
+        for r in 0..rows {
+            let src = &xbc[r * c..(r + 1) * c];
+            for hi in 0..h {
+                let (dt, _) = self.dt(dt_raw[r * h + hi], pp.dt_bias[hi]);
+                for (o, &v) in u.x[(r * h + hi) * p..(r * h + hi + 1) * p].iter_mut().zip(&src[hi * p..(hi + 1) * p]) {
+                    *o = v * dt;
+                }
+                u.a[r * h + hi] = dt * pp.a[hi];
+            }
+            u.bm[r * g * n..(r + 1) * g * n].copy_from_slice(&src[h * p..h * p + g * n]);
+            u.cm[r * g * n..(r + 1) * g * n].copy_from_slice(&src[h * p + g * n..]);
+        }
+        u
+    }
+
+    #[inline(always)]
+    fn d_at(&self, d: &[f32], hi: usize, i: usize) -> f32 {
+        match self.d_len {
+            0 => 0.0,
+            len if len == self.h => d[hi],
+            _ => d[hi * self.p + i],
+        }
+    }
+
+    /// y += D·x.
+    fn add_skip(&self, rows: usize, xbc: &[f32], d: &[f32], y: &mut [f32]) {
+        if self.d_len == 0 {
+            return;
+        }
+        let (h, p, c) = (self.h, self.p, self.row());
+        for r in 0..rows {
+            for hi in 0..h {
+                for i in 0..p {
+                    y[(r * h + hi) * p + i] += self.d_at(d, hi, i) * xbc[r * c + hi * p + i];
+                }
+            }
+        }
+    }
+}
+
+/// X and a from the packed (b, l, h, p+1) [X | a], and B, C from (b, l, g, 2n).
+fn unpack_discrete(d: &Dims, xa: &[f32], bc: &[f32]) -> Unpacked {
+    let (rows, p, n) = (d.b * d.l * d.h, d.p, d.n);
     let mut x = vec![0f32; rows * p];
     let mut a = vec![0f32; rows];
     for r in 0..rows {
         x[r * p..(r + 1) * p].copy_from_slice(&xa[r * (p + 1)..r * (p + 1) + p]);
         a[r] = xa[r * (p + 1) + p];
     }
-    let rows = b * l * g;
+    let rows = d.b * d.l * d.g;
     let mut bm = vec![0f32; rows * n];
     let mut cm = vec![0f32; rows * n];
     for r in 0..rows {
@@ -627,15 +737,24 @@ fn unpack(d: &Dims, xa: &[f32], bc: &[f32]) -> Unpacked {
     Unpacked { x, a, bm, cm }
 }
 
-fn dims_of(xa: &Layout, bc: &Layout) -> Result<Dims> {
-    let (b, l, h, p1) = xa.shape().dims4()?;
-    let (_, _, g, n2) = bc.shape().dims4()?;
-    Ok(Dims { b, l, h, p: p1 - 1, g, n: n2 / 2 })
+fn dims_of(layout: &OpLayout, l1: &Layout, l2: &Layout) -> Result<Dims> {
+    Ok(match layout {
+        OpLayout::Discrete => {
+            let (b, l, h, p1) = l1.shape().dims4()?;
+            let (_, _, g, n2) = l2.shape().dims4()?;
+            Dims { b, l, h, p: p1 - 1, g, n: n2 / 2 }
+        }
+        OpLayout::Xbc(pr) => {
+            let (b, l, _) = l1.shape().dims3()?;
+            Dims { b, l, h: pr.h, p: pr.p, g: pr.g, n: pr.n }
+        }
+    })
 }
 
 struct SsdOp {
     algo: Algo,
     seg: Segments,
+    layout: OpLayout,
 }
 
 impl CustomOp3 for SsdOp {
@@ -643,18 +762,16 @@ impl CustomOp3 for SsdOp {
         "ssd-scan"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let d = dims_of(l1, l2)?;
-        let u = unpack(&d, cpu_f32(s1, l1, "ssd xa")?, cpu_f32(s2, l2, "ssd bc")?);
-        let s0 = cpu_f32(s3, l3, "ssd initial states")?;
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = dims_of(&self.layout, l1, l2)?;
+        let (in1, in2, in3) = (cpu_f32(s1, l1, "ssd input 1")?, cpu_f32(s2, l2, "ssd input 2")?, cpu_f32(s3, l3, "ssd input 3")?);
+        let (u, s0, skip) = match &self.layout {
+            OpLayout::Discrete => (unpack_discrete(&d, in1, in2), in3, None),
+            OpLayout::Xbc(pr) => {
+                let (pp, _) = pr.split(d.b, in3);
+                (pr.unpack(d.b * d.l, in1, in2, &pp), pp.s0, Some((pr, pp.d)))
+            }
+        };
         let inp = ScanIn { x: &u.x, a: &u.a, bm: &u.bm, cm: &u.cm, s0: Some(s0), seg: &self.seg };
         let ny = d.b * d.l * d.h * d.p;
         let mut out = vec![0f32; ny + d.b * d.h * d.p * d.n];
@@ -664,37 +781,34 @@ impl CustomOp3 for SsdOp {
             Algo::Recurrent => scan_recurrent(d, inp, y, sf),
             Algo::Quadratic => bail!("ssd-scan: the quadratic form is computed with tensor ops"),
         }
+        if let Some((pr, dv)) = skip {
+            pr.add_skip(d.b * d.l, in1, dv, y);
+        }
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
     }
 
-    fn bwd(
-        &self,
-        xa: &Tensor,
-        bc: &Tensor,
-        s0: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, t1: &Tensor, t2: &Tensor, t3: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let q = match self.algo {
             Algo::Chunked(q) => q,
-            _ => 64,
+            _ => CPU_CHUNK,
         };
-        let packed = Tensor::cat(&[&s0.detach().flatten_all()?, &grad.detach().flatten_all()?], 0)?;
-        let op = SsdBwdOp { q, seg: self.seg.clone() };
-        let g = xa.detach().apply_op3_no_bwd(&bc.detach(), &packed, &op)?;
-        let (nxa, nbc) = (xa.elem_count(), bc.elem_count());
-        let dxa = g.narrow(0, 0, nxa)?.reshape(xa.shape())?;
-        let dbc = g.narrow(0, nxa, nbc)?.reshape(bc.shape())?;
-        let ds0 = g.narrow(0, nxa + nbc, s0.elem_count())?.reshape(s0.shape())?;
-        Ok((Some(dxa), Some(dbc), Some(ds0)))
+        let packed = Tensor::cat(&[&t3.detach().flatten_all()?, &grad.detach().flatten_all()?], 0)?;
+        let op = SsdBwdOp { q, seg: self.seg.clone(), layout: self.layout };
+        let g = t1.detach().apply_op3_no_bwd(&t2.detach(), &packed, &op)?;
+        let (n1, n2) = (t1.elem_count(), t2.elem_count());
+        let d1 = g.narrow(0, 0, n1)?.reshape(t1.shape())?;
+        let d2 = g.narrow(0, n1, n2)?.reshape(t2.shape())?;
+        let d3 = g.narrow(0, n1 + n2, t3.elem_count())?.reshape(t3.shape())?;
+        Ok((Some(d1), Some(d2), Some(d3)))
     }
 }
 
-/// Backward op: (xa, bc, [s0 | dy | ds_final]) → 1-D [dxa | dbc | ds0].
+/// Backward op: (input 1, input 2, [input 3 | dy | ds_final]) → 1-D [d input 1 | d input 2 | d input 3].
 struct SsdBwdOp {
     q: usize,
     seg: Segments,
+    layout: OpLayout,
 }
 
 impl CustomOp3 for SsdBwdOp {
@@ -702,21 +816,21 @@ impl CustomOp3 for SsdBwdOp {
         "ssd-scan-bwd"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let d = dims_of(l1, l2)?;
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = dims_of(&self.layout, l1, l2)?;
         let Dims { b, l, h, p, g, n } = d;
-        let u = unpack(&d, cpu_f32(s1, l1, "ssd xa")?, cpu_f32(s2, l2, "ssd bc")?);
-        let packed = cpu_f32(s3, l3, "ssd grads")?;
+        let (in1, in2, packed) = (cpu_f32(s1, l1, "ssd input 1")?, cpu_f32(s2, l2, "ssd input 2")?, cpu_f32(s3, l3, "ssd grads")?);
         let (ns, ny) = (b * h * p * n, b * l * h * p);
-        let (s0, rest) = packed.split_at(ns);
+        let (u, s0, pp, rest) = match &self.layout {
+            OpLayout::Discrete => {
+                let (s0, rest) = packed.split_at(ns);
+                (unpack_discrete(&d, in1, in2), s0, None, rest)
+            }
+            OpLayout::Xbc(pr) => {
+                let (pp, rest) = pr.split(b, packed);
+                (pr.unpack(b * l, in1, in2, &pp), pp.s0, Some(pp), rest)
+            }
+        };
         let (dy, dsf) = rest.split_at(ny);
         let inp = ScanIn { x: &u.x, a: &u.a, bm: &u.bm, cm: &u.cm, s0: Some(s0), seg: &self.seg };
         let mut dx = vec![0f32; ny];
@@ -726,17 +840,58 @@ impl CustomOp3 for SsdBwdOp {
         let mut ds0 = vec![0f32; ns];
         let gr = ScanGrads { dx: &mut dx, da: &mut da, dbm: &mut dbm, dcm: &mut dcm, ds0: &mut ds0 };
         scan_chunked_bwd(d, self.q, inp, dy, Some(dsf), gr);
-        // Pack [dxa | dbc | ds0] in the input layouts.
-        let mut out = Vec::with_capacity(b * l * h * (p + 1) + b * l * g * 2 * n + ns);
-        for r in 0..b * l * h {
-            out.extend_from_slice(&dx[r * p..(r + 1) * p]);
-            out.push(da[r]);
+        let mut out = Vec::with_capacity(in1.len() + in2.len() + packed.len() - rest.len());
+        match (&self.layout, pp) {
+            (OpLayout::Xbc(pr), Some(pp)) => {
+                // Chain rule through X = x·dt, a = dt·A, dt = clamp(softplus(raw + bias)), y += D·x.
+                let (gn, c) = (g * n, pr.row());
+                let mut ddt_raw = vec![0f32; b * l * h];
+                let mut d_a = vec![0f32; h];
+                let mut d_bias = vec![0f32; h];
+                let mut d_d = vec![0f32; pr.d_len];
+                for r in 0..b * l {
+                    let src = &in1[r * c..(r + 1) * c];
+                    for hi in 0..h {
+                        let k = r * h + hi;
+                        let (dt, ddt_draw) = pr.dt(in2[k], pp.dt_bias[hi]);
+                        let dxr = &dx[k * p..(k + 1) * p];
+                        let dyr = &dy[k * p..(k + 1) * p];
+                        let xr = &src[hi * p..(hi + 1) * p];
+                        let mut ddt = da[k] * pp.a[hi];
+                        for i in 0..p {
+                            ddt += dxr[i] * xr[i];
+                            match pr.d_len {
+                                0 => {}
+                                len if len == h => d_d[hi] += dyr[i] * xr[i],
+                                _ => d_d[hi * p + i] += dyr[i] * xr[i],
+                            }
+                            out.push(dxr[i] * dt + dyr[i] * pr.d_at(pp.d, hi, i));
+                        }
+                        ddt_raw[k] = ddt * ddt_draw;
+                        d_a[hi] += da[k] * dt;
+                        d_bias[hi] += ddt_raw[k];
+                    }
+                    out.extend_from_slice(&dbm[r * gn..(r + 1) * gn]);
+                    out.extend_from_slice(&dcm[r * gn..(r + 1) * gn]);
+                }
+                out.extend_from_slice(&ddt_raw);
+                out.extend_from_slice(&d_a);
+                out.extend_from_slice(&d_bias);
+                out.extend_from_slice(&d_d);
+                out.extend_from_slice(&ds0);
+            }
+            _ => {
+                for r in 0..b * l * h {
+                    out.extend_from_slice(&dx[r * p..(r + 1) * p]);
+                    out.push(da[r]);
+                }
+                for r in 0..b * l * g {
+                    out.extend_from_slice(&dbm[r * n..(r + 1) * n]);
+                    out.extend_from_slice(&dcm[r * n..(r + 1) * n]);
+                }
+                out.extend_from_slice(&ds0);
+            }
         }
-        for r in 0..b * l * g {
-            out.extend_from_slice(&dbm[r * n..(r + 1) * n]);
-            out.extend_from_slice(&dcm[r * n..(r + 1) * n]);
-        }
-        out.extend_from_slice(&ds0);
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
     }
@@ -935,9 +1090,19 @@ pub fn ssd(inp: &SsdInput, algo: Algo) -> Result<(Tensor, Tensor)> {
     if let Algo::Chunked(0) = algo {
         bail!("ssd: chunk size must be positive");
     }
+    let (mut y, sf) = if algo != Algo::Quadratic && inp.x.device().is_cpu() { ssd_fused(inp, &dm, algo)? } else { ssd_reference_path(inp, algo)? };
+    if let Some(z) = inp.z {
+        y = (y * z.to_dtype(DType::F32)?.silu()?)?;
+    }
+    Ok((y.to_dtype(inp.x.dtype())?, sf))
+}
+
+/// The SSD preparation in candle ops around [`scan`] (any device, any algorithm); without the z gate.
+fn ssd_reference_path(inp: &SsdInput, algo: Algo) -> Result<(Tensor, Tensor)> {
+    let h = inp.a.dim(0)?;
     let x = inp.x.to_dtype(DType::F32)?;
     let dt = inp.processed_dt()?; // (b, l, h)
-    let a_t = dt.broadcast_mul(&inp.a.to_dtype(DType::F32)?.reshape((1, 1, dm.h))?)?; // (b, l, h)
+    let a_t = dt.broadcast_mul(&inp.a.to_dtype(DType::F32)?.reshape((1, 1, h))?)?; // (b, l, h)
     let xd = x.broadcast_mul(&dt.unsqueeze(3)?)?; // X = dt·x
     let (mut y, sf) = scan(&xd, &a_t, inp.b, inp.c, inp.initial_states, inp.seq_idx, algo)?;
     if let Some(d) = inp.d {
@@ -945,10 +1110,105 @@ pub fn ssd(inp: &SsdInput, algo: Algo) -> Result<(Tensor, Tensor)> {
         let d = if d.rank() == 1 { d.unsqueeze(1)? } else { d }; // (h, 1) or (h, p)
         y = (y + x.broadcast_mul(&d)?)?;
     }
-    if let Some(z) = inp.z {
-        y = (y * z.to_dtype(DType::F32)?.silu()?)?;
+    Ok((y, sf))
+}
+
+/// [`ssd`] on the CPU: x, B, C concatenated per row and handed to [`ssd_xbc`].
+fn ssd_fused(inp: &SsdInput, dm: &Dims, algo: Algo) -> Result<(Tensor, Tensor)> {
+    let f = |t: &Tensor| t.to_dtype(DType::F32);
+    let (b, l) = (dm.b, dm.l);
+    let xbc = Tensor::cat(&[&f(inp.x)?.reshape((b, l, dm.h * dm.p))?, &f(inp.b)?.reshape((b, l, dm.g * dm.n))?, &f(inp.c)?.reshape((b, l, dm.g * dm.n))?], 2)?;
+    let shape = XbcShape { heads: dm.h, head_dim: dm.p, groups: dm.g, d_state: dm.n };
+    ssd_xbc(&xbc, inp.dt, shape, inp.a, inp.dt_bias, inp.d, inp.dt_softplus, inp.dt_limit, inp.initial_states, inp.seq_idx, algo)
+}
+
+/// Head and group sizes of an xBC row [x (heads·head_dim) | B (groups·d_state) | C (groups·d_state)].
+#[derive(Clone, Copy, Debug)]
+pub struct XbcShape {
+    pub heads: usize,
+    pub head_dim: usize,
+    pub groups: usize,
+    pub d_state: usize,
+}
+
+/// The SSD layer on Mamba-2's conv output as it is: xbc (b, l, h·p + 2·g·n), raw dt (b, l, h); the dt
+/// bias/softplus/clamp, the discretisation and the D skip run inside one op each way (CPU). Returns y
+/// (b, l, h, p) f32 and the final states (b, h, p, n). Differentiable w.r.t. every tensor.
+#[allow(clippy::too_many_arguments)]
+pub fn ssd_xbc(
+    xbc: &Tensor,
+    dt: &Tensor,
+    shape: XbcShape,
+    a: &Tensor,
+    dt_bias: Option<&Tensor>,
+    d: Option<&Tensor>,
+    dt_softplus: bool,
+    dt_limit: (f64, f64),
+    initial_states: Option<&Tensor>,
+    seq_idx: Option<&Tensor>,
+    algo: Algo,
+) -> Result<(Tensor, Tensor)> {
+    let XbcShape { heads: h, head_dim: p, groups: g, d_state: n } = shape;
+    let (b, l, c) = xbc.dims3()?;
+    if c != h * p + 2 * g * n {
+        bail!("ssd: xbc rows have {c} channels, expected heads·head_dim + 2·groups·d_state = {}", h * p + 2 * g * n);
     }
-    Ok((y.to_dtype(inp.x.dtype())?, sf))
+    if l == 0 {
+        bail!("ssd: empty sequence (len 0)");
+    }
+    if g == 0 || h % g != 0 {
+        bail!("ssd: heads ({h}) must be divisible by groups ({g})");
+    }
+    expect_dims(dt, &[b, l, h], "ssd: dt")?;
+    expect_dims(a, &[h], "ssd: A")?;
+    let f = |t: &Tensor| t.to_dtype(DType::F32);
+    let dev = xbc.device();
+    if !dev.is_cpu() || algo == Algo::Quadratic {
+        // Device-generic path through the separate-input API.
+        let x = xbc.narrow(2, 0, h * p)?.reshape((b, l, h, p))?;
+        let bm = xbc.narrow(2, h * p, g * n)?.reshape((b, l, g, n))?;
+        let cm = xbc.narrow(2, h * p + g * n, g * n)?.reshape((b, l, g, n))?;
+        let mut inp = SsdInput::new(&x, dt, a, &bm, &cm);
+        inp.dt_bias = dt_bias;
+        inp.d = d;
+        inp.dt_softplus = dt_softplus;
+        inp.dt_limit = dt_limit;
+        inp.initial_states = initial_states;
+        inp.seq_idx = seq_idx;
+        return ssd_reference_path(&inp, algo);
+    }
+    let seg = Segments::from_tensor(seq_idx, b, l)?;
+    let dt_bias = match dt_bias {
+        Some(t) => {
+            expect_dims(t, &[h], "ssd: dt_bias")?;
+            f(t)?
+        }
+        None => Tensor::zeros(h, DType::F32, dev)?,
+    };
+    let d = match d {
+        Some(t) => {
+            if t.dims() != [h] && t.dims() != [h, p] {
+                bail!("ssd: D must be ({h}) or ({h}, {p}), got shape {:?}", t.dims());
+            }
+            f(t)?.flatten_all()?
+        }
+        None => Tensor::zeros(0, DType::F32, dev)?,
+    };
+    let s0 = match initial_states {
+        Some(s) => {
+            expect_dims(s, &[b, h, p, n], "ssd: initial_states")?;
+            f(s)?.flatten_all()?
+        }
+        None => Tensor::zeros(b * h * p * n, DType::F32, dev)?,
+    };
+    let params = Tensor::cat(&[&f(a)?, &dt_bias, &d, &s0], 0)?;
+    let (lo, hi) = dt_limit;
+    let prep = Prep { h, p, g, n, softplus: dt_softplus, lo: lo as f32, hi: if hi.is_finite() { hi as f32 } else { f32::INFINITY }, d_len: d.elem_count() };
+    let out = f(xbc)?.contiguous()?.apply_op3(&f(dt)?.contiguous()?, &params, SsdOp { algo, seg, layout: OpLayout::Xbc(prep) })?;
+    let ny = b * l * h * p;
+    let y = out.narrow(0, 0, ny)?.reshape((b, l, h, p))?;
+    let sf = out.narrow(0, ny, b * h * p * n)?.reshape((b, h, p, n))?;
+    Ok((y, sf))
 }
 
 /// The scan on discretised inputs, for mixers that parameterise the decay themselves (e.g. the discrete
@@ -997,7 +1257,7 @@ pub fn scan(
             }
             let xa = to_f32_contig(&Tensor::cat(&[&x, &a.unsqueeze(3)?], 3)?)?;
             let bc = to_f32_contig(&Tensor::cat(&[&bm, &cm], 3)?)?;
-            let out = xa.apply_op3(&bc, &s0.contiguous()?, SsdOp { algo, seg })?;
+            let out = xa.apply_op3(&bc, &s0.contiguous()?, SsdOp { algo, seg, layout: OpLayout::Discrete })?;
             let ny = b * l * h * p;
             let y = out.narrow(0, 0, ny)?.reshape((b, l, h, p))?;
             let sf = out.narrow(0, ny, b * h * p * n)?.reshape((b, h, p, n))?;

@@ -14,7 +14,7 @@ use candle_core::{bail, DType, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 use ouro_kernels::conv::{causal_conv1d, causal_conv1d_step, conv_state_after};
 use ouro_kernels::norm::gated_rms_norm;
-use ouro_kernels::ssd::{ssd, ssd_step, Algo, SsdInput};
+use ouro_kernels::ssd::{ssd_step, ssd_xbc, Algo, XbcShape};
 use serde::{Deserialize, Serialize};
 
 /// Mixer hyper-parameters (`mamba_ssm` names).
@@ -156,14 +156,24 @@ impl Mamba2 {
         }
     }
 
-    /// Splits the in_proj output (…, d_in_proj) into (z0, x0, z, xBC, dt).
-    fn split(&self, zxbcdt: &Tensor) -> Result<[Tensor; 5]> {
+    /// in_proj as its five parts (z0, x0, z, xBC, dt), each its own product with a slice of the weight:
+    /// contiguous outputs, and a backward pass that never pads activation gradients to d_in_proj.
+    fn in_proj_parts(&self, u: &Tensor) -> Result<[Tensor; 5]> {
         let c = &self.cfg;
         let sizes = [c.d_mlp(), c.d_mlp(), c.d_ssm(), c.conv_dim(), c.nheads()];
+        let lead = u.dims()[..u.rank() - 1].to_vec();
+        let u2 = u.reshape(((), c.d_model))?;
+        let w = self.in_proj.weight();
         let mut out = Vec::with_capacity(5);
         let mut off = 0;
         for s in sizes {
-            out.push(zxbcdt.narrow(D::Minus1, off, s)?);
+            let mut y = u2.matmul(&w.narrow(0, off, s)?.t()?)?;
+            if let Some(b) = self.in_proj.bias() {
+                y = y.broadcast_add(&b.narrow(0, off, s)?)?;
+            }
+            let mut shape = lead.clone();
+            shape.push(s);
+            out.push(y.reshape(shape)?);
             off += s;
         }
         Ok(out.try_into().unwrap())
@@ -208,24 +218,12 @@ impl Mamba2 {
         if dm != c.d_model {
             bail!("mamba2: input has width {dm}, the mixer expects d_model {}", c.d_model);
         }
-        let [z0, x0, z, xbc, dt] = self.split(&self.in_proj.forward(u)?)?;
+        let [z0, x0, z, xbc, dt] = self.in_proj_parts(u)?;
         let conv_in = state.as_ref().map(|s| s.conv.clone());
         let xbc_conv = causal_conv1d(&xbc, &self.conv_weight, self.conv_bias.as_ref(), conv_in.as_ref(), seq_idx)?.silu()?;
-        let (h, p, g, n) = (c.nheads(), c.headdim, c.ngroups, c.d_state);
-        let x = xbc_conv.narrow(2, 0, c.d_ssm())?.reshape((b, l, h, p))?;
-        let bm = xbc_conv.narrow(2, c.d_ssm(), g * n)?.reshape((b, l, g, n))?;
-        let cm = xbc_conv.narrow(2, c.d_ssm() + g * n, g * n)?.reshape((b, l, g, n))?;
-        let a = self.a()?;
-        let d = self.d_skip()?;
-        let mut inp = SsdInput::new(&x, &dt, &a, &bm, &cm);
-        inp.d = Some(&d);
-        inp.dt_bias = Some(&self.dt_bias);
-        inp.dt_softplus = true;
-        inp.dt_limit = c.dt_limit;
-        inp.seq_idx = seq_idx;
+        let shape = XbcShape { heads: c.nheads(), head_dim: c.headdim, groups: c.ngroups, d_state: c.d_state };
         let init = state.as_ref().map(|s| s.ssm.clone());
-        inp.initial_states = init.as_ref();
-        let (y, final_state) = ssd(&inp, algo)?;
+        let (y, final_state) = ssd_xbc(&xbc_conv, &dt, shape, &self.a()?, Some(&self.dt_bias), Some(&self.d_skip()?), true, c.dt_limit, init.as_ref(), seq_idx, algo)?;
         if let Some(st) = state {
             st.conv = conv_state_after(&xbc, conv_in.as_ref(), c.d_conv, seq_idx)?;
             st.ssm = final_state;
@@ -237,7 +235,7 @@ impl Mamba2 {
     pub fn step(&self, u: &Tensor, state: &mut Mamba2State) -> Result<Tensor> {
         let c = &self.cfg;
         let b = u.dim(0)?;
-        let [z0, x0, z, xbc, dt] = self.split(&self.in_proj.forward(u)?)?;
+        let [z0, x0, z, xbc, dt] = self.in_proj_parts(u)?;
         let (xbc, conv) = causal_conv1d_step(&state.conv, &xbc, &self.conv_weight, self.conv_bias.as_ref())?;
         let xbc = xbc.silu()?;
         let (h, p, g, n) = (c.nheads(), c.headdim, c.ngroups, c.d_state);

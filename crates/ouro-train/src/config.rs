@@ -1,0 +1,275 @@
+//! `ouro train` configuration (TOML; unknown keys are errors) and the model it describes, written as a
+//! checkpoint `config.json` in a format the loaders read (mamba_ssm's for Mamba/Mamba-2, HF's for Llama).
+
+use candle_core::{bail, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    pub train: TrainSpec,
+}
+
+/// The model to train. `arch`: "mamba2", "mamba" or "llama".
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub arch: String,
+    pub d_model: usize,
+    pub n_layer: usize,
+    /// SSM state size (Mamba: 16, Mamba-2: 64 by default).
+    #[serde(default)]
+    pub d_state: Option<usize>,
+    #[serde(default = "two")]
+    pub expand: usize,
+    /// Mamba-2 head dim.
+    #[serde(default = "default_headdim")]
+    pub headdim: usize,
+    #[serde(default = "one")]
+    pub ngroups: usize,
+    #[serde(default = "four")]
+    pub d_conv: usize,
+    /// Gated MLP width after each mixer (Mamba/Mamba-2; 0 = none).
+    #[serde(default)]
+    pub d_intermediate: usize,
+    /// Llama: attention heads (head dim = d_model / n_heads).
+    #[serde(default)]
+    pub n_heads: Option<usize>,
+    #[serde(default)]
+    pub n_kv_heads: Option<usize>,
+    /// Llama MLP width; default: chosen so the model has as many parameters as the Mamba-2 of the same
+    /// d_model and n_layer.
+    #[serde(default)]
+    pub intermediate_size: Option<usize>,
+    /// Mamba-2 mixer: replace the input-dependent Δ, B, C with learned constants? (an LTI SSM baseline).
+    #[serde(default)]
+    pub lti: bool,
+}
+
+fn two() -> usize {
+    2
+}
+fn one() -> usize {
+    1
+}
+fn four() -> usize {
+    4
+}
+fn default_headdim() -> usize {
+    32
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// A corpus name (`ouro data fetch NAME`: shakespeare, kjv, austen, celegans-chrx, ecoli), a text file, a
+    /// folder of .txt files, or a synthetic task (selective-copying, induction-heads).
+    pub corpus: String,
+    /// "bytes" or a path to a tokenizer.json.
+    #[serde(default = "bytes")]
+    pub tokenizer: String,
+    pub seq_len: usize,
+    /// Fraction of documents held out for validation (document-level split, e.g. whole plays).
+    #[serde(default = "valid_fraction")]
+    pub valid_fraction: f64,
+    /// Where fetched corpora live.
+    #[serde(default = "data_dir")]
+    pub data_dir: PathBuf,
+}
+
+fn bytes() -> String {
+    "bytes".into()
+}
+fn valid_fraction() -> f64 {
+    0.1
+}
+fn data_dir() -> PathBuf {
+    PathBuf::from("data")
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSpec {
+    /// "causal" or "masked".
+    #[serde(default = "causal")]
+    pub objective: String,
+    /// Fraction of tokens masked (masked objective).
+    #[serde(default = "mask_prob")]
+    pub mask_prob: f64,
+    pub batch_size: usize,
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    pub steps: usize,
+    pub lr: f64,
+    #[serde(default)]
+    pub min_lr: f64,
+    #[serde(default)]
+    pub warmup: usize,
+    #[serde(default = "wd")]
+    pub weight_decay: f64,
+    #[serde(default = "beta1")]
+    pub beta1: f64,
+    #[serde(default = "beta2")]
+    pub beta2: f64,
+    #[serde(default = "clip")]
+    pub grad_clip: f64,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "eval_every")]
+    pub eval_every: usize,
+    /// Tokens scored per validation.
+    #[serde(default = "eval_tokens")]
+    pub eval_tokens: usize,
+    #[serde(default = "save_every")]
+    pub save_every: usize,
+    /// Stop (and save) after this many minutes of wall time, whatever `steps` says (0: no limit).
+    #[serde(default)]
+    pub time_limit_minutes: f64,
+    /// Run directory: checkpoints, metrics.jsonl, plots.
+    pub out: PathBuf,
+    /// Samples printed at the end (text corpora).
+    #[serde(default = "samples")]
+    pub samples: usize,
+    #[serde(default = "sample_tokens")]
+    pub sample_tokens: usize,
+    /// Device: cpu, cuda, cuda:N.
+    #[serde(default = "cpu")]
+    pub device: String,
+}
+
+fn causal() -> String {
+    "causal".into()
+}
+fn mask_prob() -> f64 {
+    0.15
+}
+fn wd() -> f64 {
+    0.1
+}
+fn beta1() -> f64 {
+    0.9
+}
+fn beta2() -> f64 {
+    0.95
+}
+fn clip() -> f64 {
+    1.0
+}
+fn eval_every() -> usize {
+    200
+}
+fn eval_tokens() -> usize {
+    65536
+}
+fn save_every() -> usize {
+    500
+}
+fn samples() -> usize {
+    2
+}
+fn sample_tokens() -> usize {
+    300
+}
+fn cpu() -> String {
+    "cpu".into()
+}
+
+impl TrainConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
+        let cfg: Self = toml::from_str(&text).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
+        cfg.validate().map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let (m, d, t) = (&self.model, &self.data, &self.train);
+        if !["mamba", "mamba2", "llama"].contains(&m.arch.as_str()) {
+            bail!("model.arch '{}' is not one of mamba, mamba2, llama", m.arch);
+        }
+        if m.d_model == 0 || m.n_layer == 0 {
+            bail!("model.d_model and model.n_layer must be positive");
+        }
+        if d.seq_len < 2 {
+            bail!("data.seq_len must be at least 2");
+        }
+        if !(0.0..1.0).contains(&d.valid_fraction) {
+            bail!("data.valid_fraction must be in [0, 1)");
+        }
+        if !["causal", "masked"].contains(&t.objective.as_str()) {
+            bail!("train.objective '{}' is not causal or masked", t.objective);
+        }
+        if t.batch_size == 0 || t.grad_accum == 0 || t.steps == 0 {
+            bail!("train.batch_size, train.grad_accum and train.steps must be positive");
+        }
+        if !(t.lr > 0.0) || t.min_lr < 0.0 || t.min_lr > t.lr {
+            bail!("train.lr must be positive and train.min_lr in [0, lr]");
+        }
+        Ok(())
+    }
+}
+
+impl ModelSpec {
+    pub fn d_state(&self) -> usize {
+        self.d_state.unwrap_or(if self.arch == "mamba" { 16 } else { 64 })
+    }
+
+    /// The checkpoint config.json for this model with `vocab` tokens.
+    pub fn checkpoint_config(&self, vocab: usize, tokenizer: &str) -> Result<serde_json::Value> {
+        let tok = if tokenizer == "bytes" { json!("bytes") } else { json!(null) };
+        Ok(match self.arch.as_str() {
+            "mamba" | "mamba2" => {
+                let ssm = if self.arch == "mamba2" {
+                    if (self.expand * self.d_model) % self.headdim != 0 {
+                        bail!("model: expand·d_model = {} is not a multiple of headdim {}", self.expand * self.d_model, self.headdim);
+                    }
+                    json!({"layer": "Mamba2", "d_state": self.d_state(), "d_conv": self.d_conv, "expand": self.expand,
+                           "headdim": self.headdim, "ngroups": self.ngroups, "chunk_size": 64})
+                } else {
+                    json!({"layer": "Mamba1", "d_state": self.d_state(), "d_conv": self.d_conv, "expand": self.expand})
+                };
+                json!({
+                    "d_model": self.d_model, "n_layer": self.n_layer, "vocab_size": vocab, "d_intermediate": self.d_intermediate,
+                    "ssm_cfg": ssm, "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": true, "residual_in_fp32": true,
+                    "fused_add_norm": true, "pad_vocab_size_multiple": 8, "tie_embeddings": true, "tokenizer": tok,
+                })
+            }
+            "llama" => {
+                let heads = self.n_heads.unwrap_or((self.d_model / 64).max(1));
+                if self.d_model % heads != 0 {
+                    bail!("model: d_model {} is not divisible by n_heads {heads}", self.d_model);
+                }
+                json!({
+                    "model_type": "llama", "vocab_size": vocab, "hidden_size": self.d_model,
+                    "intermediate_size": self.intermediate_size.unwrap_or_else(|| self.matched_intermediate(vocab)),
+                    "num_hidden_layers": self.n_layer, "num_attention_heads": heads,
+                    "num_key_value_heads": self.n_kv_heads.unwrap_or(heads), "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+                    "tie_word_embeddings": true, "hidden_act": "silu", "tokenizer": tok,
+                })
+            }
+            other => bail!("unknown arch {other}"),
+        })
+    }
+
+    /// Parameters of the Mamba-2 of this width and depth (per layer; embeddings excluded).
+    fn mamba2_layer_params(&self) -> usize {
+        let (d, e, n, g) = (self.d_model, self.expand * self.d_model, self.d_state(), self.ngroups);
+        let h = e / self.headdim.max(1);
+        let conv_dim = e + 2 * g * n;
+        d * (2 * e + 2 * g * n + h) + conv_dim * (self.d_conv + 1) + 3 * h + e + e * d + d
+    }
+
+    /// Llama MLP width giving a Llama with as many parameters per layer as the Mamba-2.
+    pub fn matched_intermediate(&self, _vocab: usize) -> usize {
+        let d = self.d_model;
+        let heads = self.n_heads.unwrap_or((d / 64).max(1));
+        let kv = self.n_kv_heads.unwrap_or(heads);
+        let attn = d * d * 2 + 2 * d * (kv * d / heads) + 2 * d; // q, o, k, v, two norms
+        let target = self.mamba2_layer_params();
+        (target.saturating_sub(attn) / (3 * d)).max(8)
+    }
+}

@@ -1,0 +1,10 @@
+//! Training for ouro: corpora and packed batches, AdamW with decay groups, warmup + cosine schedule,
+//! the training loop (checkpoints, bit-for-bit resume, metrics, plots), and the Mamba paper's synthetic tasks.
+
+pub mod config;
+pub mod data;
+pub mod fetch;
+pub mod model;
+pub mod optim;
+pub mod plot;
+pub mod train;

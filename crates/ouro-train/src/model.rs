@@ -1,0 +1,128 @@
+//! Building a trainable model from a checkpoint config, and its initialisation (the reference
+//! implementations' `_init_weights`: mamba_ssm for Mamba/Mamba-2, HF for Llama).
+
+use candle_core::{bail, DType, Device, Result, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use ouro_nn::lm::LanguageModel;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+/// A model whose parameters live in `varmap` (names as in the checkpoint files).
+pub struct Trainable {
+    pub model: Box<dyn LanguageModel>,
+    pub varmap: VarMap,
+    pub config: serde_json::Value,
+}
+
+impl Trainable {
+    /// Builds the model a checkpoint config describes, with fresh parameters.
+    pub fn new(config: serde_json::Value, dev: &Device) -> Result<Self> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
+        let model = build(&config, vb)?;
+        Ok(Self { model, varmap, config })
+    }
+
+    /// Named parameters, sorted by name.
+    pub fn named_vars(&self) -> Vec<(String, Var)> {
+        let mut v: Vec<(String, Var)> = self.varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        self.named_vars().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Initialises every parameter (deterministic in `seed`).
+    pub fn init(&self, seed: u64) -> Result<()> {
+        let arch = ouro_nn_arch(&self.config);
+        let n_layer = self.config.get("n_layer").or_else(|| self.config.get("num_hidden_layers")).and_then(|v| v.as_u64()).unwrap_or(1) as f64;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let vars = self.named_vars();
+        let shape_of = |n: &str| vars.iter().find(|(k, _)| k == n).map(|(_, v)| v.dims().to_vec());
+        for (name, var) in vars.iter().cloned() {
+            let dims = var.dims().to_vec();
+            let n: usize = dims.iter().product();
+            let uniform = |rng: &mut StdRng, b: f64| -> Vec<f32> { (0..n).map(|_| rng.random_range(-b..b) as f32).collect() };
+            let normal = |rng: &mut StdRng, std: f64| -> Vec<f32> {
+                (0..n)
+                    .map(|_| {
+                        let (u1, u2): (f64, f64) = (rng.random_range(1e-12..1.0), rng.random());
+                        (std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+                    })
+                    .collect()
+            };
+            let values: Vec<f32> = if name.ends_with("A_log") {
+                if dims.len() == 2 {
+                    // Mamba: A = −(1..N) per channel (S4D-real).
+                    (0..n).map(|i| ((i % dims[1]) as f32 + 1.0).ln()).collect()
+                } else {
+                    // Mamba-2: A ~ U(1, 16).
+                    (0..n).map(|_| rng.random_range(1.0f64..16.0).ln() as f32).collect()
+                }
+            } else if name.ends_with("dt_bias") || name.ends_with("dt_proj.bias") {
+                // dt = exp(U(ln 1e-3, ln 1e-1)) ≥ 1e-4; bias = softplus⁻¹(dt).
+                (0..n)
+                    .map(|_| {
+                        let dt = rng.random_range(1e-3f64.ln()..1e-1f64.ln()).exp().max(1e-4);
+                        (dt + (-(-dt).exp_m1()).ln()) as f32
+                    })
+                    .collect()
+            } else if name.ends_with(".D") || name.contains("norm") {
+                vec![1.0; n]
+            } else if name.ends_with(".bias") || name.ends_with("z_bias") {
+                if name.contains("conv1d") {
+                    // PyTorch Conv1d: U(±1/√fan_in), fan_in = kernel width for a depthwise conv.
+                    let k = shape_of(&name.replace(".bias", ".weight")).and_then(|d| d.last().copied()).unwrap_or(4);
+                    uniform(&mut rng, 1.0 / (k as f64).sqrt())
+                } else {
+                    vec![0.0; n]
+                }
+            } else if name.contains("embed") {
+                normal(&mut rng, 0.02)
+            } else if name.contains("conv1d.weight") {
+                uniform(&mut rng, 1.0 / (dims[2] as f64).sqrt())
+            } else if dims.len() == 2 {
+                if arch == "llama" {
+                    let std = if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") { 0.02 / (2.0 * n_layer).sqrt() } else { 0.02 };
+                    normal(&mut rng, std)
+                } else {
+                    // PyTorch's Linear default (kaiming uniform, a = √5): U(±1/√fan_in); mamba_ssm rescales the
+                    // residual-branch output projections by 1/√n_layer.
+                    let b = 1.0 / (dims[1] as f64).sqrt();
+                    let rescale = if name.ends_with("out_proj.weight") || name.ends_with("fc2.weight") { 1.0 / n_layer.sqrt() } else { 1.0 };
+                    uniform(&mut rng, b * rescale)
+                }
+            } else {
+                bail!("no initialisation rule for parameter {name} {dims:?}");
+            };
+            var.set(&Tensor::from_vec(values, dims, var.device())?)?;
+        }
+        Ok(())
+    }
+}
+
+fn ouro_nn_arch(config: &serde_json::Value) -> &'static str {
+    match config.get("model_type").and_then(|v| v.as_str()) {
+        Some("llama") => "llama",
+        _ => "mamba_ssm",
+    }
+}
+
+/// The model of a checkpoint config over the given VarBuilder.
+pub fn build(config: &serde_json::Value, vb: VarBuilder<'static>) -> Result<Box<dyn LanguageModel>> {
+    Ok(match ouro_nn_arch(config) {
+        "llama" => {
+            let mut cfg: ouro_nn::llama::LlamaConfig = serde_json::from_value(config.clone()).map_err(|e| candle_core::Error::Msg(format!("llama config: {e}")))?;
+            cfg.resolve_rope()?;
+            Box::new(ouro_nn::llama::Llama::new(cfg, vb)?)
+        }
+        _ => {
+            let vocab = config.get("vocab_size").and_then(|v| v.as_u64()).ok_or_else(|| candle_core::Error::Msg("config has no vocab_size".into()))? as usize;
+            let pad = config.get("pad_vocab_size_multiple").and_then(|v| v.as_u64()).unwrap_or(1).max(1) as usize;
+            let rows = vocab.div_ceil(pad) * pad;
+            let cfg = ouro_nn::mamba_lm::MambaLmConfig::from_json(config, "mamba_ssm", rows)?;
+            Box::new(ouro_nn::mamba_lm::MambaLm::new(cfg, "mamba_ssm", vb)?)
+        }
+    })
+}
