@@ -113,7 +113,11 @@ pub trait LanguageModel: Send + Sync {
 
 /// The architecture named by a checkpoint's config.
 pub fn architecture_of(ck: &Checkpoint) -> Result<&'static str> {
-    let c = &ck.config;
+    architecture_of_config(&ck.config).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", ck.config_path().display())))
+}
+
+/// The architecture a config.json describes: its `model_type`, or the shape of a mamba_ssm / Llamba config.
+pub fn architecture_of_config(c: &serde_json::Value) -> Result<&'static str> {
     if let Some(mt) = c.get("model_type").and_then(|v| v.as_str()) {
         return Ok(match mt {
             "mamba" => "mamba",
@@ -121,10 +125,7 @@ pub fn architecture_of(ck: &Checkpoint) -> Result<&'static str> {
             "mamba2" => "mamba2",
             "llama" => "llama",
             "llamba" => "llamba",
-            other => bail!(
-                "{}: model_type '{other}' is not supported (supported: mamba, falcon_mamba, mamba2, llama, llamba, and mamba_ssm configs)",
-                ck.config_path().display()
-            ),
+            other => bail!("model_type '{other}' is not supported (supported: mamba, falcon_mamba, mamba2, llama, llamba, and mamba_ssm configs)"),
         });
     }
     // Configs without model_type: mamba_ssm's MambaConfig or Cartesia's LlambaConfig.
@@ -134,7 +135,7 @@ pub fn architecture_of(ck: &Checkpoint) -> Result<&'static str> {
     if c.get("d_model").is_some() && c.get("n_layer").is_some() {
         return Ok("mamba_ssm");
     }
-    bail!("{}: cannot tell the architecture (no model_type, and not a mamba_ssm or Llamba config)", ck.config_path().display())
+    bail!("cannot tell the architecture (no model_type, and not a mamba_ssm or Llamba config)")
 }
 
 /// Loads the model a checkpoint describes, computing in f32 on `dev`.

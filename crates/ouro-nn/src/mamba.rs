@@ -26,6 +26,10 @@ pub struct MambaConfig {
     /// FalconMamba: RMS-normalise B, C and dt_low (no weight) after x_proj.
     pub bcdt_rms: bool,
     pub bcdt_rms_eps: f64,
+    /// A data-independent (LTI) baseline: Δ = softplus(dt_bias), and learned per-channel B, C (`B_lti`,
+    /// `C_lti`, (E, N)) instead of x_proj/dt_proj — the S4D-like model the Mamba paper compares against.
+    #[serde(default)]
+    pub lti: bool,
 }
 
 impl MambaConfig {
@@ -41,6 +45,7 @@ impl MambaConfig {
             conv_bias: true,
             bcdt_rms: false,
             bcdt_rms_eps: 1e-6,
+            lti: false,
         }
     }
 }
@@ -59,9 +64,12 @@ pub struct Mamba {
     pub in_proj: Linear,
     pub conv_weight: Tensor,
     pub conv_bias: Option<Tensor>,
-    pub x_proj: Linear,
+    /// x_proj (absent in the LTI variant).
+    pub x_proj: Option<Linear>,
     /// dt_proj weight (E, R) applied without its bias; the bias enters the scan as delta_bias.
-    pub dt_proj_weight: Tensor,
+    pub dt_proj_weight: Option<Tensor>,
+    /// LTI variant: B, C (E, N).
+    pub bc_lti: Option<(Tensor, Tensor)>,
     pub dt_proj_bias: Tensor,
     pub a_log: Tensor,
     pub d: Tensor,
@@ -85,8 +93,9 @@ impl Mamba {
             in_proj: lin("in_proj", cfg.d_model, 2 * e, cfg.bias)?,
             conv_weight: vb.get((e, 1, cfg.d_conv), "conv1d.weight")?,
             conv_bias: if cfg.conv_bias { Some(vb.get(e, "conv1d.bias")?) } else { None },
-            x_proj: lin("x_proj", e, r + 2 * n, false)?,
-            dt_proj_weight: vb.get((e, r), "dt_proj.weight")?,
+            x_proj: if cfg.lti { None } else { Some(lin("x_proj", e, r + 2 * n, false)?) },
+            dt_proj_weight: if cfg.lti { None } else { Some(vb.get((e, r), "dt_proj.weight")?) },
+            bc_lti: if cfg.lti { Some((vb.get((e, n), "B_lti")?, vb.get((e, n), "C_lti")?)) } else { None },
             dt_proj_bias: vb.get(e, "dt_proj.bias")?,
             a_log: vb.get((e, n), "A_log")?,
             d: vb.get(e, "D")?,
@@ -99,10 +108,24 @@ impl Mamba {
         self.a_log.to_dtype(DType::F32)?.exp()?.neg()
     }
 
-    /// x_proj → (Δ before bias (…, E), B (…, N), C (…, N)).
+    /// x_proj → (Δ before bias (…, E), B (…, N) or (…, E, N), C likewise).
     fn ssm_params(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (r, n) = (self.cfg.dt_rank, self.cfg.d_state);
-        let x_dbl = self.x_proj.forward(x)?;
+        let (Some(x_proj), Some(dt_w)) = (&self.x_proj, &self.dt_proj_weight) else {
+            // LTI: constant Δ (its bias alone), and B, C per channel as groups of one channel.
+            let (bl, cl) = self.bc_lti.as_ref().expect("LTI mixer has B_lti, C_lti");
+            let mut lead = x.dims().to_vec();
+            let delta = Tensor::zeros(lead.as_slice(), DType::F32, x.device())?;
+            lead.push(n);
+            let shape: Vec<usize> = lead.clone();
+            let expand = |t: &Tensor| -> Result<Tensor> {
+                let mut s = vec![1; shape.len() - 2];
+                s.extend([self.cfg.d_inner, n]);
+                t.to_dtype(DType::F32)?.reshape(s)?.broadcast_as(shape.as_slice())?.contiguous()
+            };
+            return Ok((delta, expand(bl)?, expand(cl)?));
+        };
+        let x_dbl = x_proj.forward(x)?;
         let mut dt_low = x_dbl.narrow(D::Minus1, 0, r)?;
         let mut bm = x_dbl.narrow(D::Minus1, r, n)?;
         let mut cm = x_dbl.narrow(D::Minus1, r + n, n)?;
@@ -116,7 +139,7 @@ impl Mamba {
             bm = norm(&bm)?;
             cm = norm(&cm)?;
         }
-        let delta = dt_low.broadcast_matmul(&self.dt_proj_weight.t()?.to_dtype(dt_low.dtype())?)?;
+        let delta = dt_low.broadcast_matmul(&dt_w.t()?.to_dtype(dt_low.dtype())?)?;
         Ok((delta, bm, cm))
     }
 

@@ -182,7 +182,7 @@ impl MambaLmConfig {
         let empty = Value::Object(Default::default());
         let ssm = get(c, "ssm_cfg").unwrap_or(&empty);
         let layer = get(ssm, "layer").and_then(|v| v.as_str()).unwrap_or("Mamba1");
-        let known_ssm = ["layer", "d_state", "d_conv", "expand", "dt_rank", "bias", "conv_bias", "headdim", "ngroups", "chunk_size", "rmsnorm", "norm_before_gate", "dt_limit", "D_has_hdim", "d_ssm", "dt_min", "dt_max", "dt_init_floor", "A_init_range", "dt_init", "dt_scale", "use_fast_path", "learnable_init_states", "activation"];
+        let known_ssm = ["layer", "d_state", "d_conv", "expand", "dt_rank", "bias", "conv_bias", "headdim", "ngroups", "chunk_size", "rmsnorm", "norm_before_gate", "dt_limit", "D_has_hdim", "d_ssm", "dt_min", "dt_max", "dt_init_floor", "A_init_range", "dt_init", "dt_scale", "use_fast_path", "learnable_init_states", "activation", "lti"];
         if let Some(obj) = ssm.as_object() {
             if let Some(k) = obj.keys().find(|k| !known_ssm.contains(&k.as_str())) {
                 bail!("unknown ssm_cfg key '{k}'");
@@ -201,6 +201,7 @@ impl MambaLmConfig {
                 };
                 m.bias = bool_or(ssm, "bias", false)?;
                 m.conv_bias = bool_or(ssm, "conv_bias", true)?;
+                m.lti = bool_or(ssm, "lti", false)?;
                 LayerKind::Mamba(m)
             }
             "Mamba2" => LayerKind::Mamba2(Mamba2Config {

@@ -79,6 +79,9 @@ pub struct DataSpec {
     /// Where fetched corpora live.
     #[serde(default = "data_dir")]
     pub data_dir: PathBuf,
+    /// Synthetic tasks: context lengths at which accuracy is reported (default: seq_len).
+    #[serde(default)]
+    pub eval_lengths: Vec<usize>,
 }
 
 fn bytes() -> String {
@@ -188,6 +191,9 @@ impl TrainConfig {
 
     pub fn validate(&self) -> Result<()> {
         let (m, d, t) = (&self.model, &self.data, &self.train);
+        if m.lti && m.arch != "mamba" {
+            bail!("model.lti applies to arch = \"mamba\" (an S6 mixer with data-independent Δ, B, C)");
+        }
         if !["mamba", "mamba2", "llama"].contains(&m.arch.as_str()) {
             bail!("model.arch '{}' is not one of mamba, mamba2, llama", m.arch);
         }
@@ -230,7 +236,11 @@ impl ModelSpec {
                     json!({"layer": "Mamba2", "d_state": self.d_state(), "d_conv": self.d_conv, "expand": self.expand,
                            "headdim": self.headdim, "ngroups": self.ngroups, "chunk_size": 64})
                 } else {
-                    json!({"layer": "Mamba1", "d_state": self.d_state(), "d_conv": self.d_conv, "expand": self.expand})
+                    let mut c = json!({"layer": "Mamba1", "d_state": self.d_state(), "d_conv": self.d_conv, "expand": self.expand});
+                    if self.lti {
+                        c["lti"] = json!(true);
+                    }
+                    c
                 };
                 json!({
                     "d_model": self.d_model, "n_layer": self.n_layer, "vocab_size": vocab, "d_intermediate": self.d_intermediate,

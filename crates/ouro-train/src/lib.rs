@@ -7,4 +7,5 @@ pub mod fetch;
 pub mod model;
 pub mod optim;
 pub mod plot;
+pub mod tasks;
 pub mod train;

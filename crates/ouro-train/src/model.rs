@@ -33,6 +33,19 @@ impl Trainable {
         self.named_vars().iter().map(|(_, v)| v.elem_count()).sum()
     }
 
+    /// Loads a checkpoint's parameters into the VarMap (e.g. to fine-tune it).
+    pub fn load_weights(&self, ck: &ouro_nn::checkpoint::Checkpoint) -> Result<()> {
+        for (name, var) in self.named_vars() {
+            let alt = name.replace("backbone.embedding.", "backbone.embeddings.");
+            let t = ck.tensor(&name).or_else(|| ck.tensor(&alt)).ok_or_else(|| candle_core::Error::Msg(format!("{}: missing tensor {name}", ck.path.display())))?;
+            if t.dims() != var.dims() {
+                bail!("{}: tensor {name} has shape {:?}, the model expects {:?}", ck.path.display(), t.dims(), var.dims());
+            }
+            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+        }
+        Ok(())
+    }
+
     /// Initialises every parameter (deterministic in `seed`).
     pub fn init(&self, seed: u64) -> Result<()> {
         let arch = ouro_nn_arch(&self.config);
@@ -68,6 +81,8 @@ impl Trainable {
                         (dt + (-(-dt).exp_m1()).ln()) as f32
                     })
                     .collect()
+            } else if name.ends_with("B_lti") || name.ends_with("C_lti") {
+                normal(&mut rng, 1.0 / (dims[1] as f64).sqrt())
             } else if name.ends_with(".D") || name.contains("norm") {
                 vec![1.0; n]
             } else if name.ends_with(".bias") || name.ends_with("z_bias") {
@@ -103,15 +118,14 @@ impl Trainable {
 }
 
 fn ouro_nn_arch(config: &serde_json::Value) -> &'static str {
-    match config.get("model_type").and_then(|v| v.as_str()) {
-        Some("llama") => "llama",
-        _ => "mamba_ssm",
-    }
+    ouro_nn::lm::architecture_of_config(config).unwrap_or("mamba_ssm")
 }
 
-/// The model of a checkpoint config over the given VarBuilder.
+/// The model of a checkpoint config (any architecture ouro loads) over the given VarBuilder.
 pub fn build(config: &serde_json::Value, vb: VarBuilder<'static>) -> Result<Box<dyn LanguageModel>> {
-    Ok(match ouro_nn_arch(config) {
+    let arch = ouro_nn::lm::architecture_of_config(config)?;
+    Ok(match arch {
+        "llamba" => bail!("training Llamba from scratch is not supported; distil it (ouro distill)"),
         "llama" => {
             let mut cfg: ouro_nn::llama::LlamaConfig = serde_json::from_value(config.clone()).map_err(|e| candle_core::Error::Msg(format!("llama config: {e}")))?;
             cfg.resolve_rope()?;
@@ -121,8 +135,8 @@ pub fn build(config: &serde_json::Value, vb: VarBuilder<'static>) -> Result<Box<
             let vocab = config.get("vocab_size").and_then(|v| v.as_u64()).ok_or_else(|| candle_core::Error::Msg("config has no vocab_size".into()))? as usize;
             let pad = config.get("pad_vocab_size_multiple").and_then(|v| v.as_u64()).unwrap_or(1).max(1) as usize;
             let rows = vocab.div_ceil(pad) * pad;
-            let cfg = ouro_nn::mamba_lm::MambaLmConfig::from_json(config, "mamba_ssm", rows)?;
-            Box::new(ouro_nn::mamba_lm::MambaLm::new(cfg, "mamba_ssm", vb)?)
+            let cfg = ouro_nn::mamba_lm::MambaLmConfig::from_json(config, arch, rows)?;
+            Box::new(ouro_nn::mamba_lm::MambaLm::new(cfg, arch, vb)?)
         }
     })
 }

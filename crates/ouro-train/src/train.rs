@@ -5,6 +5,7 @@ use crate::config::TrainConfig;
 use crate::data::{batch_from_rows, split, tokenize, Batch, Stream};
 use crate::model::Trainable;
 use crate::optim::{lr_at, AdamW};
+use crate::tasks::Task;
 use candle_core::{bail, DType, Device, Result, Tensor, D};
 use ouro_nn::lm::LanguageModel;
 use ouro_nn::tokenizer::Tokenizer;
@@ -31,6 +32,9 @@ pub struct Metric {
     pub val_loss: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub val_ppl: Option<f64>,
+    /// Synthetic tasks: accuracy per evaluated context length.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub val_acc: Option<Vec<(usize, f64)>>,
 }
 
 /// Progress of a run, saved with each checkpoint.
@@ -45,7 +49,7 @@ struct TrainerState {
 /// Mean cross-entropy of `logits` (b, l, V) against `targets` (b, l), weighted by `weights` (b, l).
 pub fn weighted_cross_entropy(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
     let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
-    let picked = logp.gather(&targets.unsqueeze(2)?, 2)?.squeeze(2)?; // (b, l)
+    let picked = logp.gather(&targets.contiguous()?.unsqueeze(2)?, 2)?.squeeze(2)?; // (b, l)
     let total = weights.sum_all()?;
     picked.mul(weights)?.sum_all()?.neg()? / total.to_scalar::<f32>()?.max(1.0) as f64
 }
@@ -127,9 +131,33 @@ fn mask_batch(b: Batch, mask_id: u32, prob: f64, seed: u64) -> Result<Batch> {
 }
 
 /// The loss of one batch under the configured objective.
-fn batch_loss(model: &dyn LanguageModel, batch: &Batch) -> Result<Tensor> {
+pub fn batch_loss(model: &dyn LanguageModel, batch: &Batch) -> Result<Tensor> {
     let logits = model.forward(&batch.inputs, Some(&batch.seq_idx), None)?;
     weighted_cross_entropy(&logits, &batch.targets, &batch.weights)
+}
+
+/// One optimizer step over `micro` batches (gradient accumulation): mean loss, gradients averaged and
+/// clipped to a global norm of `clip` (0: none), AdamW at `lr`. Returns (mean loss, gradient norm before
+/// clipping). A non-finite loss is an error and leaves the parameters untouched.
+pub fn train_step(model: &dyn LanguageModel, opt: &mut AdamW, batches: &[Batch], lr: f64, clip: f64) -> Result<(f64, f64)> {
+    let mut acc = Vec::new();
+    let mut loss_sum = 0f64;
+    for b in batches {
+        let loss = batch_loss(model, b)?;
+        let lv = loss.to_scalar::<f32>()? as f64;
+        if !lv.is_finite() {
+            bail!("the loss is {lv}");
+        }
+        loss_sum += lv;
+        opt.accumulate(&mut acc, &loss.backward()?)?;
+    }
+    let mut scale = 1.0 / batches.len() as f64;
+    let norm = AdamW::grad_norm(&acc)? * scale;
+    if clip > 0.0 && norm > clip {
+        scale *= clip / (norm + 1e-6);
+    }
+    opt.step(&acc, lr, scale)?;
+    Ok((loss_sum / batches.len() as f64, norm))
 }
 
 /// Validation loss (nats per token) over up to `eval_tokens` tokens of the held-out stream.
@@ -185,17 +213,40 @@ pub struct Outcome {
     pub tokens: u64,
     pub seconds: f64,
     pub final_val_loss: Option<f64>,
+    /// Synthetic tasks: accuracy per context length at the end.
+    pub final_accuracy: Option<Vec<(usize, f64)>>,
     pub parameters: usize,
     pub samples: Vec<String>,
 }
 
 /// Runs (or resumes) the training a config describes. `log` receives human-readable progress lines.
-pub fn train(cfg: &TrainConfig, dev: &Device, resume: bool, progress: bool, log: &mut dyn FnMut(&str)) -> Result<Outcome> {
+/// Where batches come from.
+enum Source {
+    Text(Corpus),
+    Task(Task),
+}
+
+/// Runs (or resumes) the training a config describes. `stop_at`: end this invocation after that step (with
+/// a checkpoint), as an interruption would; `resume` continues it. `log` receives progress lines.
+pub fn train(cfg: &TrainConfig, dev: &Device, resume: bool, progress: bool, stop_at: Option<usize>, log: &mut dyn FnMut(&str)) -> Result<Outcome> {
     let paths = RunPaths { root: cfg.train.out.clone() };
-    let corpus = load_corpus(cfg, log)?;
+    let source = match Task::parse(&cfg.data.corpus) {
+        Some(task) => {
+            log(&format!("task {}: context {}, accuracy at {:?}", cfg.data.corpus, cfg.data.seq_len, eval_lengths(cfg)));
+            Source::Task(task)
+        }
+        None => Source::Text(load_corpus(cfg, log)?),
+    };
     let masked = cfg.train.objective == "masked";
-    let mask_id = masked.then_some(corpus.vocab as u32);
-    let vocab = corpus.vocab + masked as usize;
+    let base_vocab = match &source {
+        Source::Text(c) => c.vocab,
+        Source::Task(t) => t.vocab(),
+    };
+    if masked && matches!(source, Source::Task(_)) {
+        bail!("the synthetic tasks are causal: train.objective must be \"causal\"");
+    }
+    let mask_id = masked.then_some(base_vocab as u32);
+    let vocab = base_vocab + masked as usize;
     let ck_cfg = cfg.model.checkpoint_config(vocab, &cfg.data.tokenizer)?;
     let tr = Trainable::new(ck_cfg, dev)?;
     let mut opt = AdamW::new(tr.named_vars(), cfg.train.beta1, cfg.train.beta2, 1e-8, cfg.train.weight_decay)?;
@@ -233,7 +284,11 @@ pub fn train(cfg: &TrainConfig, dev: &Device, resume: bool, progress: bool, log:
     let params = tr.parameter_count();
     log(&format!("model {}: {} parameters ({:.2} M)", cfg.model.arch, params, params as f64 / 1e6));
     let t = &cfg.train;
-    let tokens_per_step = (t.batch_size * t.grad_accum * cfg.data.seq_len) as u64;
+    let seq = match &source {
+        Source::Task(task) => task.input_len(cfg.data.seq_len),
+        Source::Text(_) => cfg.data.seq_len,
+    };
+    let tokens_per_step = (t.batch_size * t.grad_accum * seq) as u64;
     let bar = if progress {
         let b = indicatif::ProgressBar::new(t.steps as u64);
         b.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").unwrap());
@@ -244,49 +299,54 @@ pub fn train(cfg: &TrainConfig, dev: &Device, resume: bool, progress: bool, log:
     };
     let t0 = Instant::now();
     let mut last_val = None;
+    let mut last_acc = None;
     let mut step = start;
     let mut window_t = Instant::now();
     let mut window_tokens = 0u64;
     while step < t.steps {
         let lr = lr_at(step, t.steps, t.warmup, t.lr, t.min_lr);
-        let mut acc = Vec::new();
-        let mut loss_sum = 0f64;
+        let mut batches = Vec::with_capacity(t.grad_accum);
         for micro in 0..t.grad_accum {
-            let mut b = corpus.train.sample(t.batch_size, cfg.data.seq_len, t.seed, step as u64, micro as u64, dev)?;
+            let mut b = match &source {
+                Source::Text(corpus) => corpus.train.sample(t.batch_size, cfg.data.seq_len, t.seed, step as u64, micro as u64, dev)?,
+                Source::Task(task) => task.batch(t.batch_size, cfg.data.seq_len, task_seed(t.seed, step, micro), dev)?,
+            };
             if let Some(m) = mask_id {
                 b = mask_batch(b, m, t.mask_prob, t.seed ^ ((step as u64) << 8) ^ micro as u64)?;
             }
-            let loss = batch_loss(tr.model.as_ref(), &b)?;
-            let lv = loss.to_scalar::<f32>()? as f64;
-            if !lv.is_finite() {
-                bail!("step {step}: the loss is {lv}; stopping (the last checkpoint in {} is intact)", paths.checkpoint().display());
-            }
-            loss_sum += lv;
-            opt.accumulate(&mut acc, &loss.backward()?)?;
+            batches.push(b);
         }
-        let mut scale = 1.0 / t.grad_accum as f64;
-        let norm = AdamW::grad_norm(&acc)? * scale;
-        if t.grad_clip > 0.0 && norm > t.grad_clip {
-            scale *= t.grad_clip / (norm + 1e-6);
-        }
-        opt.step(&acc, lr, scale)?;
+        let (loss, norm) = train_step(tr.model.as_ref(), &mut opt, &batches, lr, t.grad_clip)
+            .map_err(|e| candle_core::Error::Msg(format!("step {step}: {e}; stopping (the last checkpoint in {} is intact)", paths.checkpoint().display())))?;
         step += 1;
         tokens += tokens_per_step;
         window_tokens += tokens_per_step;
         let seconds = elapsed0 + t0.elapsed().as_secs_f64();
         let tps = window_tokens as f64 / window_t.elapsed().as_secs_f64().max(1e-9);
-        let loss = loss_sum / t.grad_accum as f64;
-        append_metric(&paths, &Metric { step, tokens, seconds, loss: Some(loss), lr: Some(lr), grad_norm: Some(norm), tokens_per_s: Some(tps), val_loss: None, val_ppl: None })?;
+        append_metric(&paths, &Metric { step, tokens, seconds, loss: Some(loss), lr: Some(lr), grad_norm: Some(norm), tokens_per_s: Some(tps), val_loss: None, val_ppl: None, val_acc: None })?;
         if step % 10 == 0 {
             (window_t, window_tokens) = (Instant::now(), 0);
         }
-        let out_of_time = t.time_limit_minutes > 0.0 && t0.elapsed().as_secs_f64() > t.time_limit_minutes * 60.0;
+        let out_of_time = (t.time_limit_minutes > 0.0 && t0.elapsed().as_secs_f64() > t.time_limit_minutes * 60.0) || stop_at == Some(step);
         let last = step == t.steps || out_of_time;
         if step % t.eval_every == 0 || last {
-            let v = evaluate(tr.model.as_ref(), cfg, &corpus.valid, mask_id)?;
+            let (v, acc) = match &source {
+                Source::Text(corpus) => (evaluate(tr.model.as_ref(), cfg, &corpus.valid, mask_id)?, None),
+                Source::Task(task) => {
+                    let b = task.batch(t.batch_size, cfg.data.seq_len, 0xe7a1, dev)?;
+                    let v = batch_loss(tr.model.as_ref(), &b)?.to_scalar::<f32>()? as f64;
+                    let acc = eval_lengths(cfg)
+                        .into_iter()
+                        .map(|len| Ok((len, crate::tasks::accuracy(tr.model.as_ref(), task, len, t.batch_size, 4, 0xe7a1)?)))
+                        .collect::<Result<Vec<_>>>()?;
+                    (v, Some(acc))
+                }
+            };
             last_val = Some(v);
-            append_metric(&paths, &Metric { step, tokens, seconds, loss: None, lr: None, grad_norm: None, tokens_per_s: None, val_loss: Some(v), val_ppl: Some(v.exp()) })?;
-            let line = format!("step {step}: train loss {loss:.4}, val loss {v:.4} (ppl {:.2}), {tps:.0} tok/s", v.exp());
+            last_acc = acc.clone();
+            append_metric(&paths, &Metric { step, tokens, seconds, loss: None, lr: None, grad_norm: None, tokens_per_s: None, val_loss: Some(v), val_ppl: Some(v.exp()), val_acc: acc.clone() })?;
+            let acc_text = acc.map(|a| a.iter().map(|(l, x)| format!(", acc@{l} {:.1}%", 100.0 * x)).collect::<String>()).unwrap_or_default();
+            let line = format!("step {step}: train loss {loss:.4}, val loss {v:.4} (ppl {:.2}){acc_text}, {tps:.0} tok/s", v.exp());
             match &bar {
                 Some(b) => b.println(line),
                 None => log(&line),
@@ -300,7 +360,7 @@ pub fn train(cfg: &TrainConfig, dev: &Device, resume: bool, progress: bool, log:
             write_checkpoint(&paths, &tr, &opt, &TrainerState { step, tokens, seconds, config: cfg.clone() })?;
         }
         if out_of_time {
-            log(&format!("time limit of {} minutes reached at step {step}", t.time_limit_minutes));
+            log(&format!("stopped at step {step} (time limit or --stop-at); continue with --resume"));
             break;
         }
     }
@@ -309,8 +369,23 @@ pub fn train(cfg: &TrainConfig, dev: &Device, resume: bool, progress: bool, log:
     }
     crate::plot::plot_run(&paths.metrics(), &paths.plot())?;
     let seconds = elapsed0 + t0.elapsed().as_secs_f64();
-    let samples = if masked || t.samples == 0 { Vec::new() } else { sample_text(tr.model.as_ref(), &corpus, t)? };
-    Ok(Outcome { steps: step, tokens, seconds, final_val_loss: last_val, parameters: params, samples })
+    let samples = match &source {
+        Source::Text(corpus) if !masked && t.samples > 0 => sample_text(tr.model.as_ref(), corpus, t)?,
+        _ => Vec::new(),
+    };
+    Ok(Outcome { steps: step, tokens, seconds, final_val_loss: last_val, final_accuracy: last_acc, parameters: params, samples })
+}
+
+fn task_seed(seed: u64, step: usize, micro: usize) -> u64 {
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (step as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9) ^ micro as u64
+}
+
+fn eval_lengths(cfg: &TrainConfig) -> Vec<usize> {
+    if cfg.data.eval_lengths.is_empty() {
+        vec![cfg.data.seq_len]
+    } else {
+        cfg.data.eval_lengths.clone()
+    }
 }
 
 /// A few continuations of validation-text prompts.

@@ -33,6 +33,9 @@ pub struct TrainArgs {
     /// No progress bar (log lines only).
     #[arg(long)]
     quiet: bool,
+    /// Stop after this step (saving a checkpoint) as if interrupted; continue later with --resume.
+    #[arg(long)]
+    stop_at: Option<usize>,
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
@@ -66,7 +69,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
     }
     cfg.validate().with_context(|| format!("{}", a.config.display()))?;
     let dev = crate::device::parse(&cfg.train.device)?;
-    let out = ouro_train::train::train(&cfg, &dev, a.resume, !a.quiet, &mut |s| eprintln!("{s}"))?;
+    let out = ouro_train::train::train(&cfg, &dev, a.resume, !a.quiet, a.stop_at, &mut |s| eprintln!("{s}"))?;
     println!(
         "trained {} steps ({:.2} M tokens) in {:.1} s ({:.0} tok/s); {} parameters",
         out.steps,
@@ -77,6 +80,11 @@ pub fn train(a: TrainArgs) -> Result<()> {
     );
     if let Some(v) = out.final_val_loss {
         println!("validation loss {v:.4} nats/token (perplexity {:.3})", v.exp());
+    }
+    if let Some(acc) = &out.final_accuracy {
+        for (len, a) in acc {
+            println!("accuracy at context length {len}: {:.2}%", 100.0 * a);
+        }
     }
     println!("checkpoint: {}/checkpoint (ouro generate --model {}/checkpoint --prompt ...)", cfg.train.out.display(), cfg.train.out.display());
     println!("metrics: {}/metrics.jsonl, plot: {}/loss.svg", cfg.train.out.display(), cfg.train.out.display());
