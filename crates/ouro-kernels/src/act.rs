@@ -33,3 +33,33 @@ impl CustomOp1 for Softplus {
         Ok(Some(grad.mul(&sig)?))
     }
 }
+
+/// √x whose gradient is bounded: d/dx = 1/√max(4x, 1/max_grad²), i.e. at most `max_grad` (RecurrentGemma's
+/// `SqrtBoundDerivative`, max_grad 1000), so that √(1 − a²) stays trainable as a → 1.
+pub fn sqrt_bound(x: &Tensor, max_grad: f64) -> Result<Tensor> {
+    let x = x.to_dtype(candle_core::DType::F32)?;
+    if x.device().is_cpu() {
+        x.contiguous()?.apply_op1(SqrtBound { max_grad })
+    } else {
+        x.sqrt()
+    }
+}
+
+struct SqrtBound {
+    max_grad: f64,
+}
+
+impl CustomOp1 for SqrtBound {
+    fn name(&self) -> &'static str {
+        "sqrt-bound"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s, l, "sqrt")?;
+        Ok((CpuStorage::F32(x.iter().map(|v| v.sqrt()).collect()), l.shape().clone()))
+    }
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let floor = 1.0 / (self.max_grad * self.max_grad);
+        let denom = (arg.detach() * 4.0)?.maximum(floor)?.sqrt()?;
+        Ok(Some(grad.div(&denom)?))
+    }
+}

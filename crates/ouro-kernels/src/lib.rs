@@ -9,11 +9,13 @@
 //! - [`selective_scan`]: Mamba-1's S6 selective scan (`selective_scan_fn` semantics).
 //! - [`conv`]: causal depthwise conv1d with carried state and document boundaries.
 //! - [`norm`]: RMSNorm and gated RMSNorm (`group_size`, both `norm_before_gate` orders).
-//! - [`act`]: softplus and friends.
+//! - [`linear_scan`]: the diagonal linear recurrence of Hawk/Griffin's RG-LRU (sequential and parallel).
+//! - [`act`]: softplus and the bounded-gradient square root.
 
 pub mod act;
 pub mod conv;
 mod cpu;
+pub mod linear_scan;
 pub mod norm;
 pub mod selective_scan;
 pub mod ssd;

@@ -192,11 +192,13 @@ enum QkvProj {
     Fused(Linear),
 }
 
-/// The keys and values seen so far, (b, kv_heads, len, head_dim) each.
+/// The keys and values kept so far, (b, kv_heads, len, head_dim) each (with a sliding window, the last
+/// `window` of them), and how many tokens the sequence has consumed.
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
     pub k: Option<Tensor>,
     pub v: Option<Tensor>,
+    pub seen: usize,
 }
 
 impl KvCache {
@@ -265,7 +267,7 @@ impl Attention {
         let q = q.reshape((b, l, h, hd))?.transpose(1, 2)?.contiguous()?;
         let k = k.reshape((b, l, kv, hd))?.transpose(1, 2)?.contiguous()?;
         let v = v.reshape((b, l, kv, hd))?.transpose(1, 2)?.contiguous()?;
-        let offset = cache.as_ref().map_or(0, |c| c.len());
+        let offset = cache.as_ref().map_or(0, |c| c.seen);
         let docs = match seq_idx {
             Some(s) => Some(ouro_kernels::seq_idx_to_vec(s, b, l)?),
             None => None,
@@ -298,22 +300,26 @@ impl Attention {
                     Some(prev) => Tensor::cat(&[prev, &v], 2)?,
                     None => v,
                 };
-                let (k, v) = match self.cfg.window {
-                    // Keep only the window: memory bounded whatever the context length.
-                    Some(w) if k.dim(2)? > w => {
-                        let n = k.dim(2)?;
-                        (k.narrow(2, n - w, w)?, v.narrow(2, n - w, w)?)
+                c.seen += l;
+                // The cache keeps only the window: memory bounded whatever the context length. This call
+                // still attends over everything it was given (earlier queries of a chunk see older keys).
+                let n = k.dim(2)?;
+                match self.cfg.window {
+                    Some(w) if n > w => {
+                        c.k = Some(k.narrow(2, n - w, w)?.contiguous()?);
+                        c.v = Some(v.narrow(2, n - w, w)?.contiguous()?);
                     }
-                    _ => (k, v),
-                };
-                c.k = Some(k.clone());
-                c.v = Some(v.clone());
+                    _ => {
+                        c.k = Some(k.clone());
+                        c.v = Some(v.clone());
+                    }
+                }
                 (k, v)
             }
             None => (k, v),
         };
         let total = k.dim(2)?;
-        let start = offset + l - total.min(offset + l); // absolute position of the first cached key
+        let start = offset + l - total; // absolute position of the first key
         // Repeat KV heads for the query heads of each group.
         let rep = h / kv;
         let (k, v) = if rep > 1 {

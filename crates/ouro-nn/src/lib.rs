@@ -7,6 +7,7 @@
 pub mod checkpoint;
 pub mod discrete_mamba2;
 pub mod generate;
+pub mod griffin;
 pub mod layers;
 pub mod llama;
 pub mod llamba;
@@ -14,6 +15,7 @@ pub mod lm;
 pub mod mamba;
 pub mod mamba2;
 pub mod mamba_lm;
+pub mod rglru;
 pub mod tokenizer;
 
 pub use mamba::{Mamba, MambaConfig, MambaState};

@@ -5,6 +5,7 @@ use crate::checkpoint::Checkpoint;
 use crate::layers::KvCache;
 use crate::mamba::MambaState;
 use crate::mamba2::Mamba2State;
+use crate::rglru::RgLruState;
 use candle_core::{bail, DType, Device, Result, Tensor};
 
 /// What one layer carries between calls.
@@ -16,6 +17,8 @@ pub enum LayerCache {
     /// Mamba-2 and discrete Mamba-2 mixers.
     Mamba2(Mamba2State),
     Attention(KvCache),
+    /// Hawk/Griffin recurrent block.
+    RgLru(RgLruState),
 }
 
 /// The recurrent state of a whole model for a batch of sequences.
@@ -43,7 +46,9 @@ impl Cache {
                     LayerCache::Attention(c) => LayerCache::Attention(KvCache {
                         k: c.k.as_ref().map(f).transpose()?,
                         v: c.v.as_ref().map(f).transpose()?,
+                        seen: c.seen,
                     }),
+                    LayerCache::RgLru(s) => LayerCache::RgLru(RgLruState { conv: f(&s.conv)?, h: f(&s.h)? }),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -78,6 +83,7 @@ impl Cache {
                 LayerCache::Mamba(s) => sz(&s.conv) + sz(&s.ssm),
                 LayerCache::Mamba2(s) => sz(&s.conv) + sz(&s.ssm),
                 LayerCache::Attention(c) => c.k.as_ref().map_or(0, sz) + c.v.as_ref().map_or(0, sz),
+                LayerCache::RgLru(s) => sz(&s.conv) + sz(&s.h),
             })
             .sum()
     }
@@ -125,7 +131,8 @@ pub fn architecture_of_config(c: &serde_json::Value) -> Result<&'static str> {
             "mamba2" => "mamba2",
             "llama" => "llama",
             "llamba" => "llamba",
-            other => bail!("model_type '{other}' is not supported (supported: mamba, falcon_mamba, mamba2, llama, llamba, and mamba_ssm configs)"),
+            "recurrent_gemma" => "recurrent_gemma",
+            other => bail!("model_type '{other}' is not supported (supported: mamba, falcon_mamba, mamba2, llama, llamba, recurrent_gemma, and mamba_ssm configs)"),
         });
     }
     // Configs without model_type: mamba_ssm's MambaConfig or Cartesia's LlambaConfig.
@@ -145,6 +152,7 @@ pub fn load(ck: &Checkpoint, dev: &Device) -> Result<Box<dyn LanguageModel>> {
         "mamba" | "falcon_mamba" | "mamba2" | "mamba_ssm" => Box::new(crate::mamba_lm::MambaLm::load(ck, dtype, dev)?),
         "llama" => Box::new(crate::llama::Llama::load(ck, dtype, dev)?),
         "llamba" => Box::new(crate::llamba::Llamba::load(ck, dtype, dev)?),
+        "recurrent_gemma" => Box::new(crate::griffin::Griffin::load(ck, dtype, dev)?),
         other => bail!("architecture {other} has no loader"),
     })
 }

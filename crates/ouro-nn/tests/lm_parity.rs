@@ -92,6 +92,12 @@ fn llamba() {
 }
 
 #[test]
+fn recurrent_gemma_window_smaller_than_the_sequence() {
+    // 64-token prefill and decoding past the 16-token window (fixture: scripts/fixtures/gen_griffin.py).
+    check_case("recurrent_gemma");
+}
+
+#[test]
 fn gguf_llama_mixed_quantization() {
     let dir = case_dir("llama_gguf");
     let ck = Checkpoint::open(dir.join("tiny-llama-mixed.gguf")).unwrap();

@@ -45,9 +45,19 @@ pub struct ModelSpec {
     /// d_model and n_layer.
     #[serde(default)]
     pub intermediate_size: Option<usize>,
-    /// Mamba-2 mixer: replace the input-dependent Δ, B, C with learned constants? (an LTI SSM baseline).
+    /// Mamba (S6) mixer: data-independent Δ, B, C (an LTI SSM baseline).
     #[serde(default)]
     pub lti: bool,
+    /// Hawk/Griffin: RG-LRU width (default d_model).
+    #[serde(default)]
+    pub lru_width: Option<usize>,
+    /// Griffin: local attention window.
+    #[serde(default = "default_window")]
+    pub window: usize,
+}
+
+fn default_window() -> usize {
+    128
 }
 
 fn two() -> usize {
@@ -194,8 +204,8 @@ impl TrainConfig {
         if m.lti && m.arch != "mamba" {
             bail!("model.lti applies to arch = \"mamba\" (an S6 mixer with data-independent Δ, B, C)");
         }
-        if !["mamba", "mamba2", "llama"].contains(&m.arch.as_str()) {
-            bail!("model.arch '{}' is not one of mamba, mamba2, llama", m.arch);
+        if !["mamba", "mamba2", "llama", "hawk", "griffin"].contains(&m.arch.as_str()) {
+            bail!("model.arch '{}' is not one of mamba, mamba2, llama, hawk, griffin", m.arch);
         }
         if m.d_model == 0 || m.n_layer == 0 {
             bail!("model.d_model and model.n_layer must be positive");
@@ -261,8 +271,35 @@ impl ModelSpec {
                     "tie_word_embeddings": true, "hidden_act": "silu", "tokenizer": tok,
                 })
             }
+            "hawk" | "griffin" => {
+                let heads = self.n_heads.unwrap_or((self.d_model / 64).max(1));
+                let width = self.lru_width.unwrap_or(self.d_model);
+                if self.d_model % heads != 0 || width % heads != 0 {
+                    bail!("model: d_model {} and lru_width {width} must be divisible by n_heads {heads}", self.d_model);
+                }
+                let blocks = if self.arch == "hawk" { json!(["recurrent"]) } else { json!(["recurrent", "recurrent", "attention"]) };
+                json!({
+                    "model_type": "recurrent_gemma", "vocab_size": vocab, "hidden_size": self.d_model,
+                    "intermediate_size": self.intermediate_size.unwrap_or_else(|| 2 * self.matched_griffin_mlp()),
+                    "num_hidden_layers": self.n_layer, "num_attention_heads": heads, "num_key_value_heads": 1,
+                    "lru_width": width, "attention_window_size": self.window, "conv1d_width": self.d_conv,
+                    "logits_soft_cap": 0.0, "rms_norm_eps": 1e-6, "block_types": blocks,
+                    "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default", "partial_rotary_factor": 0.5},
+                    "attention_bias": false, "tie_word_embeddings": true, "hidden_activation": "gelu_pytorch_tanh",
+                    "tokenizer": tok,
+                })
+            }
             other => bail!("unknown arch {other}"),
         })
+    }
+
+    /// Griffin/Hawk MLP half-width giving a recurrent layer as many parameters as the Mamba-2 layer.
+    pub fn matched_griffin_mlp(&self) -> usize {
+        let d = self.d_model;
+        let w = self.lru_width.unwrap_or(d);
+        let heads = self.n_heads.unwrap_or((d / 64).max(1));
+        let recurrent = 3 * d * w + 2 * w + d + 2 * w * (w / heads) + 2 * w + w * (self.d_conv + 1) + w + 2 * d;
+        (self.mamba2_layer_params().saturating_sub(recurrent) / (3 * d)).max(8)
     }
 
     /// Parameters of the Mamba-2 of this width and depth (per layer; embeddings excluded).

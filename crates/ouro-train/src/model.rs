@@ -52,7 +52,10 @@ impl Trainable {
         let n_layer = self.config.get("n_layer").or_else(|| self.config.get("num_hidden_layers")).and_then(|v| v.as_u64()).unwrap_or(1) as f64;
         let mut rng = StdRng::seed_from_u64(seed);
         let vars = self.named_vars();
-        let shape_of = |n: &str| vars.iter().find(|(k, _)| k == n).map(|(_, v)| v.dims().to_vec());
+        let shape_of = |n: &str| {
+            let alt = n.replace(".bias", ".weight");
+            vars.iter().find(|(k, _)| *k == alt).map(|(_, v)| v.dims().to_vec())
+        };
         for (name, var) in vars.iter().cloned() {
             let dims = var.dims().to_vec();
             let n: usize = dims.iter().product();
@@ -81,24 +84,44 @@ impl Trainable {
                         (dt + (-(-dt).exp_m1()).ln()) as f32
                     })
                     .collect()
+            } else if name.ends_with("recurrent_param") {
+                // RG-LRU: a = σ-free decay with a^c ∈ [0.9, 0.999] at gate 1 (DeepMind's rnn_param_init):
+                // softplus(Λ) = −½·log U(0.9², 0.999²).
+                (0..n)
+                    .map(|_| {
+                        let u: f64 = rng.random_range(0.81..0.998);
+                        let c = -0.5 * u.ln();
+                        (c.exp_m1()).ln() as f32
+                    })
+                    .collect()
+            } else if name.contains("gate_weight") {
+                normal(&mut rng, 1.0 / (dims[2] as f64).sqrt())
+            } else if arch == "recurrent_gemma" && name.contains("norm") {
+                vec![0.0; n] // RMSNorm scales by (1 + w)
+            } else if arch == "recurrent_gemma" && name.contains("embed") {
+                normal(&mut rng, 1.0 / (dims[1] as f64).sqrt())
             } else if name.ends_with("B_lti") || name.ends_with("C_lti") {
                 normal(&mut rng, 1.0 / (dims[1] as f64).sqrt())
             } else if name.ends_with(".D") || name.contains("norm") {
                 vec![1.0; n]
-            } else if name.ends_with(".bias") || name.ends_with("z_bias") {
-                if name.contains("conv1d") {
+            } else if name.ends_with(".bias") || name.ends_with("z_bias") || name.ends_with("gate_bias") {
+                if name.contains("conv1d") || name.contains("conv_1d") {
                     // PyTorch Conv1d: U(±1/√fan_in), fan_in = kernel width for a depthwise conv.
-                    let k = shape_of(&name.replace(".bias", ".weight")).and_then(|d| d.last().copied()).unwrap_or(4);
+                    let k = shape_of(&name).and_then(|d| d.last().copied()).unwrap_or(4);
                     uniform(&mut rng, 1.0 / (k as f64).sqrt())
                 } else {
                     vec![0.0; n]
                 }
             } else if name.contains("embed") {
                 normal(&mut rng, 0.02)
-            } else if name.contains("conv1d.weight") {
+            } else if name.contains("conv1d.weight") || name.contains("conv_1d.weight") {
                 uniform(&mut rng, 1.0 / (dims[2] as f64).sqrt())
             } else if dims.len() == 2 {
-                if arch == "llama" {
+                if arch == "recurrent_gemma" {
+                    let out_proj = name.ends_with("linear_out.weight") || name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight");
+                    let std = (if out_proj { 2.0 / n_layer } else { 1.0 } / dims[1] as f64).sqrt();
+                    normal(&mut rng, std)
+                } else if arch == "llama" {
                     let std = if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") { 0.02 / (2.0 * n_layer).sqrt() } else { 0.02 };
                     normal(&mut rng, std)
                 } else {
@@ -126,6 +149,7 @@ pub fn build(config: &serde_json::Value, vb: VarBuilder<'static>) -> Result<Box<
     let arch = ouro_nn::lm::architecture_of_config(config)?;
     Ok(match arch {
         "llamba" => bail!("training Llamba from scratch is not supported; distil it (ouro distill)"),
+        "recurrent_gemma" => Box::new(ouro_nn::griffin::Griffin::new(ouro_nn::griffin::GriffinConfig::from_json(config)?, vb)?),
         "llama" => {
             let mut cfg: ouro_nn::llama::LlamaConfig = serde_json::from_value(config.clone()).map_err(|e| candle_core::Error::Msg(format!("llama config: {e}")))?;
             cfg.resolve_rope()?;

@@ -34,6 +34,7 @@ n_layer = 2
 d_state = 8
 headdim = 8
 n_heads = 2
+window = 8
 
 [data]
 corpus = "{}"
@@ -67,7 +68,7 @@ fn losses(run: &Path) -> Vec<(usize, u64)> {
 
 #[test]
 fn resume_is_bit_for_bit() {
-    for arch in ["mamba2", "llama", "mamba"] {
+    for arch in ["mamba2", "llama", "mamba", "griffin"] {
         let dir = tmp(&format!("resume-{arch}"));
         let c = corpus(&dir);
         let full = config(arch, &c, &dir.join("full"), "causal");
