@@ -40,6 +40,12 @@ enum Command {
     Data(cmd::train::Data),
     /// Draws the loss/perplexity plot of one or more runs.
     Plot(cmd::train::PlotArgs),
+    /// Fits a sequence property predictor (Lyra and baselines) on labelled sequences.
+    Fit(cmd::fit::FitArgs),
+    /// Predicts with a fitted model: the input rows plus a `prediction` column.
+    Predict(cmd::fit::PredictArgs),
+    /// Scores a fitted model on labelled data (Spearman/Pearson/MSE or accuracy/AUROC/F1).
+    Evaluate(cmd::fit::EvaluateArgs),
 }
 
 /// mimalloc's `mi_option_purge_delay` (enum index in mimalloc.h) and `mi_option_arena_eager_commit`.
@@ -65,6 +71,9 @@ fn main() {
         Command::Train(a) => cmd::train::train(a),
         Command::Data(d) => cmd::train::data(d),
         Command::Plot(a) => cmd::train::plot(a),
+        Command::Fit(a) => cmd::fit::fit_cmd(a),
+        Command::Predict(a) => cmd::fit::predict_cmd(a),
+        Command::Evaluate(a) => cmd::fit::evaluate_cmd(a),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");

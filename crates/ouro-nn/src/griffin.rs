@@ -160,7 +160,7 @@ impl Griffin {
                             rope_theta: cfg.rope_theta,
                             qkv_bias: cfg.attention_bias,
                             out_bias: true,
-                            window: Some(cfg.attention_window_size),
+                            window: Some(cfg.attention_window_size), causal: true,
                         },
                         t,
                     )?)

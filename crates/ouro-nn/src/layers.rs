@@ -182,6 +182,9 @@ pub struct AttentionConfig {
     pub out_bias: bool,
     /// Sliding window (None: full causal attention).
     pub window: Option<usize>,
+    /// false: bidirectional (encoders; `seq_idx` still confines attention to a document, e.g. to exclude
+    /// padding by giving it its own id).
+    pub causal: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -346,7 +349,7 @@ impl Attention {
     /// positions start+j ≤ offset+i (and > offset+i−window), within its document.
     #[allow(clippy::too_many_arguments)]
     fn mask(&self, b: usize, l: usize, start: usize, offset: usize, total: usize, docs: Option<&[u32]>, dev: &Device) -> Result<Option<Tensor>> {
-        if l == 1 && docs.is_none() && self.cfg.window.is_none_or(|w| total <= w) {
+        if (l == 1 || !self.cfg.causal) && docs.is_none() && self.cfg.window.is_none_or(|w| total <= w) {
             return Ok(None);
         }
         let rows = if docs.is_some() { b } else { 1 };
@@ -356,7 +359,7 @@ impl Attention {
                 let qpos = offset + i;
                 for j in 0..total {
                     let kpos = start + j;
-                    let mut ok = kpos <= qpos;
+                    let mut ok = kpos <= qpos || !self.cfg.causal;
                     if let Some(w) = self.cfg.window {
                         ok &= qpos - kpos.min(qpos) < w;
                     }

@@ -12,10 +12,12 @@ pub mod layers;
 pub mod llama;
 pub mod llamba;
 pub mod lm;
+pub mod lyra;
 pub mod mamba;
 pub mod mamba2;
 pub mod mamba_lm;
 pub mod rglru;
+pub mod s4d;
 pub mod tokenizer;
 
 pub use mamba::{Mamba, MambaConfig, MambaState};

@@ -85,7 +85,7 @@ impl LlamaConfig {
             rope_theta: self.rope_theta,
             qkv_bias: self.attention_bias,
             out_bias: self.attention_bias,
-            window: None,
+            window: None, causal: true,
         }
     }
 }

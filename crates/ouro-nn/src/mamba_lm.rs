@@ -339,7 +339,7 @@ impl MambaLm {
                         rope_theta: a.rotary_emb_base,
                         qkv_bias: a.qkv_proj_bias,
                         out_bias: a.out_proj_bias,
-                        window: None,
+                        window: None, causal: true,
                     },
                     lvb.pp("mixer"),
                 )?),

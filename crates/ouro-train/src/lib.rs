@@ -7,5 +7,6 @@ pub mod fetch;
 pub mod model;
 pub mod optim;
 pub mod plot;
+pub mod seqfit;
 pub mod tasks;
 pub mod train;

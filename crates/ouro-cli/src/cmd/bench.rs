@@ -11,6 +11,38 @@ use std::time::Instant;
 pub enum Bench {
     /// The Mamba-2 SSD scan on the CPU: chunked vs sequential, forward and forward+backward.
     Ssd(SsdArgs),
+    /// The RG-LRU linear recurrence (Hawk/Griffin): parallel (chunked) vs sequential scan, forward.
+    Scan(ScanArgs),
+    /// Decode throughput of a model (tokens/s at a batch size) and its memory per sequence.
+    Decode(DecodeArgs),
+}
+
+#[derive(clap::Args)]
+pub struct ScanArgs {
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Channels (lru_width).
+    #[arg(long, default_value_t = 2560)]
+    width: usize,
+    #[arg(long, value_delimiter = ',', default_value = "512,2048,8192")]
+    lens: Vec<usize>,
+    #[arg(long, default_value_t = 128)]
+    chunk: usize,
+    #[arg(long, default_value_t = 7)]
+    iters: usize,
+}
+
+#[derive(clap::Args)]
+pub struct DecodeArgs {
+    /// Checkpoint folder or .gguf.
+    #[arg(long)]
+    model: std::path::PathBuf,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    #[arg(long, default_value_t = 64)]
+    prompt_len: usize,
+    #[arg(long, default_value_t = 128)]
+    gen_len: usize,
 }
 
 #[derive(clap::Args)]
@@ -81,7 +113,59 @@ fn chunked_flops(d: &Dims, q: usize) -> f64 {
 pub fn run(b: Bench) -> Result<()> {
     match b {
         Bench::Ssd(a) => ssd_bench(a),
+        Bench::Scan(a) => scan_bench(a),
+        Bench::Decode(a) => decode_bench(a),
     }
+}
+
+fn scan_bench(a: ScanArgs) -> Result<()> {
+    use ouro_kernels::linear_scan::{scan_fwd, ScanAlgo};
+    let mut rng = StdRng::seed_from_u64(0);
+    println!("linear recurrence h = a⊙h + x, CPU f32, b={} width={}, {} threads (median of {})", a.batch, a.width, rayon::current_num_threads(), a.iters);
+    println!("{:>6}  {:<14} {:>10} {:>12}", "len", "algorithm", "ms", "tokens/s");
+    for &l in &a.lens {
+        let n = a.batch * l * a.width;
+        let x: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let av: Vec<f32> = (0..n).map(|_| rng.random_range(0.5..1.0)).collect();
+        let h0 = vec![0f32; a.batch * a.width];
+        let mut y = vec![0f32; n];
+        let mut hl = vec![0f32; a.batch * a.width];
+        let mut rates = Vec::new();
+        for algo in [ScanAlgo::Sequential, ScanAlgo::Chunked(a.chunk)] {
+            let t = time(a.iters, || scan_fwd(a.batch, l, a.width, &x, &av, &h0, algo, &mut y, &mut hl));
+            let toks = (a.batch * l) as f64 / t;
+            rates.push(toks);
+            println!("{:>6}  {:<14} {:>10.2} {:>12.0}", l, format!("{algo:?}"), t * 1e3, toks);
+        }
+        println!("len {l}: parallel / sequential = {:.2}x", rates[1] / rates[0]);
+    }
+    Ok(())
+}
+
+fn decode_bench(a: DecodeArgs) -> Result<()> {
+    let ck = ouro_nn::checkpoint::Checkpoint::open(&a.model)?;
+    let model = ouro_nn::lm::load(&ck, &candle_core::Device::Cpu)?;
+    let v = model.info().vocab_size as u32;
+    let prompt: Vec<u32> = (0..a.prompt_len as u32).map(|i| (i * 7 + 3) % v).collect();
+    let opts = ouro_nn::generate::GenerateOptions {
+        max_new_tokens: a.gen_len,
+        num_samples: a.batch,
+        sampling: ouro_nn::generate::SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 0 },
+        stop: vec![],
+    };
+    let (_, st) = ouro_nn::generate::generate(model.as_ref(), &prompt, &opts, |_, _| Ok(()))?;
+    println!(
+        "{}: batch {} prompt {} gen {}: prefill {:.0} tok/s, decode {:.1} tok/s, cache {:.3} MiB ({:.3} MiB per sequence)",
+        a.model.display(),
+        a.batch,
+        a.prompt_len,
+        a.gen_len,
+        st.prompt_tokens as f64 / st.prefill_seconds,
+        st.generated_tokens as f64 / st.decode_seconds,
+        st.cache_bytes as f64 / (1 << 20) as f64,
+        st.cache_bytes as f64 / a.batch as f64 / (1 << 20) as f64
+    );
+    Ok(())
 }
 
 fn ssd_bench(a: SsdArgs) -> Result<()> {

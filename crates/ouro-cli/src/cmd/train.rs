@@ -106,6 +106,8 @@ pub enum Data {
     },
     /// Lists the corpora `fetch` knows.
     List,
+    /// Splits a labelled table into train/valid/test CSVs (seeded row shuffle).
+    Split(crate::cmd::fit::SplitArgs),
 }
 
 pub fn data(d: Data) -> Result<()> {
@@ -114,6 +116,7 @@ pub fn data(d: Data) -> Result<()> {
             let dir = ouro_train::fetch::fetch(&name, &data_dir, &mut |s| eprintln!("{s}"))?;
             println!("{}", dir.display());
         }
+        Data::Split(a) => crate::cmd::fit::split_cmd(a)?,
         Data::List => {
             for s in ouro_train::fetch::SOURCES {
                 println!("{:<14} {} [{}]", s.name, s.description, s.package);

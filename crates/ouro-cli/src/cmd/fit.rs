@@ -1,0 +1,206 @@
+//! `ouro fit`, `ouro predict`, `ouro evaluate`, `ouro data split`: labelled biological sequences.
+
+use anyhow::{bail, Result};
+use ouro_train::seqfit::{examples, fit, metrics, Alphabet, FitOptions, Fitted, ModelSpec, Table, Task};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct FitArgs {
+    /// Training data: CSV, TSV (by extension, optionally .gz) or FASTA with labels in the headers.
+    #[arg(long)]
+    train: PathBuf,
+    /// Validation data (the best epoch by its Spearman ρ or accuracy is kept).
+    #[arg(long)]
+    valid: PathBuf,
+    #[arg(long)]
+    sequence_column: String,
+    #[arg(long)]
+    label_column: String,
+    /// regression or classification.
+    #[arg(long)]
+    task: String,
+    /// protein, dna or rna.
+    #[arg(long)]
+    alphabet: String,
+    /// lyra, cnn, transformer, mamba.
+    #[arg(long, default_value = "lyra")]
+    model: String,
+    #[arg(long, default_value_t = 64)]
+    d_model: usize,
+    /// onehot or learned.
+    #[arg(long, default_value = "onehot")]
+    embedding: String,
+    #[arg(long, default_value_t = 0.2)]
+    dropout: f64,
+    #[arg(long, default_value_t = 20)]
+    epochs: usize,
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 2e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output folder (config.json + model.safetensors of the best epoch).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    quiet: bool,
+}
+
+pub fn fit_cmd(a: FitArgs) -> Result<()> {
+    let task = match a.task.as_str() {
+        "regression" => Task::Regression,
+        "classification" => Task::Classification,
+        other => bail!("--task must be regression or classification, got '{other}'"),
+    };
+    let alphabet = Alphabet::parse(&a.alphabet)?;
+    let mut classes = Vec::new();
+    let t0 = std::time::Instant::now();
+    let train = examples(&Table::read(&a.train)?, &a.sequence_column, Some(&a.label_column), alphabet, task, &mut classes, false)?;
+    classes.sort();
+    // Re-read with the sorted class list so that class indices are stable.
+    let train = if task == Task::Classification { examples(&Table::read(&a.train)?, &a.sequence_column, Some(&a.label_column), alphabet, task, &mut classes, true)? } else { train };
+    let valid = examples(&Table::read(&a.valid)?, &a.sequence_column, Some(&a.label_column), alphabet, task, &mut classes, true)?;
+    eprintln!("{} training and {} validation sequences{}", train.seqs.len(), valid.seqs.len(), if classes.is_empty() { String::new() } else { format!(", classes {}", classes.join(", ")) });
+    let spec = ModelSpec { kind: a.model.clone(), d_model: a.d_model, embedding: a.embedding.clone(), dropout: a.dropout };
+    let o = FitOptions { epochs: a.epochs, batch_size: a.batch_size, lr: a.lr, weight_decay: a.weight_decay, seed: a.seed, progress: !a.quiet };
+    let fitted = fit(&train, &valid, task, alphabet, classes, spec, (&a.sequence_column, &a.label_column), &o, &candle_core::Device::Cpu, &mut |s| eprintln!("{s}"))?;
+    fitted.save(&a.out)?;
+    println!(
+        "best epoch {} ({} {:.4} on {}); {} parameters; {:.1} s; saved {}",
+        fitted.cfg.best_epoch,
+        fitted.cfg.best_metric.0,
+        fitted.cfg.best_metric.1,
+        a.valid.display(),
+        fitted.cfg.parameters,
+        t0.elapsed().as_secs_f64(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct PredictArgs {
+    /// A folder written by `ouro fit`.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    input: PathBuf,
+    #[arg(long)]
+    sequence_column: String,
+    /// Output CSV: the input rows plus `prediction` (and one probability column per class).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn predict_cmd(a: PredictArgs) -> Result<()> {
+    let f = Fitted::load(&a.model, &candle_core::Device::Cpu)?;
+    let t = Table::read(&a.input)?;
+    let mut classes = f.cfg.classes.clone();
+    let ex = examples(&t, &a.sequence_column, None, f.cfg.alphabet, f.cfg.task, &mut classes, true)?;
+    let preds = f.predict(&ex, &candle_core::Device::Cpu)?;
+    let mut header = t.header.clone();
+    header.push("prediction".into());
+    if f.cfg.task == Task::Classification {
+        header.extend(f.cfg.classes.iter().map(|c| format!("prob_{c}")));
+    }
+    let rows: Vec<Vec<String>> = t
+        .rows
+        .iter()
+        .zip(&preds)
+        .map(|(r, p)| {
+            let mut r = r.clone();
+            match f.cfg.task {
+                Task::Regression => r.push(format!("{}", p[0])),
+                Task::Classification => {
+                    let best = p.iter().enumerate().fold((0, f64::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0;
+                    r.push(f.cfg.classes[best].clone());
+                    r.extend(p.iter().map(|x| format!("{x:.6}")));
+                }
+            }
+            r
+        })
+        .collect();
+    Table::write_csv(&a.out, &header, &rows)?;
+    eprintln!("wrote {} predictions to {}", rows.len(), a.out.display());
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct EvaluateArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    input: PathBuf,
+    #[arg(long)]
+    sequence_column: String,
+    #[arg(long)]
+    label_column: String,
+    /// Print a JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
+    let f = Fitted::load(&a.model, &candle_core::Device::Cpu)?;
+    let mut classes = f.cfg.classes.clone();
+    let ex = examples(&Table::read(&a.input)?, &a.sequence_column, Some(&a.label_column), f.cfg.alphabet, f.cfg.task, &mut classes, true)?;
+    let preds = f.predict(&ex, &candle_core::Device::Cpu)?;
+    let m = metrics(f.cfg.task, &preds, &ex.labels, f.cfg.classes.len().max(1));
+    if a.json {
+        let mut o = serde_json::Map::new();
+        for (k, v) in &m {
+            o.insert(k.clone(), serde_json::json!(v));
+        }
+        o.insert("n".into(), serde_json::json!(ex.seqs.len()));
+        println!("{}", serde_json::Value::Object(o));
+    } else {
+        println!("{} sequences from {}", ex.seqs.len(), a.input.display());
+        for (k, v) in &m {
+            println!("{k:<9} {v:.4}");
+        }
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct SplitArgs {
+    /// CSV/TSV/FASTA to split by rows.
+    input: PathBuf,
+    /// Fraction held out as the test set.
+    #[arg(long, default_value_t = 0.3)]
+    test_fraction: f64,
+    /// Fraction of the rest held out for validation.
+    #[arg(long, default_value_t = 0.1)]
+    valid_fraction: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output folder: train.csv, valid.csv, test.csv.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn split_cmd(a: SplitArgs) -> Result<()> {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    if !(0.0..1.0).contains(&a.test_fraction) || !(0.0..1.0).contains(&a.valid_fraction) {
+        bail!("--test-fraction and --valid-fraction must be in [0, 1)");
+    }
+    let t = Table::read(&a.input)?;
+    let mut idx: Vec<usize> = (0..t.rows.len()).collect();
+    let mut rng = StdRng::seed_from_u64(a.seed);
+    for i in (1..idx.len()).rev() {
+        idx.swap(i, rng.random_range(0..=i));
+    }
+    let n_test = (a.test_fraction * idx.len() as f64).round() as usize;
+    let n_valid = (a.valid_fraction * (idx.len() - n_test) as f64).round() as usize;
+    std::fs::create_dir_all(&a.out)?;
+    let parts = [("test.csv", &idx[..n_test]), ("valid.csv", &idx[n_test..n_test + n_valid]), ("train.csv", &idx[n_test + n_valid..])];
+    for (name, ids) in parts {
+        let rows: Vec<Vec<String>> = ids.iter().map(|&i| t.rows[i].clone()).collect();
+        Table::write_csv(&a.out.join(name), &t.header, &rows)?;
+        println!("{}: {} rows", a.out.join(name).display(), rows.len());
+    }
+    Ok(())
+}

@@ -1,0 +1,763 @@
+//! Sequence property prediction (`ouro fit` / `predict` / `evaluate`): labelled biological sequences from
+//! CSV/TSV/FASTA, one-hot or learned-embedding encoders, a choice of models (Lyra, a CNN, a Transformer
+//! encoder, a Mamba-2 encoder), regression (MSE on standardised labels) or classification (cross-entropy),
+//! the best epoch kept by its validation metric, and the metrics of the Lyra paper.
+
+use crate::optim::AdamW;
+use candle_core::{bail, DType, Device, Module, Result, Tensor};
+use candle_nn::{Embedding, Linear, VarBuilder, VarMap};
+use ouro_nn::layers::{linear, Attention, AttentionConfig, RmsNorm};
+use ouro_nn::lyra::{Lyra, LyraConfig};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+// ------------------------------------------------------------------------------------------------
+// Data
+// ------------------------------------------------------------------------------------------------
+
+/// Residue alphabets. Each symbol is one-hot; ambiguity codes are uniform over the standard symbols and
+/// padding codes are all-zero (masked out).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Alphabet {
+    Protein,
+    Dna,
+    Rna,
+}
+
+impl Alphabet {
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "protein" => Alphabet::Protein,
+            "dna" => Alphabet::Dna,
+            "rna" => Alphabet::Rna,
+            other => bail!("unknown alphabet '{other}' (protein, dna, rna)"),
+        })
+    }
+    pub fn symbols(&self) -> &'static str {
+        match self {
+            Alphabet::Protein => "ACDEFGHIKLMNPQRSTVWY",
+            Alphabet::Dna => "ACGT",
+            Alphabet::Rna => "ACGU",
+        }
+    }
+    /// Ambiguous symbol (uniform) and padding symbols (zero).
+    fn ambiguous(&self) -> char {
+        match self {
+            Alphabet::Protein => 'X',
+            _ => 'N',
+        }
+    }
+    fn padding(&self) -> &'static str {
+        "J-"
+    }
+    pub fn size(&self) -> usize {
+        self.symbols().len()
+    }
+
+    /// Token per position: 0..size for symbols, `size` for ambiguous, `size + 1` for padding.
+    pub fn encode(&self, seq: &str, what: &dyn Fn() -> String) -> Result<Vec<u8>> {
+        let syms = self.symbols().as_bytes();
+        seq.trim()
+            .chars()
+            .map(|c| {
+                let u = c.to_ascii_uppercase();
+                let u = if *self == Alphabet::Rna && u == 'T' { 'U' } else if *self == Alphabet::Dna && u == 'U' { 'T' } else { u };
+                if let Some(i) = syms.iter().position(|&s| s as char == u) {
+                    Ok(i as u8)
+                } else if u == self.ambiguous() {
+                    Ok(self.size() as u8)
+                } else if self.padding().contains(u) {
+                    Ok(self.size() as u8 + 1)
+                } else {
+                    bail!("{}: unknown character '{c}' for the {:?} alphabet ({} plus {} and padding {})", what(), self, self.symbols(), self.ambiguous(), self.padding())
+                }
+            })
+            .collect()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Table {
+    pub header: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+    pub path: String,
+}
+
+impl Table {
+    /// CSV or TSV by extension (optionally .gz), or FASTA (.fa/.fasta/.fna): FASTA records become rows with
+    /// columns `id`, `sequence` and one column per `key=value` in the header line (a bare last token is
+    /// `label`).
+    pub fn read(path: &Path) -> Result<Self> {
+        let name = path.to_string_lossy().to_string();
+        let raw = std::fs::read(path).map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")))?;
+        let text = if name.ends_with(".gz") {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&raw[..]), &mut s).map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")))?;
+            s
+        } else {
+            String::from_utf8(raw).map_err(|_| candle_core::Error::Msg(format!("{name}: not UTF-8 text")))?
+        };
+        let base = name.trim_end_matches(".gz");
+        let t = if base.ends_with(".fa") || base.ends_with(".fasta") || base.ends_with(".fna") {
+            Self::fasta(&text, &name)?
+        } else {
+            let delim = if base.ends_with(".tsv") || base.ends_with(".tab") {
+                b'\t'
+            } else if base.ends_with(".csv") {
+                b','
+            } else {
+                bail!("{name}: unknown file type (expected .csv, .tsv, .fa/.fasta, optionally .gz)")
+            };
+            let mut rdr = csv::ReaderBuilder::new().delimiter(delim).from_reader(text.as_bytes());
+            let header: Vec<String> = rdr.headers().map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")))?.iter().map(|s| s.to_string()).collect();
+            let rows = rdr
+                .records()
+                .enumerate()
+                .map(|(i, r)| r.map(|r| r.iter().map(|s| s.to_string()).collect()).map_err(|e| candle_core::Error::Msg(format!("{name}: row {}: {e}", i + 2))))
+                .collect::<Result<Vec<Vec<String>>>>()?;
+            Table { header, rows, path: name.clone() }
+        };
+        if t.rows.is_empty() {
+            bail!("{name}: no data rows");
+        }
+        Ok(t)
+    }
+
+    fn fasta(text: &str, name: &str) -> Result<Self> {
+        let mut header = vec!["id".to_string(), "sequence".to_string()];
+        let mut recs: Vec<(String, String, Vec<(String, String)>)> = Vec::new();
+        for line in text.lines() {
+            let line = line.trim();
+            if let Some(h) = line.strip_prefix('>') {
+                let mut parts = h.split_whitespace();
+                let id = parts.next().unwrap_or("").to_string();
+                let mut kv = Vec::new();
+                for p in parts {
+                    match p.split_once('=') {
+                        Some((k, v)) => kv.push((k.to_string(), v.to_string())),
+                        None => kv.push(("label".to_string(), p.to_string())),
+                    }
+                }
+                recs.push((id, String::new(), kv));
+            } else if !line.is_empty() {
+                match recs.last_mut() {
+                    Some(r) => r.1.push_str(line),
+                    None => bail!("{name}: sequence data before the first '>' header"),
+                }
+            }
+        }
+        for (_, _, kv) in &recs {
+            for (k, _) in kv {
+                if !header.contains(k) {
+                    header.push(k.clone());
+                }
+            }
+        }
+        let rows = recs
+            .into_iter()
+            .map(|(id, seq, kv)| {
+                let mut row = vec![id, seq];
+                for col in &header[2..] {
+                    row.push(kv.iter().find(|(k, _)| k == col).map(|(_, v)| v.clone()).unwrap_or_default());
+                }
+                row
+            })
+            .collect();
+        Ok(Table { header, rows, path: name.to_string() })
+    }
+
+    pub fn column(&self, name: &str) -> Result<usize> {
+        self.header.iter().position(|h| h == name).ok_or_else(|| candle_core::Error::Msg(format!("{}: no column '{name}' (columns: {})", self.path, self.header.join(", "))))
+    }
+
+    pub fn write_csv(path: &Path, header: &[String], rows: &[Vec<String>]) -> Result<()> {
+        let tmp = path.with_extension("csv.tmp");
+        {
+            let mut w = csv::Writer::from_path(&tmp).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", tmp.display())))?;
+            w.write_record(header).map_err(candle_core::Error::wrap)?;
+            for r in rows {
+                w.write_record(r).map_err(candle_core::Error::wrap)?;
+            }
+            w.flush().map_err(candle_core::Error::wrap)?;
+        }
+        std::fs::rename(&tmp, path).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))
+    }
+}
+
+/// Encoded sequences and labels.
+#[derive(Clone, Debug)]
+pub struct Examples {
+    pub seqs: Vec<Vec<u8>>,
+    /// Regression targets, or class indices as f64.
+    pub labels: Vec<f64>,
+}
+
+/// Reads sequences (and labels, when `label_col` is given) from a table.
+pub fn examples(t: &Table, seq_col: &str, label_col: Option<&str>, alphabet: Alphabet, task: Task, classes: &mut Vec<String>, fixed_classes: bool) -> Result<Examples> {
+    let si = t.column(seq_col)?;
+    let li = label_col.map(|c| t.column(c)).transpose()?;
+    let mut seqs = Vec::with_capacity(t.rows.len());
+    let mut labels = Vec::with_capacity(t.rows.len());
+    for (r, row) in t.rows.iter().enumerate() {
+        let cell = |i: usize| row.get(i).map(|s| s.as_str()).unwrap_or("");
+        let s = alphabet.encode(cell(si), &|| format!("{}: row {} column '{seq_col}'", t.path, r + 2))?;
+        if s.is_empty() {
+            bail!("{}: row {}: empty sequence", t.path, r + 2);
+        }
+        seqs.push(s);
+        if let Some(li) = li {
+            let v = cell(li).trim();
+            labels.push(match task {
+                Task::Regression => v.parse::<f64>().ok().filter(|x| x.is_finite()).ok_or_else(|| candle_core::Error::Msg(format!("{}: row {}: label '{v}' is not a number", t.path, r + 2)))?,
+                Task::Classification => match classes.iter().position(|c| c == v) {
+                    Some(i) => i as f64,
+                    None if !fixed_classes => {
+                        classes.push(v.to_string());
+                        (classes.len() - 1) as f64
+                    }
+                    None => bail!("{}: row {}: class '{v}' was not seen in training (classes: {})", t.path, r + 2, classes.join(", ")),
+                },
+            });
+        }
+    }
+    Ok(Examples { seqs, labels })
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    Regression,
+    Classification,
+}
+
+/// A batch: one-hot (b, L, A) or token ids (b, L), and the mask (b, L).
+struct Encoded {
+    onehot: Tensor,
+    ids: Tensor,
+    mask: Tensor,
+}
+
+fn encode_batch(seqs: &[&Vec<u8>], alphabet: Alphabet, dev: &Device) -> Result<Encoded> {
+    let a = alphabet.size();
+    let l = seqs.iter().map(|s| s.len()).max().unwrap_or(1);
+    let b = seqs.len();
+    let mut oh = vec![0f32; b * l * a];
+    let mut ids = vec![(a + 1) as u32; b * l];
+    let mut mask = vec![0f32; b * l];
+    for (i, s) in seqs.iter().enumerate() {
+        for (t, &c) in s.iter().enumerate() {
+            let o = (i * l + t) * a;
+            ids[i * l + t] = c as u32;
+            if (c as usize) < a {
+                oh[o + c as usize] = 1.0;
+                mask[i * l + t] = 1.0;
+            } else if c as usize == a {
+                oh[o..o + a].fill(1.0 / a as f32);
+                mask[i * l + t] = 1.0;
+            }
+        }
+    }
+    Ok(Encoded { onehot: Tensor::from_vec(oh, (b, l, a), dev)?, ids: Tensor::from_vec(ids, (b, l), dev)?, mask: Tensor::from_vec(mask, (b, l), dev)? })
+}
+
+// ------------------------------------------------------------------------------------------------
+// Models
+// ------------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    /// lyra, cnn, transformer, mamba
+    pub kind: String,
+    pub d_model: usize,
+    /// One-hot inputs (Lyra's default) or a learned embedding.
+    pub embedding: String,
+    pub dropout: f64,
+}
+
+/// Models mapping an encoded batch to (b, outputs).
+enum Net {
+    Lyra(Lyra),
+    Cnn { input: Input, convs: Vec<(Tensor, Tensor)>, head: Linear },
+    Transformer { input: Input, layers: Vec<(RmsNorm, Attention, RmsNorm, ouro_nn::layers::GluMlp)>, norm: RmsNorm, head: Linear },
+    Mamba { input: Input, layers: Vec<(RmsNorm, ouro_nn::Mamba2)>, norm: RmsNorm, head: Linear },
+}
+
+/// One-hot through a linear layer, or a learned embedding.
+enum Input {
+    OneHot(Linear),
+    Embedding(Embedding),
+}
+
+impl Input {
+    fn new(spec: &ModelSpec, a: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(match spec.embedding.as_str() {
+            "onehot" => Input::OneHot(linear(vb.pp("encoder"), a, spec.d_model, true)?),
+            "learned" => Input::Embedding(Embedding::new(vb.get((a + 2, spec.d_model), "embedding.weight")?, spec.d_model)),
+            other => bail!("unknown embedding '{other}' (onehot, learned)"),
+        })
+    }
+    fn forward(&self, e: &Encoded) -> Result<Tensor> {
+        let x = match self {
+            Input::OneHot(l) => l.forward(&e.onehot)?,
+            Input::Embedding(emb) => emb.forward(&e.ids)?,
+        };
+        x.broadcast_mul(&e.mask.unsqueeze(2)?)
+    }
+}
+
+fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let m = mask.unsqueeze(2)?;
+    x.broadcast_mul(&m)?.sum(1)?.broadcast_div(&m.sum(1)?.clamp(1.0, f64::MAX)?)
+}
+
+impl Net {
+    fn new(spec: &ModelSpec, a: usize, outputs: usize, vb: VarBuilder) -> Result<Self> {
+        let d = spec.d_model;
+        Ok(match spec.kind.as_str() {
+            "lyra" => {
+                if spec.embedding != "onehot" {
+                    bail!("lyra takes one-hot inputs (--embedding onehot)");
+                }
+                Net::Lyra(Lyra::new(LyraConfig { d_input: a, d_output: outputs, d_model: d, d_state: 64, dropout: spec.dropout }, vb)?)
+            }
+            "cnn" => {
+                let input = Input::new(spec, a, vb.clone())?;
+                let convs = (0..3).map(|i| Ok((vb.get((d, d, 5), &format!("conv{i}.weight"))?, vb.get(d, &format!("conv{i}.bias"))?))).collect::<Result<Vec<_>>>()?;
+                Net::Cnn { input, convs, head: linear(vb.pp("head"), d, outputs, true)? }
+            }
+            "transformer" => {
+                let input = Input::new(spec, a, vb.clone())?;
+                let heads = (d / 16).max(1);
+                let layers = (0..2)
+                    .map(|i| {
+                        let l = vb.pp(format!("layers.{i}"));
+                        Ok((
+                            RmsNorm::new(d, 1e-5, l.pp("norm1"))?,
+                            Attention::new_llama(
+                                AttentionConfig { d_model: d, n_heads: heads, n_kv_heads: heads, head_dim: d / heads, rotary_dim: d / heads, rope_theta: 10000.0, qkv_bias: false, out_bias: false, window: None, causal: false },
+                                l.pp("attn"),
+                            )?,
+                            RmsNorm::new(d, 1e-5, l.pp("norm2"))?,
+                            ouro_nn::layers::GluMlp::new(d, 2 * d, false, ouro_nn::layers::Act::Silu, l.pp("mlp"))?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Net::Transformer { input, layers, norm: RmsNorm::new(d, 1e-5, vb.pp("norm"))?, head: linear(vb.pp("head"), d, outputs, true)? }
+            }
+            "mamba" => {
+                let input = Input::new(spec, a, vb.clone())?;
+                let layers = (0..2)
+                    .map(|i| {
+                        let l = vb.pp(format!("layers.{i}"));
+                        let cfg = ouro_nn::Mamba2Config { d_model: d, d_state: 16, expand: 2, headdim: 16, chunk_size: 64, ..Default::default() };
+                        Ok((RmsNorm::new(d, 1e-5, l.pp("norm"))?, ouro_nn::Mamba2::new(cfg, l.pp("mixer"))?))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Net::Mamba { input, layers, norm: RmsNorm::new(d, 1e-5, vb.pp("norm"))?, head: linear(vb.pp("head"), d, outputs, true)? }
+            }
+            other => bail!("unknown model '{other}' (lyra, cnn, transformer, mamba)"),
+        })
+    }
+
+    fn forward(&self, e: &Encoded, drop: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let m3 = e.mask.unsqueeze(2)?;
+        match self {
+            Net::Lyra(l) => l.forward(&e.onehot, &e.mask, drop),
+            Net::Cnn { input, convs, head } => {
+                let mut x = input.forward(e)?; // (b, l, d)
+                for (w, b) in convs {
+                    // "same" conv over (b, d, l) then GELU, residual.
+                    let y = x.transpose(1, 2)?.contiguous()?.conv1d(w, 2, 1, 1, 1)?.broadcast_add(&b.reshape((1, (), 1))?)?.transpose(1, 2)?;
+                    x = (drop(&y.gelu_erf()?)? + x)?.broadcast_mul(&m3)?;
+                }
+                head.forward(&masked_mean(&x, &e.mask)?)
+            }
+            Net::Transformer { input, layers, norm, head } => {
+                // Padding gets its own document id, so real positions attend only to real ones.
+                let seq = e.mask.affine(-1.0, 1.0)?.to_dtype(DType::U32)?;
+                let mut x = input.forward(e)?;
+                for (n1, attn, n2, mlp) in layers {
+                    x = (&x + drop(&attn.forward(&n1.forward(&x)?, Some(&seq), None)?)?)?;
+                    x = (&x + drop(&mlp.forward(&n2.forward(&x)?)?)?)?;
+                }
+                head.forward(&masked_mean(&norm.forward(&x)?, &e.mask)?)
+            }
+            Net::Mamba { input, layers, norm, head } => {
+                let mut x = input.forward(e)?;
+                for (n, mixer) in layers {
+                    x = (&x + drop(&mixer.forward(&n.forward(&x)?, None, None)?)?)?.broadcast_mul(&m3)?;
+                }
+                head.forward(&masked_mean(&norm.forward(&x)?, &e.mask)?)
+            }
+        }
+    }
+}
+
+/// Initialises a fresh network's parameters (PyTorch-style defaults; Lyra's S4D as in s4d.py).
+fn init(varmap: &VarMap, seed: u64) -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut named: Vec<(String, candle_core::Var)> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, var) in named {
+        let dims = var.dims().to_vec();
+        let n: usize = dims.iter().product();
+        let mut normal = |std: f64| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    let (u1, u2): (f64, f64) = (rng.random_range(1e-12..1.0), rng.random());
+                    (std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+                })
+                .collect()
+        };
+        let v: Vec<f32> = if name.ends_with("kernel.log_dt") {
+            (0..n).map(|_| rng.random_range(0.001f64.ln()..0.1f64.ln()) as f32).collect()
+        } else if name.ends_with("kernel.log_A_real") {
+            vec![(0.5f32).ln(); n]
+        } else if name.ends_with("kernel.A_imag") {
+            (0..n).map(|i| std::f32::consts::PI * (i % dims[1]) as f32).collect()
+        } else if name.ends_with("kernel.C") {
+            normal(std::f64::consts::FRAC_1_SQRT_2) // complex N(0, 1): each part N(0, ½)
+        } else if name.ends_with("s4d.D") {
+            normal(1.0)
+        } else if name.ends_with("scale") || (name.contains("norm") && name.ends_with("weight")) {
+            vec![1.0; n]
+        } else if name.ends_with("A_log") {
+            (0..n).map(|_| rng.random_range(1.0f64..16.0).ln() as f32).collect()
+        } else if name.ends_with("dt_bias") {
+            (0..n).map(|_| {
+                let dt = rng.random_range(1e-3f64.ln()..1e-1f64.ln()).exp();
+                (dt + (-(-dt).exp_m1()).ln()) as f32
+            }).collect()
+        } else if name.ends_with(".D") {
+            vec![1.0; n]
+        } else if name.contains("embedding") {
+            normal(1.0)
+        } else {
+            // PyTorch Linear/Conv default: U(±1/√fan_in) for weights and biases.
+            let fan_in = if dims.len() >= 2 { dims[1..].iter().product::<usize>() } else { dims[0] };
+            let fan_in = if name.ends_with("bias") {
+                let w = name.replace("bias", "weight");
+                varmap.data().lock().unwrap().get(&w).map(|v| v.dims()[1..].iter().product::<usize>()).unwrap_or(fan_in)
+            } else {
+                fan_in
+            };
+            let b = 1.0 / (fan_in as f64).sqrt();
+            (0..n).map(|_| rng.random_range(-b..b) as f32).collect()
+        };
+        var.set(&Tensor::from_vec(v, dims, var.device())?)?;
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// Metrics
+// ------------------------------------------------------------------------------------------------
+
+fn ranks(v: &[f64]) -> Vec<f64> {
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    idx.sort_by(|&a, &b| v[a].partial_cmp(&v[b]).unwrap_or(std::cmp::Ordering::Equal));
+    let mut r = vec![0f64; v.len()];
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i;
+        while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
+            j += 1;
+        }
+        let avg = (i + j) as f64 / 2.0 + 1.0;
+        for k in i..=j {
+            r[idx[k]] = avg;
+        }
+        i = j + 1;
+    }
+    r
+}
+
+pub fn pearson(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len() as f64;
+    let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
+    let (mut sab, mut saa, mut sbb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        sab += (x - ma) * (y - mb);
+        saa += (x - ma).powi(2);
+        sbb += (y - mb).powi(2);
+    }
+    if saa == 0.0 || sbb == 0.0 {
+        return 0.0;
+    }
+    sab / (saa * sbb).sqrt()
+}
+
+/// Spearman's ρ (Pearson of average ranks).
+pub fn spearman(a: &[f64], b: &[f64]) -> f64 {
+    pearson(&ranks(a), &ranks(b))
+}
+
+/// Area under the ROC curve of scores for a binary labelling (Mann–Whitney, ties counted half).
+pub fn auroc(scores: &[f64], positive: &[bool]) -> f64 {
+    let r = ranks(scores);
+    let npos = positive.iter().filter(|&&p| p).count() as f64;
+    let nneg = positive.len() as f64 - npos;
+    if npos == 0.0 || nneg == 0.0 {
+        return f64::NAN;
+    }
+    let sum: f64 = r.iter().zip(positive).filter(|(_, &p)| p).map(|(r, _)| r).sum();
+    (sum - npos * (npos + 1.0) / 2.0) / (npos * nneg)
+}
+
+/// Metrics by name: regression (spearman, pearson, mse) or classification (accuracy, auroc, f1).
+pub fn metrics(task: Task, preds: &[Vec<f64>], labels: &[f64], classes: usize) -> Vec<(String, f64)> {
+    match task {
+        Task::Regression => {
+            let p: Vec<f64> = preds.iter().map(|v| v[0]).collect();
+            let mse = p.iter().zip(labels).map(|(a, b)| (a - b).powi(2)).sum::<f64>() / p.len() as f64;
+            vec![("spearman".into(), spearman(&p, labels)), ("pearson".into(), pearson(&p, labels)), ("mse".into(), mse)]
+        }
+        Task::Classification => {
+            let argmax = |v: &Vec<f64>| v.iter().enumerate().fold((0, f64::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0;
+            let pred: Vec<usize> = preds.iter().map(argmax).collect();
+            let y: Vec<usize> = labels.iter().map(|&l| l as usize).collect();
+            let acc = pred.iter().zip(&y).filter(|(a, b)| a == b).count() as f64 / y.len() as f64;
+            // Macro F1 and macro one-vs-rest AUROC (binary: the positive class's AUROC).
+            let mut f1s = Vec::new();
+            let mut aucs = Vec::new();
+            for c in 0..classes {
+                let tp = pred.iter().zip(&y).filter(|(p, t)| **p == c && **t == c).count() as f64;
+                let fp = pred.iter().zip(&y).filter(|(p, t)| **p == c && **t != c).count() as f64;
+                let fneg = pred.iter().zip(&y).filter(|(p, t)| **p != c && **t == c).count() as f64;
+                f1s.push(if tp == 0.0 { 0.0 } else { 2.0 * tp / (2.0 * tp + fp + fneg) });
+                let scores: Vec<f64> = preds.iter().map(|v| v[c]).collect();
+                let a = auroc(&scores, &y.iter().map(|&t| t == c).collect::<Vec<_>>());
+                if a.is_finite() {
+                    aucs.push(a);
+                }
+            }
+            let auc = if classes == 2 { aucs.last().copied().unwrap_or(f64::NAN) } else { aucs.iter().sum::<f64>() / aucs.len().max(1) as f64 };
+            vec![("accuracy".into(), acc), ("auroc".into(), auc), ("f1".into(), f1s.iter().sum::<f64>() / classes as f64)]
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Training, saving, prediction
+// ------------------------------------------------------------------------------------------------
+
+/// Everything a fitted model folder needs besides its weights.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FitConfig {
+    pub task: Task,
+    pub alphabet: Alphabet,
+    pub model: ModelSpec,
+    /// Regression labels are standardised with these.
+    pub label_mean: f64,
+    pub label_std: f64,
+    pub classes: Vec<String>,
+    pub sequence_column: String,
+    pub label_column: String,
+    pub best_epoch: usize,
+    pub best_metric: (String, f64),
+    pub parameters: usize,
+}
+
+pub struct FitOptions {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub seed: u64,
+    pub progress: bool,
+}
+
+pub struct Fitted {
+    pub cfg: FitConfig,
+    varmap: VarMap,
+    net: Net,
+}
+
+/// Predictions in label units: (n, 1) regression values or (n, classes) probabilities.
+fn predict_raw(net: &Net, ex: &Examples, alphabet: Alphabet, batch: usize, dev: &Device) -> Result<Vec<Vec<f64>>> {
+    let mut out = Vec::with_capacity(ex.seqs.len());
+    let id = |t: &Tensor| Ok(t.clone());
+    for chunk in ex.seqs.chunks(batch) {
+        let refs: Vec<&Vec<u8>> = chunk.iter().collect();
+        let e = encode_batch(&refs, alphabet, dev)?;
+        let y = net.forward(&e, &id)?;
+        out.extend(y.to_dtype(DType::F64)?.to_vec2::<f64>()?);
+    }
+    Ok(out)
+}
+
+impl Fitted {
+    /// Predictions in label units (regression) or class probabilities.
+    pub fn predict(&self, ex: &Examples, dev: &Device) -> Result<Vec<Vec<f64>>> {
+        let raw = predict_raw(&self.net, ex, self.cfg.alphabet, 256, dev)?;
+        Ok(match self.cfg.task {
+            Task::Regression => raw.into_iter().map(|v| vec![v[0] * self.cfg.label_std + self.cfg.label_mean]).collect(),
+            Task::Classification => raw
+                .into_iter()
+                .map(|v| {
+                    let m = v.iter().cloned().fold(f64::MIN, f64::max);
+                    let e: Vec<f64> = v.iter().map(|x| (x - m).exp()).collect();
+                    let s: f64 = e.iter().sum();
+                    e.into_iter().map(|x| x / s).collect()
+                })
+                .collect(),
+        })
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let tmp = dir.with_extension("tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", tmp.display())))?;
+        std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(&self.cfg).unwrap()).map_err(candle_core::Error::wrap)?;
+        self.varmap.save(tmp.join("model.safetensors"))?;
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::rename(&tmp, dir).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", dir.display())))
+    }
+
+    pub fn load(dir: &Path, dev: &Device) -> Result<Self> {
+        let cp = dir.join("config.json");
+        let cfg: FitConfig = serde_json::from_str(&std::fs::read_to_string(&cp).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", cp.display())))?)
+            .map_err(|e| candle_core::Error::Msg(format!("{}: not a fitted-model config: {e}", cp.display())))?;
+        let mut varmap = VarMap::new();
+        let outputs = if cfg.task == Task::Regression { 1 } else { cfg.classes.len() };
+        let net = Net::new(&cfg.model, cfg.alphabet.size(), outputs, VarBuilder::from_varmap(&varmap, DType::F32, dev))?;
+        varmap.load(dir.join("model.safetensors")).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", dir.join("model.safetensors").display())))?;
+        Ok(Self { cfg, varmap, net })
+    }
+}
+
+/// Trains on `train`, keeps the epoch with the best validation metric (Spearman or accuracy), and
+/// returns the fitted model and the per-epoch log lines.
+#[allow(clippy::too_many_arguments)]
+pub fn fit(
+    train: &Examples,
+    valid: &Examples,
+    task: Task,
+    alphabet: Alphabet,
+    classes: Vec<String>,
+    spec: ModelSpec,
+    columns: (&str, &str),
+    o: &FitOptions,
+    dev: &Device,
+    log: &mut dyn FnMut(&str),
+) -> Result<Fitted> {
+    if train.seqs.is_empty() || valid.seqs.is_empty() {
+        bail!("fit: empty training or validation set");
+    }
+    if task == Task::Classification && classes.len() < 2 {
+        bail!("fit: classification needs at least two classes, found {:?}", classes);
+    }
+    let (mean, std) = if task == Task::Regression {
+        let n = train.labels.len() as f64;
+        let m = train.labels.iter().sum::<f64>() / n;
+        let s = (train.labels.iter().map(|v| (v - m).powi(2)).sum::<f64>() / n).sqrt();
+        (m, if s > 0.0 { s } else { 1.0 })
+    } else {
+        (0.0, 1.0)
+    };
+    let outputs = if task == Task::Regression { 1 } else { classes.len() };
+    let varmap = VarMap::new();
+    let net = Net::new(&spec, alphabet.size(), outputs, VarBuilder::from_varmap(&varmap, DType::F32, dev))?;
+    init(&varmap, o.seed)?;
+    let named: Vec<(String, candle_core::Var)> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let params: usize = named.iter().map(|(_, v)| v.elem_count()).sum();
+    log(&format!("model {} (d_model {}, {}): {params} parameters", spec.kind, spec.d_model, spec.embedding));
+    let mut opt = AdamW::new(named, 0.9, 0.999, 1e-8, o.weight_decay)?;
+    let mut rng = StdRng::seed_from_u64(o.seed ^ 0xf17);
+    let metric_name = if task == Task::Regression { "spearman" } else { "accuracy" };
+    let mut best: Option<(usize, f64, Vec<(String, Tensor)>)> = None;
+    let steps_per_epoch = train.seqs.len().div_ceil(o.batch_size);
+    let total = o.epochs * steps_per_epoch;
+    let mut step = 0;
+    let bar = o.progress.then(|| {
+        let b = indicatif::ProgressBar::new(total as u64);
+        b.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").unwrap());
+        b
+    });
+    for epoch in 1..=o.epochs {
+        let mut order: Vec<usize> = (0..train.seqs.len()).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.random_range(0..=i));
+        }
+        let mut loss_sum = 0f64;
+        for chunk in order.chunks(o.batch_size) {
+            let refs: Vec<&Vec<u8>> = chunk.iter().map(|&i| &train.seqs[i]).collect();
+            let e = encode_batch(&refs, alphabet, dev)?;
+            let p = spec.dropout;
+            let mut drop_rng = StdRng::seed_from_u64(o.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let masks = std::cell::RefCell::new(&mut drop_rng);
+            let drop = |t: &Tensor| -> Result<Tensor> {
+                if p <= 0.0 {
+                    return Ok(t.clone());
+                }
+                let n = t.elem_count();
+                let v: Vec<f32> = (0..n).map(|_| if masks.borrow_mut().random::<f64>() < p { 0.0 } else { (1.0 / (1.0 - p)) as f32 }).collect();
+                t.mul(&Tensor::from_vec(v, t.shape(), t.device())?)
+            };
+            let out = net.forward(&e, &drop)?;
+            let loss = match task {
+                Task::Regression => {
+                    let y: Vec<f32> = chunk.iter().map(|&i| ((train.labels[i] - mean) / std) as f32).collect();
+                    let y = Tensor::from_vec(y, (chunk.len(), 1), dev)?;
+                    (out - y)?.sqr()?.mean_all()?
+                }
+                Task::Classification => {
+                    let y: Vec<u32> = chunk.iter().map(|&i| train.labels[i] as u32).collect();
+                    candle_nn::loss::cross_entropy(&out, &Tensor::from_vec(y, chunk.len(), dev)?)?
+                }
+            };
+            let lv = loss.to_scalar::<f32>()? as f64;
+            if !lv.is_finite() {
+                bail!("epoch {epoch}: the loss is {lv}");
+            }
+            loss_sum += lv * chunk.len() as f64;
+            let mut acc = Vec::new();
+            opt.accumulate(&mut acc, &loss.backward()?)?;
+            opt.step(&acc, o.lr * crate::optim::lr_at(step, total, total / 20, 1.0, 0.05), 1.0)?;
+            step += 1;
+            if let Some(b) = &bar {
+                b.set_position(step as u64);
+                b.set_message(format!("epoch {epoch} loss {lv:.4}"));
+            }
+        }
+        let preds = predict_raw(&net, valid, alphabet, 256, dev)?;
+        let vlabels: Vec<f64> = if task == Task::Regression { valid.labels.iter().map(|v| (v - mean) / std).collect() } else { valid.labels.clone() };
+        let m = metrics(task, &preds, &vlabels, outputs);
+        let score = m.iter().find(|(k, _)| k == metric_name).map(|x| x.1).unwrap_or(f64::NAN);
+        let line = format!("epoch {epoch}: train loss {:.4}, valid {}", loss_sum / train.seqs.len() as f64, m.iter().map(|(k, v)| format!("{k} {v:.4}")).collect::<Vec<_>>().join(", "));
+        match &bar {
+            Some(b) => b.println(line),
+            None => log(&line),
+        }
+        if best.as_ref().is_none_or(|b| score > b.1) {
+            let snapshot = varmap.data().lock().unwrap().iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?))).collect::<Result<Vec<_>>>()?;
+            best = Some((epoch, score, snapshot));
+        }
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let (best_epoch, best_score, snapshot) = best.expect("at least one epoch");
+    {
+        let data = varmap.data().lock().unwrap();
+        for (k, t) in snapshot {
+            data[&k].set(&t)?;
+        }
+    }
+    let cfg = FitConfig {
+        task,
+        alphabet,
+        model: spec,
+        label_mean: mean,
+        label_std: std,
+        classes,
+        sequence_column: columns.0.to_string(),
+        label_column: columns.1.to_string(),
+        best_epoch,
+        best_metric: (metric_name.to_string(), best_score),
+        parameters: params,
+    };
+    Ok(Fitted { cfg, varmap, net })
+}
