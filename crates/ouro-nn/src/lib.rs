@@ -16,6 +16,7 @@ pub mod lyra;
 pub mod mamba;
 pub mod mamba2;
 pub mod mamba_lm;
+pub mod matrix_mixer;
 pub mod rglru;
 pub mod s4d;
 pub mod tokenizer;
