@@ -4,10 +4,12 @@
 //! explicit state struct, and — where it is defined — its L×L mixing matrix. Models implement
 //! [`lm::LanguageModel`] and load from the checkpoints users have ([`checkpoint::Checkpoint`]).
 
+pub mod caduceus;
 pub mod checkpoint;
 pub mod discrete_mamba2;
 pub mod generate;
 pub mod griffin;
+pub mod hydra;
 pub mod layers;
 pub mod llama;
 pub mod llamba;

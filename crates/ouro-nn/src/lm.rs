@@ -132,12 +132,16 @@ pub fn architecture_of_config(c: &serde_json::Value) -> Result<&'static str> {
             "llama" => "llama",
             "llamba" => "llamba",
             "recurrent_gemma" => "recurrent_gemma",
-            other => bail!("model_type '{other}' is not supported (supported: mamba, falcon_mamba, mamba2, llama, llamba, recurrent_gemma, and mamba_ssm configs)"),
+            "caduceus" => "caduceus",
+            other => bail!("model_type '{other}' is not supported (supported: mamba, falcon_mamba, mamba2, llama, llamba, recurrent_gemma, caduceus, and mamba_ssm configs)"),
         });
     }
     // Configs without model_type: mamba_ssm's MambaConfig or Cartesia's LlambaConfig.
     if c.get("mlp_cfg").is_some() || c.pointer("/ssm_cfg/n_v_heads").is_some() {
         return Ok("llamba");
+    }
+    if c.get("rcps").is_some() || c.get("bidirectional_weight_tie").is_some() {
+        return Ok("caduceus");
     }
     if c.get("d_model").is_some() && c.get("n_layer").is_some() {
         return Ok("mamba_ssm");
@@ -153,6 +157,7 @@ pub fn load(ck: &Checkpoint, dev: &Device) -> Result<Box<dyn LanguageModel>> {
         "llama" => Box::new(crate::llama::Llama::load(ck, dtype, dev)?),
         "llamba" => Box::new(crate::llamba::Llamba::load(ck, dtype, dev)?),
         "recurrent_gemma" => Box::new(crate::griffin::Griffin::load(ck, dtype, dev)?),
+        "caduceus" => Box::new(crate::caduceus::Caduceus::load(ck, dtype, dev)?),
         other => bail!("architecture {other} has no loader"),
     })
 }

@@ -78,11 +78,17 @@ pub struct Mamba {
 
 impl Mamba {
     pub fn new(cfg: MambaConfig, vb: VarBuilder) -> Result<Self> {
+        Self::with_projections(cfg, vb.clone(), vb)
+    }
+
+    /// A mixer whose `in_proj` and `out_proj` come from `proj_vb` (shared with another mixer — Caduceus
+    /// ties the reverse direction's projections to the forward one's) and everything else from `vb`.
+    pub fn with_projections(cfg: MambaConfig, vb: VarBuilder, proj_vb: VarBuilder) -> Result<Self> {
         let (e, n, r) = (cfg.d_inner, cfg.d_state, cfg.dt_rank);
         if e == 0 || n == 0 || r == 0 || cfg.d_conv == 0 {
             bail!("mamba: d_inner, d_state, dt_rank and d_conv must be positive ({cfg:?})");
         }
-        let lin = |name: &str, i: usize, o: usize, bias: bool| {
+        let lin = |vb: &VarBuilder, name: &str, i: usize, o: usize, bias: bool| {
             if bias {
                 candle_nn::linear(i, o, vb.pp(name))
             } else {
@@ -90,16 +96,16 @@ impl Mamba {
             }
         };
         Ok(Self {
-            in_proj: lin("in_proj", cfg.d_model, 2 * e, cfg.bias)?,
+            in_proj: lin(&proj_vb, "in_proj", cfg.d_model, 2 * e, cfg.bias)?,
             conv_weight: vb.get((e, 1, cfg.d_conv), "conv1d.weight")?,
             conv_bias: if cfg.conv_bias { Some(vb.get(e, "conv1d.bias")?) } else { None },
-            x_proj: if cfg.lti { None } else { Some(lin("x_proj", e, r + 2 * n, false)?) },
+            x_proj: if cfg.lti { None } else { Some(lin(&vb, "x_proj", e, r + 2 * n, false)?) },
             dt_proj_weight: if cfg.lti { None } else { Some(vb.get((e, r), "dt_proj.weight")?) },
             bc_lti: if cfg.lti { Some((vb.get((e, n), "B_lti")?, vb.get((e, n), "C_lti")?)) } else { None },
             dt_proj_bias: vb.get(e, "dt_proj.bias")?,
             a_log: vb.get((e, n), "A_log")?,
             d: vb.get(e, "D")?,
-            out_proj: lin("out_proj", e, cfg.d_model, cfg.bias)?,
+            out_proj: lin(&proj_vb, "out_proj", e, cfg.d_model, cfg.bias)?,
             cfg,
         })
     }
