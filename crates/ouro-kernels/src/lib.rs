@@ -21,6 +21,6 @@ pub mod selective_scan;
 pub mod ssd;
 #[doc(hidden)]
 pub mod testing;
-mod util;
+pub mod util;
 
 pub use util::{seq_idx_to_vec, Segments};

@@ -188,6 +188,7 @@ fn bwd_block(
     let seg = inp.seg.row(bi, l);
     let zeros = vec![0f32; n];
     let mut dav = vec![0f32; n];
+    let mut t_dd = vec![0f32; n];
     for t in (0..l).rev() {
         let reset = seg.is_some_and(|s| t > 0 && s[t] != s[t - 1]);
         let row = (bi * l + t) * d;
@@ -221,18 +222,18 @@ fn bwd_block(
             for k in 0..n {
                 dav[k] = exp(dl * ar[k]);
             }
-            // h_t = dA ⊙ h_prev + Δ·u·B
-            let mut dd = 0f32;
-            let mut duv = 0f32;
+            // h_t = dA ⊙ h_prev + Δ·u·B. The per-k terms of dΔ and du go to vectors and are reduced with
+            // `dot` (independent accumulators), so that this loop vectorises without fast-math.
             let dar = &mut da_acc[ci * n..(ci + 1) * n];
             for k in 0..n {
                 let gdh = dhs[k];
                 let dah = dav[k] * h_prev[k];
-                dd += gdh * (ar[k] * dah + uu * br[k]);
+                t_dd[k] = ar[k] * dah + uu * br[k];
                 dar[k] += gdh * dl * dah;
                 db[lo + k] += gdh * dl * uu;
-                duv += gdh * br[k];
             }
+            let dd = dot(dhs, &t_dd);
+            let duv = dot(dhs, br);
             unsafe {
                 *ddelta.0.add(row + ch) = dd;
                 *du.0.add(row + ch) = duv * dl;

@@ -323,4 +323,10 @@ impl LanguageModel for Caduceus {
     fn step(&self, _ids: &Tensor, _cache: &mut Cache) -> Result<Tensor> {
         bail!("Caduceus is bidirectional: it cannot decode token by token")
     }
+    fn features(&self, ids: &Tensor) -> Result<Tensor> {
+        Caduceus::features(self, ids)
+    }
+    fn is_bidirectional(&self) -> bool {
+        true
+    }
 }

@@ -61,7 +61,7 @@ impl Act {
         match self {
             Act::Silu => x.silu(),
             Act::Gelu => x.gelu_erf(),
-            Act::GeluTanh => x.gelu(),
+            Act::GeluTanh => ouro_kernels::act::gelu_tanh(x),
             Act::Relu => x.relu(),
         }
     }

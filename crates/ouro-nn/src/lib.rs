@@ -7,6 +7,7 @@
 pub mod caduceus;
 pub mod checkpoint;
 pub mod discrete_mamba2;
+pub mod encoder;
 pub mod generate;
 pub mod griffin;
 pub mod hydra;

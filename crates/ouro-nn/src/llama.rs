@@ -43,6 +43,13 @@ pub struct LlamaConfig {
     /// transformers ≥ 5 keeps `rope_theta` here (with `rope_type`).
     #[serde(default)]
     pub rope_parameters: Option<serde_json::Value>,
+    /// false: a bidirectional encoder (BERT-style attention over the whole row; masked-LM training).
+    #[serde(default = "yes")]
+    pub is_causal: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_eps() -> f64 {
@@ -85,7 +92,7 @@ impl LlamaConfig {
             rope_theta: self.rope_theta,
             qkv_bias: self.attention_bias,
             out_bias: self.attention_bias,
-            window: None, causal: true,
+            window: None, causal: self.is_causal,
         }
     }
 }
@@ -154,6 +161,17 @@ impl Llama {
 }
 
 impl LanguageModel for Llama {
+    fn is_bidirectional(&self) -> bool {
+        !self.cfg.is_causal
+    }
+    fn features(&self, ids: &Tensor) -> Result<Tensor> {
+        let mut h = self.embed_tokens.forward(ids)?.to_dtype(DType::F32)?;
+        for layer in &self.layers {
+            h = self.layer_forward(layer, &h, None, None)?;
+        }
+        self.norm.forward(&h)?.unsqueeze(3)
+    }
+
     fn info(&self) -> ModelInfo {
         ModelInfo {
             architecture: "llama".into(),
@@ -171,6 +189,9 @@ impl LanguageModel for Llama {
     }
 
     fn new_cache(&self, _batch: usize) -> Result<Cache> {
+        if !self.cfg.is_causal {
+            candle_core::bail!("a bidirectional (is_causal = false) Llama cannot decode token by token");
+        }
         Ok(Cache::new((0..self.layers.len()).map(|_| LayerCache::Attention(KvCache::default())).collect()))
     }
 

@@ -115,6 +115,16 @@ pub trait LanguageModel: Send + Sync {
     fn forward(&self, ids: &Tensor, seq_idx: Option<&Tensor>, cache: Option<&mut Cache>) -> Result<Tensor>;
     /// One token per sequence: ids (b) → logits (b, vocab), advancing the cache.
     fn step(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor>;
+    /// Final normalised hidden states for a classification head: (b, l, d, strands), with 2 strands (forward
+    /// and reverse-complement representations, aligned) for RC-equivariant models and 1 otherwise.
+    fn features(&self, ids: &Tensor) -> Result<Tensor> {
+        let _ = ids;
+        bail!("{} does not expose its hidden states", self.info().architecture)
+    }
+    /// Bidirectional encoders (masked LMs) see the whole sequence and cannot decode.
+    fn is_bidirectional(&self) -> bool {
+        false
+    }
 }
 
 /// The architecture named by a checkpoint's config.
@@ -133,7 +143,8 @@ pub fn architecture_of_config(c: &serde_json::Value) -> Result<&'static str> {
             "llamba" => "llamba",
             "recurrent_gemma" => "recurrent_gemma",
             "caduceus" => "caduceus",
-            other => bail!("model_type '{other}' is not supported (supported: mamba, falcon_mamba, mamba2, llama, llamba, recurrent_gemma, caduceus, and mamba_ssm configs)"),
+            "mixer_encoder" => "mixer_encoder",
+            other => bail!("model_type '{other}' is not supported (supported: mamba, falcon_mamba, mamba2, llama, llamba, recurrent_gemma, caduceus, mixer_encoder, and mamba_ssm configs)"),
         });
     }
     // Configs without model_type: mamba_ssm's MambaConfig or Cartesia's LlambaConfig.
@@ -158,6 +169,7 @@ pub fn load(ck: &Checkpoint, dev: &Device) -> Result<Box<dyn LanguageModel>> {
         "llamba" => Box::new(crate::llamba::Llamba::load(ck, dtype, dev)?),
         "recurrent_gemma" => Box::new(crate::griffin::Griffin::load(ck, dtype, dev)?),
         "caduceus" => Box::new(crate::caduceus::Caduceus::load(ck, dtype, dev)?),
+        "mixer_encoder" => Box::new(crate::encoder::Encoder::load(ck, dtype, dev)?),
         other => bail!("architecture {other} has no loader"),
     })
 }

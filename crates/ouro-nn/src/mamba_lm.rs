@@ -363,7 +363,12 @@ impl MambaLm {
         Ok(Self { cfg, arch: arch.to_string(), embedding, blocks, norm_f, lm_head, device })
     }
 
-    fn run(&self, ids: &Tensor, seq_idx: Option<&Tensor>, mut cache: Option<&mut Cache>) -> Result<Tensor> {
+    fn run(&self, ids: &Tensor, seq_idx: Option<&Tensor>, cache: Option<&mut Cache>) -> Result<Tensor> {
+        self.lm_head.forward(&self.hidden(ids, seq_idx, cache)?)
+    }
+
+    /// Final normalised hidden states (b, l, d).
+    pub fn hidden(&self, ids: &Tensor, seq_idx: Option<&Tensor>, mut cache: Option<&mut Cache>) -> Result<Tensor> {
         let mut h = self.embedding.forward(ids)?.to_dtype(DType::F32)?;
         for (i, blk) in self.blocks.iter().enumerate() {
             let lc = cache.as_deref_mut().map(|c| &mut c.layers[i]);
@@ -382,11 +387,15 @@ impl MambaLm {
                 h = (&h + mlp.forward(&n2.forward(&h)?)?)?;
             }
         }
-        self.lm_head.forward(&self.norm_f.forward(&h)?)
+        self.norm_f.forward(&h)
     }
 }
 
 impl LanguageModel for MambaLm {
+    fn features(&self, ids: &Tensor) -> Result<Tensor> {
+        self.hidden(ids, None, None)?.unsqueeze(3)
+    }
+
     fn info(&self) -> ModelInfo {
         let mut state = 0;
         let mut kv = 0;

@@ -112,7 +112,7 @@ impl RecurrentBlock {
     pub fn forward(&self, x: &Tensor, reset: &Tensor, seq_idx: Option<&Tensor>, state: Option<&mut RgLruState>) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let w = self.width;
-        let y = self.linear_y.forward(x)?.gelu()?;
+        let y = ouro_kernels::act::gelu_tanh(&self.linear_y.forward(x)?)?;
         let xb = self.linear_x.forward(x)?;
         let conv_in = state.as_ref().map(|s| s.conv.clone());
         let u = causal_conv1d(&xb, &self.conv_weight, Some(&self.conv_bias), conv_in.as_ref(), seq_idx)?;
@@ -129,7 +129,7 @@ impl RecurrentBlock {
     /// One token per sequence: x (b, d_model). `reset`: this token starts its sequence.
     pub fn step(&self, x: &Tensor, reset: bool, state: &mut RgLruState) -> Result<Tensor> {
         let b = x.dim(0)?;
-        let y = self.linear_y.forward(x)?.gelu()?;
+        let y = ouro_kernels::act::gelu_tanh(&self.linear_y.forward(x)?)?;
         let xb = self.linear_x.forward(x)?;
         let (u, conv) = causal_conv1d_step(&state.conv, &xb, &self.conv_weight, Some(&self.conv_bias))?;
         let r = Tensor::full(reset as u8 as f32, (b, 1), x.device())?;

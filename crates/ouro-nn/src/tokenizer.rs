@@ -17,6 +17,9 @@ pub enum Tokenizer {
     Hf { tok: Box<tokenizers::Tokenizer>, bos: Option<u32>, eos: Vec<u32>, add_bos: bool },
     /// Token = byte value (vocab 256, plus any specials above it).
     Bytes,
+    /// Caduceus' DNA characters ([`crate::caduceus::DNA_VOCAB`]: 7 specials, then A C G T N; vocab 12):
+    /// A/C/G/T/N in either case, whitespace skipped, anything else [UNK].
+    Dna,
 }
 
 fn msg<E: std::fmt::Display>(what: impl std::fmt::Display) -> impl FnOnce(E) -> candle_core::Error {
@@ -30,6 +33,7 @@ impl Tokenizer {
         let eos_cfg = eos_from_config(&ck.config);
         match override_ {
             Some("bytes") => return Ok(Tokenizer::Bytes),
+            Some("dna") => return Ok(Tokenizer::Dna),
             Some(p) => return Self::from_file(Path::new(p), None, eos_cfg),
             None => {}
         }
@@ -41,10 +45,15 @@ impl Tokenizer {
             let bos = ck.config.get("bos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
             return Self::from_file(&file, bos, eos_cfg);
         }
-        if ck.config.get("tokenizer").and_then(|v| v.as_str()) == Some("bytes") {
-            return Ok(Tokenizer::Bytes);
+        match ck.config.get("tokenizer").and_then(|v| v.as_str()) {
+            Some("bytes") => return Ok(Tokenizer::Bytes),
+            Some("dna") => return Ok(Tokenizer::Dna),
+            _ => {}
         }
-        bail!("{}: no tokenizer.json (pass --tokenizer FILE, or --tokenizer bytes for a byte-level model)", ck.path.display())
+        if ck.config.get("rcps").is_some() {
+            return Ok(Tokenizer::Dna); // Caduceus checkpoints use the DNA character tokenizer
+        }
+        bail!("{}: no tokenizer.json (pass --tokenizer FILE, --tokenizer bytes for a byte-level model or --tokenizer dna)", ck.path.display())
     }
 
     pub fn from_file(path: &Path, bos: Option<u32>, eos: Vec<u32>) -> Result<Self> {
@@ -99,6 +108,18 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         match self {
             Tokenizer::Bytes => Ok(text.bytes().map(u32::from).collect()),
+            Tokenizer::Dna => Ok(text
+                .bytes()
+                .filter(|b| !b.is_ascii_whitespace())
+                .map(|b| match b.to_ascii_uppercase() {
+                    b'A' => 7,
+                    b'C' => 8,
+                    b'G' => 9,
+                    b'T' => 10,
+                    b'N' => 11,
+                    _ => 6,
+                })
+                .collect()),
             Tokenizer::Hf { tok, bos, add_bos, .. } => {
                 let enc = tok.encode(text, true).map_err(msg("tokenizing"))?;
                 let mut ids = enc.get_ids().to_vec();
@@ -118,6 +139,10 @@ impl Tokenizer {
                 let bytes: Vec<u8> = ids.iter().filter(|&&t| t < 256).map(|&t| t as u8).collect();
                 Ok(String::from_utf8_lossy(&bytes).into_owned())
             }
+            Tokenizer::Dna => Ok(ids
+                .iter()
+                .map(|&t| crate::caduceus::DNA_VOCAB.get(t as usize).copied().unwrap_or("[UNK]"))
+                .collect()),
             Tokenizer::Hf { tok, .. } => tok.decode(ids, false).map_err(msg("decoding")),
         }
     }
@@ -125,7 +150,7 @@ impl Tokenizer {
     /// Tokens that end a generation.
     pub fn eos(&self) -> Vec<u32> {
         match self {
-            Tokenizer::Bytes => vec![],
+            Tokenizer::Bytes | Tokenizer::Dna => vec![],
             Tokenizer::Hf { eos, .. } => eos.clone(),
         }
     }
@@ -134,7 +159,17 @@ impl Tokenizer {
     pub fn token_id(&self, s: &str) -> Option<u32> {
         match self {
             Tokenizer::Bytes => None,
+            Tokenizer::Dna => crate::caduceus::DNA_VOCAB.iter().position(|&t| t == s).map(|i| i as u32),
             Tokenizer::Hf { tok, .. } => tok.token_to_id(s),
+        }
+    }
+
+    /// Vocabulary size (specials included; Bytes: 256).
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Tokenizer::Bytes => 256,
+            Tokenizer::Dna => crate::caduceus::DNA_VOCAB.len(),
+            Tokenizer::Hf { tok, .. } => tok.get_vocab_size(true),
         }
     }
 }

@@ -14,7 +14,9 @@ pub struct TrainConfig {
     pub train: TrainSpec,
 }
 
-/// The model to train. `arch`: "mamba2", "mamba" or "llama".
+/// The model to train. `arch`: causal "mamba2", "mamba", "llama", "hawk", "griffin"; bidirectional (masked
+/// objective) "caduceus" (BiMamba, or RCPS with `rcps = true`), "hydra", "mixer" (a matrix-mixer encoder),
+/// "bert" (the Llama Transformer with bidirectional attention).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
@@ -54,7 +56,30 @@ pub struct ModelSpec {
     /// Griffin: local attention window.
     #[serde(default = "default_window")]
     pub window: usize,
+    /// Caduceus: reverse-complement parameter sharing (Caduceus-PS); needs the DNA tokenizer.
+    #[serde(default)]
+    pub rcps: bool,
+    /// Caduceus: how the two directions combine ("add" or "ew_multiply").
+    #[serde(default = "add")]
+    pub bidirectional_strategy: String,
+    /// arch = "mixer": the matrix-mixer class (dense, toeplitz, vandermonde, cauchy, low_rank, attention,
+    /// semiseparable, quasiseparable).
+    #[serde(default)]
+    pub mixer: Option<String>,
+    /// arch = "mixer": sequence-aligned (input-dependent) matrices, or learned data-independent ones.
+    #[serde(default = "yes")]
+    pub data_dependent: bool,
 }
+
+fn add() -> String {
+    "add".into()
+}
+fn yes() -> bool {
+    true
+}
+
+/// Architectures that see the whole sequence (trained with the masked objective).
+pub const BIDIRECTIONAL: [&str; 4] = ["caduceus", "hydra", "mixer", "bert"];
 
 fn default_window() -> usize {
     128
@@ -79,7 +104,7 @@ pub struct DataSpec {
     /// A corpus name (`ouro data fetch NAME`: shakespeare, kjv, austen, celegans-chrx, ecoli), a text file, a
     /// folder of .txt files, or a synthetic task (selective-copying, induction-heads).
     pub corpus: String,
-    /// "bytes" or a path to a tokenizer.json.
+    /// "bytes", "dna" (Caduceus' DNA characters, with a complement map) or a path to a tokenizer.json.
     #[serde(default = "bytes")]
     pub tokenizer: String,
     pub seq_len: usize,
@@ -113,6 +138,10 @@ pub struct TrainSpec {
     /// Fraction of tokens masked (masked objective).
     #[serde(default = "mask_prob")]
     pub mask_prob: f64,
+    /// Reverse-complement data augmentation (DNA tokenizer): each training window is replaced by its
+    /// reverse complement with probability ½ (Caduceus-Ph pretraining).
+    #[serde(default)]
+    pub rc_augment: bool,
     pub batch_size: usize,
     #[serde(default = "one")]
     pub grad_accum: usize,
@@ -204,8 +233,24 @@ impl TrainConfig {
         if m.lti && m.arch != "mamba" {
             bail!("model.lti applies to arch = \"mamba\" (an S6 mixer with data-independent Δ, B, C)");
         }
-        if !["mamba", "mamba2", "llama", "hawk", "griffin"].contains(&m.arch.as_str()) {
-            bail!("model.arch '{}' is not one of mamba, mamba2, llama, hawk, griffin", m.arch);
+        if !["mamba", "mamba2", "llama", "hawk", "griffin", "caduceus", "hydra", "mixer", "bert"].contains(&m.arch.as_str()) {
+            bail!("model.arch '{}' is not one of mamba, mamba2, llama, hawk, griffin, caduceus, hydra, mixer, bert", m.arch);
+        }
+        let bidirectional = BIDIRECTIONAL.contains(&m.arch.as_str());
+        if bidirectional && t.objective != "masked" {
+            bail!("model.arch = \"{}\" is bidirectional: set train.objective = \"masked\"", m.arch);
+        }
+        if m.rcps && (m.arch != "caduceus" || d.tokenizer != "dna") {
+            bail!("model.rcps needs arch = \"caduceus\" and data.tokenizer = \"dna\" (the complement map)");
+        }
+        if t.rc_augment && d.tokenizer != "dna" {
+            bail!("train.rc_augment needs data.tokenizer = \"dna\"");
+        }
+        if (m.arch == "mixer") != m.mixer.is_some() {
+            bail!("model.mixer (the matrix-mixer class) goes with arch = \"mixer\" and only with it");
+        }
+        if !["add", "ew_multiply"].contains(&m.bidirectional_strategy.as_str()) {
+            bail!("model.bidirectional_strategy '{}' is not add or ew_multiply", m.bidirectional_strategy);
         }
         if m.d_model == 0 || m.n_layer == 0 {
             bail!("model.d_model and model.n_layer must be positive");
@@ -234,10 +279,29 @@ impl ModelSpec {
         self.d_state.unwrap_or(if self.arch == "mamba" { 16 } else { 64 })
     }
 
-    /// The checkpoint config.json for this model with `vocab` tokens.
-    pub fn checkpoint_config(&self, vocab: usize, tokenizer: &str) -> Result<serde_json::Value> {
-        let tok = if tokenizer == "bytes" { json!("bytes") } else { json!(null) };
+    /// The checkpoint config.json for this model with `vocab` tokens and windows of `seq_len`.
+    pub fn checkpoint_config(&self, vocab: usize, tokenizer: &str, seq_len: usize) -> Result<serde_json::Value> {
+        let tok = if tokenizer == "bytes" || tokenizer == "dna" { json!(tokenizer) } else { json!(null) };
         Ok(match self.arch.as_str() {
+            "caduceus" => json!({
+                "model_type": "caduceus", "d_model": self.d_model, "n_layer": self.n_layer, "vocab_size": vocab,
+                "ssm_cfg": {"d_state": self.d_state(), "d_conv": self.d_conv, "expand": self.expand},
+                "rms_norm": true, "residual_in_fp32": true, "fused_add_norm": true, "norm_epsilon": 1e-5,
+                "bidirectional": true, "bidirectional_strategy": self.bidirectional_strategy, "bidirectional_weight_tie": true,
+                "rcps": self.rcps, "pad_vocab_size_multiple": 8, "tokenizer": tok,
+            }),
+            "hydra" | "mixer" => {
+                if (self.expand * self.d_model) % self.headdim != 0 {
+                    bail!("model: expand·d_model = {} is not a multiple of headdim {}", self.expand * self.d_model, self.headdim);
+                }
+                json!({
+                    "model_type": "mixer_encoder", "d_model": self.d_model, "n_layer": self.n_layer, "vocab_size": vocab,
+                    "mixer": self.mixer.clone().unwrap_or_else(|| "hydra".into()), "data_dependent": self.data_dependent,
+                    "d_state": self.d_state(), "headdim": self.headdim, "expand": self.expand, "d_conv": 7,
+                    "ngroups": self.ngroups, "max_seq_len": seq_len, "d_intermediate": self.d_intermediate,
+                    "pad_vocab_size_multiple": 8, "tokenizer": tok,
+                })
+            }
             "mamba" | "mamba2" => {
                 let ssm = if self.arch == "mamba2" {
                     if (self.expand * self.d_model) % self.headdim != 0 {
@@ -258,12 +322,13 @@ impl ModelSpec {
                     "fused_add_norm": true, "pad_vocab_size_multiple": 8, "tie_embeddings": true, "tokenizer": tok,
                 })
             }
-            "llama" => {
+            "llama" | "bert" => {
                 let heads = self.n_heads.unwrap_or((self.d_model / 64).max(1));
                 if self.d_model % heads != 0 {
                     bail!("model: d_model {} is not divisible by n_heads {heads}", self.d_model);
                 }
                 json!({
+                    "is_causal": self.arch == "llama",
                     "model_type": "llama", "vocab_size": vocab, "hidden_size": self.d_model,
                     "intermediate_size": self.intermediate_size.unwrap_or_else(|| self.matched_intermediate(vocab)),
                     "num_hidden_layers": self.n_layer, "num_attention_heads": heads,

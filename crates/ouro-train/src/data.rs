@@ -150,12 +150,30 @@ impl Stream {
     }
 
     /// `batch` random windows for optimizer step `step` (micro-batch `micro`), reproducible from the seed.
-    pub fn sample(&self, batch: usize, seq_len: usize, seed: u64, step: u64, micro: u64, dev: &Device) -> Result<Batch> {
+    /// With `rc` (a complement map over token ids), each window is replaced by its reverse complement with
+    /// probability ½ (DNA reverse-complement augmentation).
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample(&self, batch: usize, seq_len: usize, seed: u64, step: u64, micro: u64, rc: Option<&[u32]>, dev: &Device) -> Result<Batch> {
         if self.len() < seq_len + 1 {
             bail!("the training data has {} tokens, fewer than seq_len + 1 = {}", self.len(), seq_len + 1);
         }
         let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step.wrapping_mul(0xBF58_476D_1CE4_E5B9) ^ micro.wrapping_mul(0x94D0_49BB_1331_11EB));
-        let rows = (0..batch).map(|_| self.window(rng.random_range(0..=self.len() - seq_len - 1), seq_len)).collect();
+        let rows = (0..batch)
+            .map(|_| {
+                let (mut toks, mut docs) = self.window(rng.random_range(0..=self.len() - seq_len - 1), seq_len);
+                if let Some(map) = rc {
+                    if rng.random::<bool>() {
+                        toks.reverse();
+                        toks.iter_mut().for_each(|t| *t = map.get(*t as usize).copied().unwrap_or(*t));
+                        // Documents renumbered so that they still increase along the window.
+                        docs.reverse();
+                        let first = docs[0];
+                        docs.iter_mut().for_each(|d| *d = first - *d);
+                    }
+                }
+                (toks, docs)
+            })
+            .collect();
         make_batch(rows, seq_len, dev)
     }
 

@@ -68,7 +68,21 @@ impl Trainable {
                     })
                     .collect()
             };
-            let values: Vec<f32> = if name.ends_with("A_log") {
+            // Xavier (Glorot) std for torch's fan conventions: fan_in = dims[1]·receptive, fan_out = dims[0]·receptive.
+            let xavier = || {
+                let rf: usize = dims.iter().skip(2).product();
+                let (fi, fo) = (dims.get(1).copied().unwrap_or(1) * rf, dims[0] * rf);
+                (2.0 / (fi + fo) as f64).sqrt()
+            };
+            let values: Vec<f32> = if name.contains("matrix_mixer.") && ["M", "q_matrix", "k_matrix", "BC"].iter().any(|p| name.ends_with(&format!(".{p}"))) {
+                normal(&mut rng, xavier()) // goombalab/hydra matrix_mixers: xavier_normal_
+            } else if name.ends_with("matrix_mixer.conv_params") {
+                uniform(&mut rng, xavier() * 3f64.sqrt()) // xavier_uniform_
+            } else if name.ends_with("matrix_mixer.bias") {
+                vec![0.5; n] // Cauchy's scalar shift
+            } else if name.ends_with("A_log") && arch == "mixer_encoder" {
+                vec![0.0; n] // Hydra: A = −1 for every head
+            } else if name.ends_with("A_log") {
                 if dims.len() == 2 {
                     // Mamba: A = −(1..N) per channel (S4D-real).
                     (0..n).map(|i| ((i % dims[1]) as f32 + 1.0).ln()).collect()
@@ -149,6 +163,14 @@ pub fn build(config: &serde_json::Value, vb: VarBuilder<'static>) -> Result<Box<
     let arch = ouro_nn::lm::architecture_of_config(config)?;
     Ok(match arch {
         "llamba" => bail!("training Llamba from scratch is not supported; distil it (ouro distill)"),
+        "caduceus" => {
+            let cfg: ouro_nn::caduceus::CaduceusConfig = serde_json::from_value(config.clone()).map_err(|e| candle_core::Error::Msg(format!("caduceus config: {e}")))?;
+            Box::new(ouro_nn::caduceus::Caduceus::new(cfg, vb)?)
+        }
+        "mixer_encoder" => {
+            let cfg: ouro_nn::encoder::EncoderConfig = serde_json::from_value(config.clone()).map_err(|e| candle_core::Error::Msg(format!("mixer_encoder config: {e}")))?;
+            Box::new(ouro_nn::encoder::Encoder::new(cfg, vb)?)
+        }
         "recurrent_gemma" => Box::new(ouro_nn::griffin::Griffin::new(ouro_nn::griffin::GriffinConfig::from_json(config)?, vb)?),
         "llama" => {
             let mut cfg: ouro_nn::llama::LlamaConfig = serde_json::from_value(config.clone()).map_err(|e| candle_core::Error::Msg(format!("llama config: {e}")))?;

@@ -55,7 +55,9 @@ impl AdamW {
         acc.resize(self.params.len(), None);
         for (slot, p) in acc.iter_mut().zip(&self.params) {
             if let Some(g) = grads.get(p.var.as_tensor()) {
-                let g = g.to_dtype(DType::F32)?;
+                // Detached: a gradient produced by a custom op's backward can still reference this step's
+                // forward graph, and the moments built from it would chain every step's graph (a leak).
+                let g = g.detach().to_dtype(DType::F32)?;
                 *slot = Some(match slot.take() {
                     Some(prev) => (prev + g)?,
                     None => g,
@@ -89,8 +91,8 @@ impl AdamW {
             if p.decay && self.weight_decay != 0.0 {
                 w = (w * (1.0 - lr * self.weight_decay))?;
             }
-            p.m = ((&p.m * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
-            p.v = ((&p.v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+            p.m = ((&p.m * self.beta1)? + (&g * (1.0 - self.beta1))?)?.detach();
+            p.v = ((&p.v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?.detach();
             let denom = ((p.v.sqrt()? / bc2_sqrt)? + self.eps)?;
             w = (w - (p.m.div(&denom)? * (lr / bc1))?)?;
             p.var.set(&w.to_dtype(p.var.dtype())?)?;
@@ -130,4 +132,47 @@ pub fn lr_at(step: usize, total: usize, warmup: usize, lr: f64, min_lr: f64) -> 
     let span = total.saturating_sub(warmup).max(1);
     let progress = ((step - warmup) as f64 / span as f64).min(1.0);
     min_lr + 0.5 * (lr - min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape};
+
+    /// y = x², whose backward returns a gradient that still references the graph (2·x·grad with x tracked),
+    /// as a custom op's backward may.
+    struct Square;
+    impl CustomOp1 for Square {
+        fn name(&self) -> &'static str {
+            "square"
+        }
+        fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+            let x = s.as_slice::<f32>()?;
+            Ok((CpuStorage::F32(x[l.start_offset()..].iter().map(|v| v * v).collect()), l.shape().clone()))
+        }
+        fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+            Ok(Some((arg * 2.0)?.mul(grad)?))
+        }
+    }
+
+    #[test]
+    fn optimizer_state_holds_no_graph() -> Result<()> {
+        let var = Var::new(&[1f32, -2.0, 3.0], &Device::Cpu)?;
+        let mut opt = AdamW::new(vec![("w".into(), var.clone())], 0.9, 0.95, 1e-8, 0.0)?;
+        for _ in 0..3 {
+            let loss = var.as_tensor().apply_op1(Square)?.sum_all()?;
+            let mut acc = Vec::new();
+            opt.accumulate(&mut acc, &loss.backward()?)?;
+            assert!(acc[0].as_ref().is_some_and(|g| !g.track_op()), "accumulated gradient tracks the graph");
+            opt.step(&acc, 1e-2, 1.0)?;
+            // A moment that tracked its inputs would chain every step's forward graph: memory growing per step.
+            assert!(!opt.params[0].m.track_op() && !opt.params[0].v.track_op());
+        }
+        // AdamW moved every weight towards 0 (the minimum of Σ w²).
+        let w = var.as_tensor().to_vec1::<f32>()?;
+        for (a, b) in w.iter().zip([1f32, -2.0, 3.0]) {
+            assert!(a.abs() < b.abs(), "{w:?}");
+        }
+        Ok(())
+    }
 }

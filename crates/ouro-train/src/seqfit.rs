@@ -268,12 +268,45 @@ fn encode_batch(seqs: &[&Vec<u8>], alphabet: Alphabet, dev: &Device) -> Result<E
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelSpec {
-    /// lyra, cnn, transformer, mamba
+    /// lyra, cnn, transformer, mamba, or backbone (any model `ouro train` builds, described by `backbone`)
     pub kind: String,
     pub d_model: usize,
     /// One-hot inputs (Lyra's default) or a learned embedding.
     pub embedding: String,
     pub dropout: f64,
+    /// kind = backbone: the checkpoint config.json of the sequence model under the classification head
+    /// (Caduceus, Hydra, a matrix-mixer encoder, Mamba, Llama/BERT, ...). Its token ids: the DNA tokenizer's
+    /// for DNA, the alphabet index (symbols, ambiguous, padding) otherwise.
+    #[serde(default)]
+    pub backbone: Option<serde_json::Value>,
+    /// Reverse-complement augmentation while training (DNA): each sequence is replaced by its reverse
+    /// complement with probability ½ (Caduceus-Ph).
+    #[serde(default)]
+    pub rc_augment: bool,
+    /// Post-hoc conjoining (DNA): predictions average the model's outputs on x and on rc(x).
+    #[serde(default)]
+    pub conjoin: bool,
+}
+
+impl ModelSpec {
+    /// A small fixed model of `kind` (lyra, cnn, transformer, mamba) with d_model channels.
+    pub fn simple(kind: &str, d_model: usize, embedding: &str, dropout: f64) -> Self {
+        Self { kind: kind.into(), d_model, embedding: embedding.into(), dropout, backbone: None, rc_augment: false, conjoin: false }
+    }
+}
+
+/// The backbone's token id for each alphabet index (symbols, ambiguous, padding) and its vocabulary size.
+pub fn backbone_tokens(alphabet: Alphabet) -> (Vec<u32>, usize) {
+    match alphabet {
+        // Caduceus' DNA characters: A C G T N, padding [PAD].
+        Alphabet::Dna => (vec![7, 8, 9, 10, 11, ouro_nn::caduceus::DNA_PAD], ouro_nn::caduceus::DNA_VOCAB.len()),
+        a => ((0..a.size() as u32 + 2).collect(), a.size() + 2),
+    }
+}
+
+/// The reverse complement of an encoded DNA sequence (alphabet indices A C G T = 0..3; N and padding kept).
+pub fn reverse_complement(seq: &[u8]) -> Vec<u8> {
+    seq.iter().rev().map(|&c| if c < 4 { 3 - c } else { c }).collect()
 }
 
 /// Models mapping an encoded batch to (b, outputs).
@@ -282,6 +315,9 @@ enum Net {
     Cnn { input: Input, convs: Vec<(Tensor, Tensor)>, head: Linear },
     Transformer { input: Input, layers: Vec<(RmsNorm, Attention, RmsNorm, ouro_nn::layers::GluMlp)>, norm: RmsNorm, head: Linear },
     Mamba { input: Input, layers: Vec<(RmsNorm, ouro_nn::Mamba2)>, norm: RmsNorm, head: Linear },
+    /// Any trainable sequence model's final hidden states (b, L, d, strands), masked mean over L, a linear
+    /// head per strand, averaged over strands (Caduceus' CaduceusForSequenceClassification).
+    Backbone { tr: crate::model::Trainable, tokens: Vec<u32>, head: Linear },
 }
 
 /// One-hot through a linear layer, or a learned embedding.
@@ -313,9 +349,28 @@ fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
 }
 
 impl Net {
-    fn new(spec: &ModelSpec, a: usize, outputs: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(spec: &ModelSpec, alphabet: Alphabet, outputs: usize, varmap: &VarMap, dev: &Device) -> Result<Self> {
+        let a = alphabet.size();
+        let vb = VarBuilder::from_varmap(varmap, DType::F32, dev);
         let d = spec.d_model;
+        if (spec.rc_augment || spec.conjoin) && alphabet != Alphabet::Dna {
+            bail!("reverse-complement augmentation and conjoining need the dna alphabet");
+        }
         Ok(match spec.kind.as_str() {
+            "backbone" => {
+                let cfg = spec.backbone.clone().ok_or_else(|| candle_core::Error::Msg("model backbone: no backbone config".into()))?;
+                let tr = crate::model::Trainable::new(cfg, dev)?;
+                let (tokens, vocab) = backbone_tokens(alphabet);
+                let rows = tr.model.info().vocab_size;
+                if rows < vocab {
+                    bail!("the backbone has {rows} token embeddings, the {alphabet:?} alphabet needs {vocab}");
+                }
+                // The backbone's parameters join the fit's VarMap under "backbone.", sharing storage.
+                for (k, v) in tr.named_vars() {
+                    varmap.data().lock().unwrap().insert(format!("backbone.{k}"), v);
+                }
+                Net::Backbone { head: linear(vb.pp("head"), tr.model.info().d_model, outputs, true)?, tr, tokens }
+            }
             "lyra" => {
                 if spec.embedding != "onehot" {
                     bail!("lyra takes one-hot inputs (--embedding onehot)");
@@ -357,7 +412,7 @@ impl Net {
                     .collect::<Result<Vec<_>>>()?;
                 Net::Mamba { input, layers, norm: RmsNorm::new(d, 1e-5, vb.pp("norm"))?, head: linear(vb.pp("head"), d, outputs, true)? }
             }
-            other => bail!("unknown model '{other}' (lyra, cnn, transformer, mamba)"),
+            other => bail!("unknown model '{other}' (lyra, cnn, transformer, mamba, backbone)"),
         })
     }
 
@@ -391,6 +446,22 @@ impl Net {
                 }
                 head.forward(&masked_mean(&norm.forward(&x)?, &e.mask)?)
             }
+            Net::Backbone { tr, tokens, head } => {
+                let map = Tensor::new(tokens.as_slice(), e.ids.device())?;
+                let (b, l) = e.ids.dims2()?;
+                let ids = map.index_select(&e.ids.flatten_all()?, 0)?.reshape((b, l))?;
+                let f = tr.model.features(&ids)?; // (b, L, d, strands)
+                let strands = f.dim(3)?;
+                let mut out: Option<Tensor> = None;
+                for s in 0..strands {
+                    let y = head.forward(&drop(&masked_mean(&f.narrow(3, s, 1)?.squeeze(3)?, &e.mask)?)?)?;
+                    out = Some(match out {
+                        None => y,
+                        Some(o) => (o + y)?,
+                    });
+                }
+                out.expect("at least one strand") / strands as f64
+            }
         }
     }
 }
@@ -401,6 +472,9 @@ fn init(varmap: &VarMap, seed: u64) -> Result<()> {
     let mut named: Vec<(String, candle_core::Var)> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, var) in named {
+        if name.starts_with("backbone.") {
+            continue; // initialised by the backbone's own rules (or loaded from --init)
+        }
         let dims = var.dims().to_vec();
         let n: usize = dims.iter().product();
         let mut normal = |std: f64| -> Vec<f32> {
@@ -561,6 +635,8 @@ pub struct FitConfig {
 }
 
 pub struct FitOptions {
+    /// kind = backbone: start from this checkpoint's weights (e.g. a model pretrained by `ouro train`).
+    pub init: Option<std::path::PathBuf>,
     pub epochs: usize,
     pub batch_size: usize,
     pub lr: f64,
@@ -575,14 +651,18 @@ pub struct Fitted {
     net: Net,
 }
 
-/// Predictions in label units: (n, 1) regression values or (n, classes) probabilities.
-fn predict_raw(net: &Net, ex: &Examples, alphabet: Alphabet, batch: usize, dev: &Device) -> Result<Vec<Vec<f64>>> {
+/// The network's raw outputs (b, outputs); with `conjoin`, the mean of the outputs on x and on rc(x).
+fn predict_raw(net: &Net, ex: &Examples, alphabet: Alphabet, conjoin: bool, batch: usize, dev: &Device) -> Result<Vec<Vec<f64>>> {
     let mut out = Vec::with_capacity(ex.seqs.len());
     let id = |t: &Tensor| Ok(t.clone());
     for chunk in ex.seqs.chunks(batch) {
         let refs: Vec<&Vec<u8>> = chunk.iter().collect();
-        let e = encode_batch(&refs, alphabet, dev)?;
-        let y = net.forward(&e, &id)?;
+        let mut y = net.forward(&encode_batch(&refs, alphabet, dev)?, &id)?;
+        if conjoin {
+            let rc: Vec<Vec<u8>> = chunk.iter().map(|s| reverse_complement(s)).collect();
+            let refs: Vec<&Vec<u8>> = rc.iter().collect();
+            y = ((y + net.forward(&encode_batch(&refs, alphabet, dev)?, &id)?)? * 0.5)?;
+        }
         out.extend(y.to_dtype(DType::F64)?.to_vec2::<f64>()?);
     }
     Ok(out)
@@ -591,7 +671,7 @@ fn predict_raw(net: &Net, ex: &Examples, alphabet: Alphabet, batch: usize, dev: 
 impl Fitted {
     /// Predictions in label units (regression) or class probabilities.
     pub fn predict(&self, ex: &Examples, dev: &Device) -> Result<Vec<Vec<f64>>> {
-        let raw = predict_raw(&self.net, ex, self.cfg.alphabet, 256, dev)?;
+        let raw = predict_raw(&self.net, ex, self.cfg.alphabet, self.cfg.model.conjoin, 256, dev)?;
         Ok(match self.cfg.task {
             Task::Regression => raw.into_iter().map(|v| vec![v[0] * self.cfg.label_std + self.cfg.label_mean]).collect(),
             Task::Classification => raw
@@ -622,7 +702,7 @@ impl Fitted {
             .map_err(|e| candle_core::Error::Msg(format!("{}: not a fitted-model config: {e}", cp.display())))?;
         let mut varmap = VarMap::new();
         let outputs = if cfg.task == Task::Regression { 1 } else { cfg.classes.len() };
-        let net = Net::new(&cfg.model, cfg.alphabet.size(), outputs, VarBuilder::from_varmap(&varmap, DType::F32, dev))?;
+        let net = Net::new(&cfg.model, cfg.alphabet, outputs, &varmap, dev)?;
         varmap.load(dir.join("model.safetensors")).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", dir.join("model.safetensors").display())))?;
         Ok(Self { cfg, varmap, net })
     }
@@ -659,8 +739,18 @@ pub fn fit(
     };
     let outputs = if task == Task::Regression { 1 } else { classes.len() };
     let varmap = VarMap::new();
-    let net = Net::new(&spec, alphabet.size(), outputs, VarBuilder::from_varmap(&varmap, DType::F32, dev))?;
+    let net = Net::new(&spec, alphabet, outputs, &varmap, dev)?;
     init(&varmap, o.seed)?;
+    match (&net, &o.init) {
+        (Net::Backbone { tr, .. }, Some(path)) => {
+            let ck = ouro_nn::checkpoint::Checkpoint::open(path)?;
+            tr.load_weights(&ck)?;
+            log(&format!("backbone initialised from {}", path.display()));
+        }
+        (Net::Backbone { tr, .. }, None) => tr.init(o.seed)?,
+        (_, Some(_)) => bail!("--init needs a backbone model"),
+        _ => {}
+    }
     let named: Vec<(String, candle_core::Var)> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let params: usize = named.iter().map(|(_, v)| v.elem_count()).sum();
     log(&format!("model {} (d_model {}, {}): {params} parameters", spec.kind, spec.d_model, spec.embedding));
@@ -683,7 +773,11 @@ pub fn fit(
         }
         let mut loss_sum = 0f64;
         for chunk in order.chunks(o.batch_size) {
-            let refs: Vec<&Vec<u8>> = chunk.iter().map(|&i| &train.seqs[i]).collect();
+            let seqs: Vec<Vec<u8>> = chunk
+                .iter()
+                .map(|&i| if spec.rc_augment && rng.random::<bool>() { reverse_complement(&train.seqs[i]) } else { train.seqs[i].clone() })
+                .collect();
+            let refs: Vec<&Vec<u8>> = seqs.iter().collect();
             let e = encode_batch(&refs, alphabet, dev)?;
             let p = spec.dropout;
             let mut drop_rng = StdRng::seed_from_u64(o.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
@@ -722,7 +816,7 @@ pub fn fit(
                 b.set_message(format!("epoch {epoch} loss {lv:.4}"));
             }
         }
-        let preds = predict_raw(&net, valid, alphabet, 256, dev)?;
+        let preds = predict_raw(&net, valid, alphabet, spec.conjoin, 256, dev)?;
         let vlabels: Vec<f64> = if task == Task::Regression { valid.labels.iter().map(|v| (v - mean) / std).collect() } else { valid.labels.clone() };
         let m = metrics(task, &preds, &vlabels, outputs);
         let score = m.iter().find(|(k, _)| k == metric_name).map(|x| x.1).unwrap_or(f64::NAN);

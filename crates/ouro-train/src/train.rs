@@ -87,11 +87,12 @@ pub fn load_corpus(cfg: &TrainConfig, log: &mut dyn FnMut(&str)) -> Result<Corpu
     } else {
         path.to_path_buf()
     };
-    let tokenizer = if d.tokenizer == "bytes" { Tokenizer::Bytes } else { Tokenizer::from_file(Path::new(&d.tokenizer), None, vec![])? };
-    let vocab = match &tokenizer {
-        Tokenizer::Bytes => 256,
-        Tokenizer::Hf { tok, .. } => tok.get_vocab_size(true),
+    let tokenizer = match d.tokenizer.as_str() {
+        "bytes" => Tokenizer::Bytes,
+        "dna" => Tokenizer::Dna,
+        file => Tokenizer::from_file(Path::new(file), None, vec![])?,
     };
+    let vocab = tokenizer.vocab_size();
     let docs = tokenize(crate::data::read_text_documents(&folder)?, &tokenizer)?;
     let (train, valid) = split(docs, d.valid_fraction, cfg.train.seed);
     log(&format!(
@@ -245,9 +246,12 @@ pub fn train(cfg: &TrainConfig, dev: &Device, resume: bool, progress: bool, stop
     if masked && matches!(source, Source::Task(_)) {
         bail!("the synthetic tasks are causal: train.objective must be \"causal\"");
     }
-    let mask_id = masked.then_some(base_vocab as u32);
-    let vocab = base_vocab + masked as usize;
-    let ck_cfg = cfg.model.checkpoint_config(vocab, &cfg.data.tokenizer)?;
+    // The mask token: the DNA vocabulary has one ([MASK]); other vocabularies get one appended.
+    let dna = cfg.data.tokenizer == "dna";
+    let mask_id = masked.then_some(if dna { ouro_nn::caduceus::DNA_MASK } else { base_vocab as u32 });
+    let vocab = base_vocab + (masked && !dna) as usize;
+    let rc_map = cfg.train.rc_augment.then(|| ouro_nn::caduceus::dna_complement_map(vocab));
+    let ck_cfg = cfg.model.checkpoint_config(vocab, &cfg.data.tokenizer, cfg.data.seq_len)?;
     let tr = Trainable::new(ck_cfg, dev)?;
     let mut opt = AdamW::new(tr.named_vars(), cfg.train.beta1, cfg.train.beta2, 1e-8, cfg.train.weight_decay)?;
     let (mut start, mut tokens, mut elapsed0) = (0usize, 0u64, 0f64);
@@ -308,7 +312,7 @@ pub fn train(cfg: &TrainConfig, dev: &Device, resume: bool, progress: bool, stop
         let mut batches = Vec::with_capacity(t.grad_accum);
         for micro in 0..t.grad_accum {
             let mut b = match &source {
-                Source::Text(corpus) => corpus.train.sample(t.batch_size, cfg.data.seq_len, t.seed, step as u64, micro as u64, dev)?,
+                Source::Text(corpus) => corpus.train.sample(t.batch_size, cfg.data.seq_len, t.seed, step as u64, micro as u64, rc_map.as_deref(), dev)?,
                 Source::Task(task) => task.batch(t.batch_size, cfg.data.seq_len, task_seed(t.seed, step, micro), dev)?,
             };
             if let Some(m) = mask_id {

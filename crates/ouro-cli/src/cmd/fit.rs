@@ -22,9 +22,23 @@ pub struct FitArgs {
     /// protein, dna or rna.
     #[arg(long)]
     alphabet: String,
-    /// lyra, cnn, transformer, mamba.
+    /// lyra, cnn, transformer, mamba (small fixed models), or backbone (a model of `ouro train`: see
+    /// --backbone and --init).
     #[arg(long, default_value = "lyra")]
     model: String,
+    /// --model backbone: a TOML whose [model] table (as in `ouro train` configs) describes the backbone.
+    #[arg(long)]
+    backbone: Option<PathBuf>,
+    /// --model backbone: start from a checkpoint (e.g. pretrained with `ouro train`); its config.json is the
+    /// backbone.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// DNA: reverse-complement augmentation while training (Caduceus-Ph).
+    #[arg(long)]
+    rc_augment: bool,
+    /// DNA: predictions average the outputs on the sequence and on its reverse complement (post-hoc conjoining).
+    #[arg(long)]
+    conjoin: bool,
     #[arg(long, default_value_t = 64)]
     d_model: usize,
     /// onehot or learned.
@@ -64,8 +78,28 @@ pub fn fit_cmd(a: FitArgs) -> Result<()> {
     let train = if task == Task::Classification { examples(&Table::read(&a.train)?, &a.sequence_column, Some(&a.label_column), alphabet, task, &mut classes, true)? } else { train };
     let valid = examples(&Table::read(&a.valid)?, &a.sequence_column, Some(&a.label_column), alphabet, task, &mut classes, true)?;
     eprintln!("{} training and {} validation sequences{}", train.seqs.len(), valid.seqs.len(), if classes.is_empty() { String::new() } else { format!(", classes {}", classes.join(", ")) });
-    let spec = ModelSpec { kind: a.model.clone(), d_model: a.d_model, embedding: a.embedding.clone(), dropout: a.dropout };
-    let o = FitOptions { epochs: a.epochs, batch_size: a.batch_size, lr: a.lr, weight_decay: a.weight_decay, seed: a.seed, progress: !a.quiet };
+    let mut spec = ModelSpec::simple(&a.model, a.d_model, &a.embedding, a.dropout);
+    spec.rc_augment = a.rc_augment;
+    spec.conjoin = a.conjoin;
+    if a.model == "backbone" {
+        spec.backbone = Some(match (&a.init, &a.backbone) {
+            (Some(ck), _) => ouro_nn::checkpoint::Checkpoint::open(ck)?.config,
+            (None, Some(toml_path)) => {
+                let text = std::fs::read_to_string(toml_path).map_err(|e| anyhow::anyhow!("{}: {e}", toml_path.display()))?;
+                let doc: toml::Value = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", toml_path.display()))?;
+                let table = doc.get("model").ok_or_else(|| anyhow::anyhow!("{}: no [model] table", toml_path.display()))?;
+                let m: ouro_train::config::ModelSpec = table.clone().try_into().map_err(|e| anyhow::anyhow!("{}: [model]: {e}", toml_path.display()))?;
+                let (_, vocab) = ouro_train::seqfit::backbone_tokens(alphabet);
+                let max_len = train.seqs.iter().chain(&valid.seqs).map(|s| s.len()).max().unwrap_or(1);
+                let tokenizer = if alphabet == Alphabet::Dna { "dna" } else { "none" };
+                m.checkpoint_config(vocab, tokenizer, max_len)?
+            }
+            (None, None) => bail!("--model backbone needs --backbone CONFIG.toml or --init CHECKPOINT"),
+        });
+    } else if a.init.is_some() || a.backbone.is_some() {
+        bail!("--backbone and --init go with --model backbone");
+    }
+    let o = FitOptions { init: a.init.clone(), epochs: a.epochs, batch_size: a.batch_size, lr: a.lr, weight_decay: a.weight_decay, seed: a.seed, progress: !a.quiet };
     let fitted = fit(&train, &valid, task, alphabet, classes, spec, (&a.sequence_column, &a.label_column), &o, &candle_core::Device::Cpu, &mut |s| eprintln!("{s}"))?;
     fitted.save(&a.out)?;
     println!(

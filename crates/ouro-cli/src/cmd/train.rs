@@ -12,7 +12,8 @@ pub struct TrainArgs {
     /// Continue the run in the output folder from its last checkpoint (same losses as an uninterrupted run).
     #[arg(long)]
     resume: bool,
-    /// Architecture: mamba2, mamba or llama (a model of the same width, depth and parameter count).
+    /// Architecture: mamba2, mamba, llama, hawk or griffin (causal); caduceus, hydra, mixer or bert (masked). A model of
+    /// the same width and depth, its MLP sized to match the Mamba-2 parameter count.
     #[arg(long)]
     model: Option<String>,
     #[arg(long)]
