@@ -14,7 +14,8 @@ set -euo pipefail
 OURO=${OURO:-target/release/ouro}
 SEEDS=${SEEDS:-"1 2 3 4 5"}
 MODELS=${MODELS:-"caduceus-ps caduceus-ph hydra mamba transformer"}
-EPOCHS=${EPOCHS:-8}
+EPOCHS=${EPOCHS:-16}
+LR=${LR:-4e-3}
 OUT=${OUT:-runs/splice}
 
 summary() {
@@ -57,7 +58,7 @@ for seed in $SEEDS; do
       echo "== $m $init seed $seed"
       "$OURO" fit --train "$split/train.csv" --valid "$split/valid.csv" --sequence-column sequence --label-column label \
         --task classification --alphabet dna --model backbone "${src[@]}" "${extra[@]}" \
-        --epochs "$EPOCHS" --batch-size 32 --seed "$seed" --out "$d" --quiet
+        --epochs "$EPOCHS" --batch-size 32 --lr "$LR" --seed "$seed" --out "$d" --quiet
       "$OURO" evaluate --model "$d" --input "$split/test.csv" --sequence-column sequence --label-column label --json > "$d/test.json.tmp"
       mv "$d/test.json.tmp" "$d/test.json"
       cat "$d/test.json"; echo

@@ -60,6 +60,9 @@ fn main() {
     }
     let cli = Cli::parse();
     if let Some(t) = cli.threads {
+        // candle's matmuls run on its own worker pool, sized once from CANDLE_NUM_THREADS on first use; its
+        // idle workers spin, so a pool larger than --threads steals the cores other work was given.
+        std::env::set_var("CANDLE_NUM_THREADS", t.to_string());
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global().expect("thread pool already set");
     }
     let res = match cli.command {

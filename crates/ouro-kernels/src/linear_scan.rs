@@ -92,9 +92,10 @@ pub fn scan_fwd(b: usize, l: usize, w: usize, x: &[f32], a: &[f32], h0: &[f32], 
 /// h = a ⊙ h + x; y = h.
 #[multiversion(targets = "simd")]
 fn step_into(h: &mut [f32], a: &[f32], x: &[f32], y: &mut [f32]) {
-    for k in 0..h.len() {
-        h[k] = a[k] * h[k] + x[k];
-        y[k] = h[k];
+    // Iterators, not indices: no bounds checks, so the loop vectorises.
+    for (((h, &a), &x), y) in h.iter_mut().zip(a).zip(x).zip(y.iter_mut()) {
+        *h = a * *h + x;
+        *y = *h;
     }
 }
 
@@ -137,7 +138,9 @@ pub fn scan_bwd(b: usize, l: usize, w: usize, a: &[f32], h0: &[f32], y: &[f32], 
 /// g += dy; dx = g; da = g ⊙ prev; g = a ⊙ g (to step t−1).
 #[multiversion(targets = "simd")]
 fn bwd_step(g: &mut [f32], dy: &[f32], a: &[f32], prev: &[f32], dx: &mut [f32], da: &mut [f32]) {
-    for k in 0..g.len() {
+    let n = g.len();
+    let (dy, a, prev, dx, da) = (&dy[..n], &a[..n], &prev[..n], &mut dx[..n], &mut da[..n]);
+    for k in 0..n {
         let gk = g[k] + dy[k];
         dx[k] = gk;
         da[k] = gk * prev[k];
