@@ -4,23 +4,15 @@
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use ouro_kernels::testing::{assert_close, Gen};
+
+mod common;
 use ouro_nn::hydra::{Hydra, HydraConfig};
 
 fn hydra(seed: u64, ngroups: usize) -> (VarMap, Hydra) {
     let vm = VarMap::new();
     let cfg = HydraConfig { d_model: 8, d_state: 8, d_conv: 7, expand: 2, headdim: 4, ngroups };
     let h = Hydra::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
-    let mut r = Gen::new(seed);
-    for (name, v) in vm.data().lock().unwrap().iter() {
-        let t = if name.ends_with("A_log") {
-            r.uniform(v.dims(), -0.5, 0.5)
-        } else if name.ends_with("dt_bias") {
-            r.uniform(v.dims(), -3.0, -1.0)
-        } else {
-            r.normal(v.dims(), 0.4)
-        };
-        v.set(&t).unwrap();
-    }
+    common::randomize(&vm, seed);
     (vm, h)
 }
 
@@ -55,7 +47,7 @@ fn gradients_match_finite_differences() {
         let dir = r.normal(g.dims(), 1.0);
         let pred = (g * &dir).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
         let orig = var.as_tensor().copy().unwrap();
-        let mut at = |s: f64| {
+        let at = |s: f64| {
             var.set(&(&orig + (&dir * s).unwrap()).unwrap()).unwrap();
             let v = loss(&h, u.as_tensor()).to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
             var.set(&orig).unwrap();

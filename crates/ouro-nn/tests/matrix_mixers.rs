@@ -4,23 +4,10 @@
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use ouro_kernels::testing::{assert_close, Gen};
-use ouro_nn::matrix_mixer::{MatrixMixer, MatrixMixerConfig, MixerKind};
 
-fn randomize(vm: &VarMap, seed: u64) {
-    let mut r = Gen::new(seed);
-    for (name, v) in vm.data().lock().unwrap().iter() {
-        let t = if name.ends_with("A_log") {
-            r.uniform(v.dims(), -0.5, 0.5)
-        } else if name.ends_with("dt_bias") {
-            r.uniform(v.dims(), -3.0, -1.0)
-        } else if name.ends_with("bias") && v.rank() == 0 {
-            r.uniform(&[1], 0.3, 0.7).reshape(()).unwrap()
-        } else {
-            r.normal(v.dims(), 0.4)
-        };
-        v.set(&t).unwrap();
-    }
-}
+mod common;
+use common::randomize;
+use ouro_nn::matrix_mixer::{MatrixMixer, MatrixMixerConfig, MixerKind};
 
 #[test]
 fn fast_forward_equals_materialized_matrix() {

@@ -9,11 +9,8 @@ use ouro_train::config::TrainConfig;
 use ouro_train::train::train;
 use std::path::{Path, PathBuf};
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ouro-dna-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
+mod common;
+use common::tmp;
 
 /// Random DNA documents with a planted motif (something to learn), lower case and line breaks included.
 fn corpus(dir: &Path) -> PathBuf {
@@ -94,7 +91,7 @@ fn dna_tokenizer() {
 
 #[test]
 fn caduceus_ps_stays_rc_equivariant_after_training() {
-    let dir = tmp("ps");
+    let dir = tmp("dna-ps");
     let c = corpus(&dir);
     let cfg = config("arch = \"caduceus\"\nrcps = true", &c, &dir.join("run"), false);
     let out = train(&cfg, &Device::Cpu, false, false, None, &mut |_| {}).unwrap();
@@ -126,7 +123,7 @@ fn caduceus_ps_stays_rc_equivariant_after_training() {
 
 #[test]
 fn every_bidirectional_architecture_trains_on_dna() {
-    let dir = tmp("archs");
+    let dir = tmp("dna-archs");
     let c = corpus(&dir);
     for (name, model, rc) in [
         ("caduceus-ph", "arch = \"caduceus\"\nbidirectional_strategy = \"ew_multiply\"", true),
@@ -153,7 +150,7 @@ fn every_bidirectional_architecture_trains_on_dna() {
 
 #[test]
 fn dna_config_errors_are_clear() {
-    let dir = tmp("bad");
+    let dir = tmp("dna-bad");
     let c = corpus(&dir);
     let mut cfg = config("arch = \"caduceus\"\nrcps = true", &c, &dir.join("run"), false);
     cfg.data.tokenizer = "bytes".into();
@@ -196,7 +193,7 @@ fn labelled(n: usize, seed: u64) -> ouro_train::seqfit::Examples {
 #[test]
 fn fine_tuning_a_pretrained_backbone_keeps_rc_symmetry() {
     use ouro_train::seqfit::{fit, reverse_complement, Alphabet, Examples, FitOptions, Fitted, ModelSpec, Task};
-    let dir = tmp("finetune");
+    let dir = tmp("dna-finetune");
     let c = corpus(&dir);
     let (train_ex, valid_ex) = (labelled(192, 1), labelled(64, 2));
     let rc_ex = Examples { seqs: valid_ex.seqs.iter().map(|s| reverse_complement(s)).collect(), labels: valid_ex.labels.clone() };

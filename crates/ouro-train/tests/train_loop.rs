@@ -7,11 +7,8 @@ use ouro_train::config::TrainConfig;
 use ouro_train::train::{read_metrics, train};
 use std::path::{Path, PathBuf};
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ouro-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
+mod common;
+use common::tmp;
 
 /// A tiny corpus of several documents.
 fn corpus(dir: &Path) -> PathBuf {
