@@ -88,3 +88,62 @@ fn bad_input_errors_clearly() {
     let (ok, _, err) = run(ouro().args(["generate", "--model"]).arg(fixture("lm/mamba2_hf")).args(["--prompt", "x", "--tokenizer", "bytes", "--device", "cuda"]));
     assert!(!ok && (err.contains("CUDA build") || err.contains("cuda")), "{err}");
 }
+
+#[test]
+fn fit_predict_and_evaluate_end_to_end() {
+    let dir = std::env::temp_dir().join(format!("ouro-cli-fit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Label: the number of hydrophobic residues (I, L, V, F); CSV for training, TSV for validation.
+    let mut s = 12345u64;
+    let mut table = |n: usize, sep: &str| {
+        let mut t = format!("seq{sep}y\n");
+        for _ in 0..n {
+            let len = 8 + (s % 9) as usize;
+            let seq: String = (0..len)
+                .map(|_| {
+                    s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    b"ACDEFGHIKLMNPQRSTVWY"[(s >> 33) as usize % 20] as char
+                })
+                .collect();
+            let y = seq.chars().filter(|c| "ILVF".contains(*c)).count();
+            t.push_str(&format!("{seq}{sep}{y}\n"));
+        }
+        t
+    };
+    let (train, valid) = (dir.join("train.csv"), dir.join("valid.tsv"));
+    std::fs::write(&train, table(96, ",")).unwrap();
+    std::fs::write(&valid, table(32, "\t")).unwrap();
+    let model = dir.join("model");
+    let (ok, out, err) = run(ouro()
+        .args(["fit", "--train"])
+        .arg(&train)
+        .arg("--valid")
+        .arg(&valid)
+        .args(["--sequence-column", "seq", "--label-column", "y", "--task", "regression", "--alphabet", "protein", "--model", "lyra"])
+        .args(["--d-model", "16", "--epochs", "2", "--batch-size", "16", "--quiet", "--out"])
+        .arg(&model));
+    assert!(ok, "{err}");
+    assert!(out.contains("best epoch") && out.contains("parameters"), "{out}");
+    assert!(err.contains("model lyra") && err.contains("parameters"), "the parameter count is printed: {err}");
+    let preds = dir.join("preds.csv");
+    let (ok, _, err) = run(ouro().args(["predict", "--model"]).arg(&model).arg("--input").arg(&valid).args(["--sequence-column", "seq", "--out"]).arg(&preds));
+    assert!(ok, "{err}");
+    let text = std::fs::read_to_string(&preds).unwrap();
+    assert_eq!(text.lines().next().unwrap(), "seq,y,prediction");
+    assert_eq!(text.lines().count(), 33);
+    let (ok, out, err) = run(ouro().args(["evaluate", "--model"]).arg(&model).arg("--input").arg(&valid).args(["--sequence-column", "seq", "--label-column", "y", "--json"]));
+    assert!(ok, "{err}");
+    let m: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(m["n"], 32);
+    assert!(m["spearman"].is_number() && m["pearson"].is_number() && m["mse"].is_number(), "{m}");
+    // Scoring an existing column (a baseline's predictions) with the same metrics: the labels score ρ = 1.
+    let (ok, out, err) = run(ouro().args(["evaluate", "--prediction-column", "y", "--label-column", "y", "--json", "--input"]).arg(&preds));
+    assert!(ok, "{err}");
+    let m: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!((m["spearman"].as_f64().unwrap() - 1.0).abs() < 1e-12, "{m}");
+    let (ok, _, err) = run(ouro().args(["evaluate", "--prediction-column", "seq", "--label-column", "y", "--input"]).arg(&preds));
+    assert!(!ok && err.contains("preds.csv") && err.contains("row 2") && err.contains("is not a number"), "{err}");
+    let (ok, _, err) = run(ouro().args(["evaluate", "--label-column", "y", "--input"]).arg(&preds));
+    assert!(!ok && err.contains("--model"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

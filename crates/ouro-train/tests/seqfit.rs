@@ -1,0 +1,123 @@
+//! `ouro fit` internals: metrics against hand-computed values, bad input, and Lyra learning a property.
+
+mod common;
+
+use candle_core::Device;
+use common::tmp;
+use ouro_train::seqfit::{auroc, examples, fit, metrics, pearson, spearman, Alphabet, Examples, FitOptions, Fitted, ModelSpec, Table, Task};
+
+#[test]
+fn metrics_match_hand_computed_values() {
+    // Spearman with a tie: ranks (1, 2.5, 2.5, 4) vs (1, 3, 2, 4) → 4.5 / √(4.5·5).
+    assert!((spearman(&[1.0, 2.0, 2.0, 3.0], &[1.0, 3.0, 2.0, 4.0]) - 4.5 / (22.5f64).sqrt()).abs() < 1e-12);
+    // Pearson: Σdxdy = 5, Σdx² = 2, Σdy² = 38/3.
+    assert!((pearson(&[1.0, 2.0, 3.0], &[2.0, 4.0, 7.0]) - 5.0 / (2.0 * 38.0 / 3.0f64).sqrt()).abs() < 1e-12);
+    // The ROC example of scikit-learn's docs: 0.75; ties count half.
+    assert!((auroc(&[0.1, 0.4, 0.35, 0.8], &[false, false, true, true]) - 0.75).abs() < 1e-12);
+    assert!((auroc(&[0.5, 0.5], &[false, true]) - 0.5).abs() < 1e-12);
+    // Classification: predictions 0, 1, 1, 2 for labels 0, 1, 2, 2 → accuracy 3/4, per-class F1 1, 2/3, 2/3.
+    let preds = vec![vec![0.8, 0.1, 0.1], vec![0.1, 0.8, 0.1], vec![0.2, 0.5, 0.3], vec![0.1, 0.2, 0.7]];
+    let m = metrics(Task::Classification, &preds, &[0.0, 1.0, 2.0, 2.0], 3);
+    let get = |k: &str| m.iter().find(|(n, _)| n == k).unwrap().1;
+    assert!((get("accuracy") - 0.75).abs() < 1e-12);
+    assert!((get("f1") - (1.0 + 2.0 / 3.0 + 2.0 / 3.0) / 3.0).abs() < 1e-12);
+    let m = metrics(Task::Regression, &[vec![1.0], vec![2.0], vec![4.0]], &[1.0, 3.0, 4.0], 0);
+    let get = |k: &str| m.iter().find(|(n, _)| n == k).unwrap().1;
+    assert!((get("mse") - 1.0 / 3.0).abs() < 1e-12 && (get("spearman") - 1.0).abs() < 1e-12);
+}
+
+fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn read_examples(path: &std::path::Path, task: Task) -> Result<Examples, String> {
+    let t = Table::read(path).map_err(|e| e.to_string())?;
+    examples(&t, "seq", Some("y"), Alphabet::Protein, task, &mut Vec::new(), false).map_err(|e| e.to_string())
+}
+
+#[test]
+fn bad_input_is_reported_with_the_file_and_row() {
+    let dir = tmp("seqfit-bad");
+    let cases: [(&str, &str, &[&str]); 6] = [
+        ("unknown.csv", "seq,y\nACDE,1.0\nAC1E,2.0\n", &["unknown.csv", "row 3", "unknown character '1'"]),
+        ("empty.csv", "seq,y\n", &["empty.csv", "no data rows"]),
+        ("nothing.csv", "", &["nothing.csv"]),
+        ("columns.csv", "sequence,y\nACDE,1.0\n", &["columns.csv", "seq"]),
+        ("label.csv", "seq,y\nACDE,1.0\nACDE,high\n", &["label.csv", "row 3", "'high' is not a number"]),
+        ("blank.tsv", "seq\ty\nACDE\t1\n\t2\n", &["blank.tsv", "row 3", "empty sequence"]),
+    ];
+    for (name, text, needles) in cases {
+        let e = read_examples(&write(&dir, name, text), Task::Regression).expect_err(name);
+        for n in needles {
+            assert!(e.contains(n), "{name}: '{e}' does not mention '{n}'");
+        }
+    }
+    let e = Table::read(&write(&dir, "data.json", "{}")).unwrap_err().to_string();
+    assert!(e.contains("data.json") && e.contains("unknown file type"), "{e}");
+    let e = Table::read(&dir.join("missing.csv")).unwrap_err().to_string();
+    assert!(e.contains("missing.csv"), "{e}");
+    // Classes in validation data that training never saw.
+    let t = Table::read(&write(&dir, "cls.csv", "seq,y\nACDE,a\nACDE,b\n")).unwrap();
+    let mut classes = vec!["a".to_string()];
+    let e = examples(&t, "seq", Some("y"), Alphabet::Protein, Task::Classification, &mut classes, true).unwrap_err().to_string();
+    assert!(e.contains("'b' was not seen in training"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn fasta_labels_come_from_the_headers_and_padding_is_accepted() {
+    let dir = tmp("seqfit-fasta");
+    let p = write(&dir, "x.fasta", ">s1 y=0.5\nACDE\nFGH\n>s2 y=-1\nJJACDJJ\n");
+    let t = Table::read(&p).unwrap();
+    let ex = examples(&t, "sequence", Some("y"), Alphabet::Protein, Task::Regression, &mut Vec::new(), false).unwrap();
+    assert_eq!(ex.labels, vec![0.5, -1.0]);
+    assert_eq!(ex.seqs[0].len(), 7, "sequence lines are joined");
+    assert_eq!(ex.seqs[1][0], Alphabet::Protein.size() as u8 + 1, "J is padding");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Protein sequences of mixed lengths whose label is the fraction of hydrophobic residues (I, L, V, F) plus
+/// noise: a property a per-position model with pooling can learn.
+fn proteins(n: usize, seed: u64) -> Examples {
+    let mut s = seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;
+    let mut rnd = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let alpha = Alphabet::Protein;
+    let mut seqs = Vec::new();
+    let mut labels = Vec::new();
+    for _ in 0..n {
+        let len = 12 + (rnd() % 20) as usize;
+        let text: String = (0..len).map(|_| alpha.symbols().as_bytes()[(rnd() % 20) as usize] as char).collect();
+        let frac = text.chars().filter(|c| "ILVF".contains(*c)).count() as f64 / len as f64;
+        labels.push(frac + 0.02 * ((rnd() % 1000) as f64 / 1000.0 - 0.5));
+        seqs.push(alpha.encode(&text, &|| "test".into()).unwrap());
+    }
+    Examples { seqs, labels }
+}
+
+#[test]
+fn lyra_learns_a_sequence_property_and_round_trips() {
+    let (train, valid) = (proteins(512, 1), proteins(128, 2));
+    let spec = ModelSpec::simple("lyra", 16, "onehot", 0.0);
+    let opts = FitOptions { init: None, epochs: 8, batch_size: 32, lr: 5e-3, weight_decay: 0.0, seed: 0, progress: false };
+    let mut lines = Vec::new();
+    let fitted = fit(&train, &valid, Task::Regression, Alphabet::Protein, vec![], spec, ("sequence", "y"), &opts, &Device::Cpu, &mut |l| lines.push(l.to_string())).unwrap();
+    let (metric, rho) = &fitted.cfg.best_metric;
+    assert!(metric == "spearman" && *rho > 0.8, "{metric} {rho}; {lines:?}");
+    let p = fitted.predict(&valid, &Device::Cpu).unwrap();
+    let m = metrics(Task::Regression, &p, &valid.labels, 0);
+    assert!((m[0].1 - rho).abs() < 1e-9, "the saved epoch is the best one: {m:?} vs {rho}");
+    let dir = tmp("seqfit-lyra");
+    fitted.save(&dir).unwrap();
+    let again = Fitted::load(&dir, &Device::Cpu).unwrap().predict(&valid, &Device::Cpu).unwrap();
+    let worst = p.iter().flatten().zip(again.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f64, f64::max);
+    assert!(worst < 1e-9, "predictions after save and load differ by {worst}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
