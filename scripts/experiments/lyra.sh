@@ -4,6 +4,7 @@
 #   scripts/experiments/lyra.sh prepare                 # splits into $OUT/data (needs ../shared/data, fetches doench2016)
 #   scripts/experiments/lyra.sh run gb1 lyra [EPOCHS]   # fit on train, keep the best epoch on valid, evaluate on test
 #   scripts/experiments/lyra.sh summary                 # the table, from the runs so far
+# Env: OURO (binary), OUT (runs/lyra), DATA (OUT/data), DEVICE (cpu), SHARED (../shared/data).
 #
 # Tasks (regression; protein alphabet unless noted):
 #   gb1      GB1 four-site landscape, 56 aa: our 70/10/20 split of shared/data/relso/gb1_wu_train.csv
@@ -20,7 +21,8 @@ set -euo pipefail
 OURO=${OURO:-target/release/ouro}
 SHARED=${SHARED:-../shared/data}
 OUT=${OUT:-runs/lyra}
-D=$OUT/data
+D=${DATA:-$OUT/data}
+DEVICE=${DEVICE:-cpu}   # cuda with a CUDA build of ouro
 
 prepare() {
   mkdir -p "$D"
@@ -62,9 +64,9 @@ run() {
   mkdir -p "$r"
   local t0=$(date +%s.%N)
   "$OURO" fit --train "$D/$task/train.csv" --valid "$D/$task/valid.csv" --sequence-column "$seq" --label-column "$lab" \
-    --task regression --alphabet "$alpha" --model "$model" --epochs "$epochs" --seed 0 --out "$r/model" --quiet 2>&1 | tee "$r/fit.log"
+    --task regression --alphabet "$alpha" --model "$model" --epochs "$epochs" --seed 0 --device "$DEVICE" --out "$r/model" --quiet 2>&1 | tee "$r/fit.log"
   local t1=$(date +%s.%N)
-  "$OURO" evaluate --model "$r/model" --input "$D/$task/test.csv" --sequence-column "$seq" --label-column "$lab" --json > "$r/test.json"
+  "$OURO" evaluate --model "$r/model" --input "$D/$task/test.csv" --sequence-column "$seq" --label-column "$lab" --device "$DEVICE" --json > "$r/test.json"
   python3 -c "import json,sys; d=json.load(open('$r/test.json')); d.update(seconds=round($t1-$t0,1), epochs=$epochs); json.dump(d,open('$r/test.json','w'))"
   cat "$r/test.json"
 }

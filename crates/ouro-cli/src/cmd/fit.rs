@@ -61,6 +61,9 @@ pub struct FitArgs {
     out: PathBuf,
     #[arg(long)]
     quiet: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 pub fn fit_cmd(a: FitArgs) -> Result<()> {
@@ -100,7 +103,7 @@ pub fn fit_cmd(a: FitArgs) -> Result<()> {
         bail!("--backbone and --init go with --model backbone");
     }
     let o = FitOptions { init: a.init.clone(), epochs: a.epochs, batch_size: a.batch_size, lr: a.lr, weight_decay: a.weight_decay, seed: a.seed, progress: !a.quiet };
-    let fitted = fit(&train, &valid, task, alphabet, classes, spec, (&a.sequence_column, &a.label_column), &o, &candle_core::Device::Cpu, &mut |s| eprintln!("{s}"))?;
+    let fitted = fit(&train, &valid, task, alphabet, classes, spec, (&a.sequence_column, &a.label_column), &o, &crate::device::parse(&a.device)?, &mut |s| eprintln!("{s}"))?;
     fitted.save(&a.out)?;
     println!(
         "best epoch {} ({} {:.4} on {}); {} parameters; {:.1} s; saved {}",
@@ -127,14 +130,18 @@ pub struct PredictArgs {
     /// Output CSV: the input rows plus `prediction` (and one probability column per class).
     #[arg(long)]
     out: PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 pub fn predict_cmd(a: PredictArgs) -> Result<()> {
-    let f = Fitted::load(&a.model, &candle_core::Device::Cpu)?;
+    let dev = crate::device::parse(&a.device)?;
+    let f = Fitted::load(&a.model, &dev)?;
     let t = Table::read(&a.input)?;
     let mut classes = f.cfg.classes.clone();
     let ex = examples(&t, &a.sequence_column, None, f.cfg.alphabet, f.cfg.task, &mut classes, true)?;
-    let preds = f.predict(&ex, &candle_core::Device::Cpu)?;
+    let preds = f.predict(&ex, &dev)?;
     let mut header = t.header.clone();
     header.push("prediction".into());
     if f.cfg.task == Task::Classification {
@@ -181,16 +188,20 @@ pub struct EvaluateArgs {
     /// Print a JSON object.
     #[arg(long)]
     json: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 pub fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
     let t = Table::read(&a.input)?;
     let (m, n) = match (&a.model, &a.prediction_column) {
         (Some(model), _) => {
-            let f = Fitted::load(model, &candle_core::Device::Cpu)?;
+            let dev = crate::device::parse(&a.device)?;
+            let f = Fitted::load(model, &dev)?;
             let mut classes = f.cfg.classes.clone();
             let ex = examples(&t, &a.sequence_column, Some(&a.label_column), f.cfg.alphabet, f.cfg.task, &mut classes, true)?;
-            let preds = f.predict(&ex, &candle_core::Device::Cpu)?;
+            let preds = f.predict(&ex, &dev)?;
             (metrics(f.cfg.task, &preds, &ex.labels, f.cfg.classes.len().max(1)), ex.seqs.len())
         }
         (None, Some(col)) => {
