@@ -4,7 +4,7 @@
 #   scripts/experiments/lyra.sh prepare                 # splits into $OUT/data (needs ../shared/data, fetches doench2016)
 #   scripts/experiments/lyra.sh run gb1 lyra [EPOCHS]   # fit on train, keep the best epoch on valid, evaluate on test
 #   scripts/experiments/lyra.sh summary                 # the table, from the runs so far
-# Env: OURO (binary), OUT (runs/lyra), DATA (OUT/data), DEVICE (cpu), SHARED (../shared/data).
+# Env: OURO (binary), OUT (runs/lyra), DATA (OUT/data), DEVICE (cpu), TARGET (rank), SHARED (../shared/data).
 #
 # Tasks (regression; protein alphabet unless noted):
 #   gb1      GB1 four-site landscape, 56 aa: our 70/10/20 split of shared/data/relso/gb1_wu_train.csv
@@ -23,6 +23,7 @@ SHARED=${SHARED:-../shared/data}
 OUT=${OUT:-runs/lyra}
 D=${DATA:-$OUT/data}
 DEVICE=${DEVICE:-cpu}   # cuda with a CUDA build of ouro
+TARGET=${TARGET:-rank}  # regression target: rank or standardized
 
 prepare() {
   mkdir -p "$D"
@@ -64,10 +65,10 @@ run() {
   mkdir -p "$r"
   local t0=$(date +%s.%N)
   "$OURO" fit --train "$D/$task/train.csv" --valid "$D/$task/valid.csv" --sequence-column "$seq" --label-column "$lab" \
-    --task regression --alphabet "$alpha" --model "$model" --epochs "$epochs" --seed 0 --device "$DEVICE" --out "$r/model" --quiet 2>&1 | tee "$r/fit.log"
+    --task regression --alphabet "$alpha" --model "$model" --epochs "$epochs" --target "$TARGET" --seed 0 --device "$DEVICE" --out "$r/model" --quiet 2>&1 | tee "$r/fit.log"
   local t1=$(date +%s.%N)
   "$OURO" evaluate --model "$r/model" --input "$D/$task/test.csv" --sequence-column "$seq" --label-column "$lab" --device "$DEVICE" --json > "$r/test.json"
-  python3 -c "import json,sys; d=json.load(open('$r/test.json')); d.update(seconds=round($t1-$t0,1), epochs=$epochs); json.dump(d,open('$r/test.json','w'))"
+  python3 -c "import json,sys; d=json.load(open('$r/test.json')); d.update(seconds=round($t1-$t0,1), epochs=$epochs, target='$TARGET', device='$DEVICE'); json.dump(d,open('$r/test.json','w'))"
   cat "$r/test.json"
 }
 
@@ -76,19 +77,19 @@ summary() {
   python3 - "$OUT" <<'PY'
 import json, sys, glob, os, re
 out = sys.argv[1]
-print("| task | model | parameters | epochs (best) | fit time | test n | Spearman | Pearson | MSE |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("| task | model | target | parameters | epochs (best) | fit time | device | test n | Spearman | Pearson | MSE |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 for f in sorted(glob.glob(f"{out}/*/test.json")):
     task, model = os.path.basename(os.path.dirname(f)).split("-", 1)
     d = json.load(open(f))
     log = open(os.path.join(os.path.dirname(f), "fit.log")).read()
     m = re.search(r"best epoch (\d+) .*?; (\d+) parameters", log)
     best, params = (m.group(1), int(m.group(2))) if m else ("?", 0)
-    print(f"| {task} | {model} | {params:,} | {d['epochs']} ({best}) | {d['seconds']:.0f} s | {d['n']} | {d['spearman']:.4f} | {d['pearson']:.4f} | {d['mse']:.4f} |")
+    print(f"| {task} | {model} | {d.get('target', 'standardized')} | {params:,} | {d['epochs']} ({best}) | {d['seconds']:.0f} s | {d.get('device', 'cpu')} | {d['n']} | {d['spearman']:.4f} | {d['pearson']:.4f} | {d['mse']:.4f} |")
 f = f"{out}/doench-azimuth.json"
 if os.path.exists(f):
     d = json.load(open(f))
-    print(f"| doench | Azimuth (published predictions, in-sample) | | | | {d['n']} | {d['spearman']:.4f} | {d['pearson']:.4f} | {d['mse']:.4f} |")
+    print(f"| doench | Azimuth (published predictions, in-sample) | | | | | | {d['n']} | {d['spearman']:.4f} | {d['pearson']:.4f} | {d['mse']:.4f} |")
 PY
 }
 

@@ -626,6 +626,11 @@ pub struct FitConfig {
     /// Regression labels are standardised with these.
     pub label_mean: f64,
     pub label_std: f64,
+    /// `--target rank`: the training labels' quantiles at q = 0, 1/K, …, 1; the network then predicts the
+    /// standardised rank (q − ½)·√12 and predictions map back through these quantiles. Empty: standardised
+    /// labels.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub label_quantiles: Vec<f64>,
     pub classes: Vec<String>,
     pub sequence_column: String,
     pub label_column: String,
@@ -635,6 +640,9 @@ pub struct FitConfig {
 }
 
 pub struct FitOptions {
+    /// Regression target: standardised labels (MSE in label units) or their ranks (MSE on ranks, closer to
+    /// the Spearman ρ that property prediction is judged by; robust to heavy-tailed labels).
+    pub target: Target,
     /// kind = backbone: start from this checkpoint's weights (e.g. a model pretrained by `ouro train`).
     pub init: Option<std::path::PathBuf>,
     pub epochs: usize,
@@ -649,6 +657,70 @@ pub struct Fitted {
     pub cfg: FitConfig,
     varmap: VarMap,
     net: Net,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Target {
+    #[default]
+    Standardized,
+    Rank,
+}
+
+impl Target {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "standardized" | "standardised" => Ok(Target::Standardized),
+            "rank" => Ok(Target::Rank),
+            other => bail!("unknown target '{other}' (standardized, rank)"),
+        }
+    }
+}
+
+const RANK_SCALE: f64 = 3.464_101_615_137_754_6; // √12: a uniform rank on [−½, ½] has unit variance
+
+/// Quantiles of `labels` at q = k/K, k = 0..=K (linear interpolation between order statistics).
+fn quantiles(labels: &[f64], k: usize) -> Vec<f64> {
+    let mut v = labels.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    (0..=k)
+        .map(|i| {
+            let pos = i as f64 / k as f64 * (v.len() - 1) as f64;
+            let (lo, f) = (pos.floor() as usize, pos.fract());
+            if lo + 1 < v.len() { v[lo] * (1.0 - f) + v[lo + 1] * f } else { v[lo] }
+        })
+        .collect()
+}
+
+/// Label → standardised rank through a quantile table (the training distribution).
+fn to_rank(q: &[f64], v: f64) -> f64 {
+    let k = q.len() - 1;
+    let pos = q.partition_point(|&x| x < v);
+    let frac = if pos == 0 {
+        0.0
+    } else if pos > k {
+        1.0
+    } else {
+        // q[pos−1] < v ≤ q[pos]; a value equal to a run of quantiles takes the middle of the run.
+        let hi = q.partition_point(|&x| x <= v).min(k + 1);
+        let (a, b) = (q[pos - 1], q[pos]);
+        if hi > pos + 1 { (pos as f64 + hi as f64 - 1.0) / 2.0 / k as f64 } else { (pos as f64 - 1.0 + (v - a) / (b - a)) / k as f64 }
+    };
+    (frac - 0.5) * RANK_SCALE
+}
+
+/// Standardised rank → label through the quantile table.
+fn from_rank(q: &[f64], z: f64) -> f64 {
+    let k = q.len() - 1;
+    let pos = (z / RANK_SCALE + 0.5).clamp(0.0, 1.0) * k as f64;
+    let (lo, f) = (pos.floor() as usize, pos.fract());
+    if lo < k { q[lo] * (1.0 - f) + q[lo + 1] * f } else { q[k] }
+}
+
+/// Standardised ranks of `labels` among themselves (ties share their mean rank), on the quantile table's
+/// scale: the r-th smallest of n sits at q = (r − 1)/(n − 1).
+fn own_ranks(labels: &[f64]) -> Vec<f64> {
+    let n = labels.len() as f64;
+    ranks(labels).into_iter().map(|r| (if n > 1.0 { (r - 1.0) / (n - 1.0) } else { 0.5 } - 0.5) * RANK_SCALE).collect()
 }
 
 /// The network's raw outputs (b, outputs); with `conjoin`, the mean of the outputs on x and on rc(x).
@@ -673,6 +745,7 @@ impl Fitted {
     pub fn predict(&self, ex: &Examples, dev: &Device) -> Result<Vec<Vec<f64>>> {
         let raw = predict_raw(&self.net, ex, self.cfg.alphabet, self.cfg.model.conjoin, 256, dev)?;
         Ok(match self.cfg.task {
+            Task::Regression if !self.cfg.label_quantiles.is_empty() => raw.into_iter().map(|v| vec![from_rank(&self.cfg.label_quantiles, v[0])]).collect(),
             Task::Regression => raw.into_iter().map(|v| vec![v[0] * self.cfg.label_std + self.cfg.label_mean]).collect(),
             Task::Classification => raw
                 .into_iter()
@@ -737,6 +810,15 @@ pub fn fit(
     } else {
         (0.0, 1.0)
     };
+    // Training targets, and the validation labels in the same units.
+    let (targets, vlabels, label_quantiles): (Vec<f64>, Vec<f64>, Vec<f64>) = match (task, o.target) {
+        (Task::Classification, _) => (train.labels.clone(), valid.labels.clone(), vec![]),
+        (Task::Regression, Target::Standardized) => (train.labels.iter().map(|v| (v - mean) / std).collect(), valid.labels.iter().map(|v| (v - mean) / std).collect(), vec![]),
+        (Task::Regression, Target::Rank) => {
+            let q = quantiles(&train.labels, 1000);
+            (own_ranks(&train.labels), valid.labels.iter().map(|&v| to_rank(&q, v)).collect(), q)
+        }
+    };
     let outputs = if task == Task::Regression { 1 } else { classes.len() };
     let varmap = VarMap::new();
     let net = Net::new(&spec, alphabet, outputs, &varmap, dev)?;
@@ -793,12 +875,12 @@ pub fn fit(
             let out = net.forward(&e, &drop)?;
             let loss = match task {
                 Task::Regression => {
-                    let y: Vec<f32> = chunk.iter().map(|&i| ((train.labels[i] - mean) / std) as f32).collect();
+                    let y: Vec<f32> = chunk.iter().map(|&i| targets[i] as f32).collect();
                     let y = Tensor::from_vec(y, (chunk.len(), 1), dev)?;
                     (out - y)?.sqr()?.mean_all()?
                 }
                 Task::Classification => {
-                    let y: Vec<u32> = chunk.iter().map(|&i| train.labels[i] as u32).collect();
+                    let y: Vec<u32> = chunk.iter().map(|&i| targets[i] as u32).collect();
                     candle_nn::loss::cross_entropy(&out, &Tensor::from_vec(y, chunk.len(), dev)?)?
                 }
             };
@@ -817,7 +899,6 @@ pub fn fit(
             }
         }
         let preds = predict_raw(&net, valid, alphabet, spec.conjoin, 256, dev)?;
-        let vlabels: Vec<f64> = if task == Task::Regression { valid.labels.iter().map(|v| (v - mean) / std).collect() } else { valid.labels.clone() };
         let m = metrics(task, &preds, &vlabels, outputs);
         let score = m.iter().find(|(k, _)| k == metric_name).map(|x| x.1).unwrap_or(f64::NAN);
         let line = format!("epoch {epoch}: train loss {:.4}, valid {}", loss_sum / train.seqs.len() as f64, m.iter().map(|(k, v)| format!("{k} {v:.4}")).collect::<Vec<_>>().join(", "));
@@ -846,6 +927,7 @@ pub fn fit(
         model: spec,
         label_mean: mean,
         label_std: std,
+        label_quantiles,
         classes,
         sequence_column: columns.0.to_string(),
         label_column: columns.1.to_string(),
@@ -854,4 +936,37 @@ pub fn fit(
         parameters: params,
     };
     Ok(Fitted { cfg, varmap, net })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_targets_round_trip_through_the_quantile_table() {
+        // Smooth labels: the table gives back each label from its rank and each rank from its label.
+        let labels: Vec<f64> = (0..500).map(|i| (((i * 37) % 500) as f64 * 0.01).powi(2)).collect();
+        let q = quantiles(&labels, 1000);
+        let (lo, hi) = labels.iter().fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+        assert_eq!((q[0], q[1000]), (lo, hi));
+        let z = own_ranks(&labels);
+        let (m, v) = (z.iter().sum::<f64>() / 500.0, z.iter().map(|x| x * x).sum::<f64>() / 500.0);
+        assert!(m.abs() < 1e-12 && (v - 1.0).abs() < 0.01, "ranks are standardised: mean {m}, var {v}");
+        for (&l, &zi) in labels.iter().zip(&z) {
+            assert!((from_rank(&q, zi) - l).abs() < 1e-3, "label {l}: {}", from_rank(&q, zi));
+            assert!((to_rank(&q, l) - zi).abs() < 1e-3, "label {l}: rank {} vs {zi}", to_rank(&q, l));
+        }
+        // Heavy-tailed labels with ties: both maps stay monotone, so ranks (and Spearman's ρ) survive.
+        let labels: Vec<f64> = (0..300).map(|i| if i % 7 == 0 { 100.0 + (i % 3) as f64 } else { (i % 10) as f64 * 0.01 }).collect();
+        let q = quantiles(&labels, 1000);
+        let z = own_ranks(&labels);
+        let back: Vec<f64> = z.iter().map(|&zi| from_rank(&q, zi)).collect();
+        assert!((spearman(&back, &labels) - 1.0).abs() < 1e-12);
+        let again: Vec<f64> = labels.iter().map(|&l| to_rank(&q, l)).collect();
+        assert!((spearman(&again, &z) - 1.0).abs() < 1e-12);
+        // Clamped outside the training range.
+        assert!(to_rank(&q, -1.0) == -0.5 * RANK_SCALE && to_rank(&q, 1e9) == 0.5 * RANK_SCALE);
+        assert_eq!(from_rank(&q, 10.0), q[1000]);
+        assert!(Target::parse("rank").is_ok() && Target::parse("ranks").is_err());
+    }
 }

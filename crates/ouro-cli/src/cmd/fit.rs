@@ -1,7 +1,7 @@
 //! `ouro fit`, `ouro predict`, `ouro evaluate`, `ouro data split`: labelled biological sequences.
 
 use anyhow::{bail, Result};
-use ouro_train::seqfit::{examples, fit, metrics, Alphabet, FitOptions, Fitted, ModelSpec, Table, Task};
+use ouro_train::seqfit::{examples, fit, metrics, Alphabet, FitOptions, Fitted, ModelSpec, Table, Target, Task};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -46,6 +46,10 @@ pub struct FitArgs {
     embedding: String,
     #[arg(long, default_value_t = 0.2)]
     dropout: f64,
+    /// Regression target: standardized (MSE on standardised labels) or rank (MSE on the labels' standardised
+    /// ranks; predictions map back to label units through the training quantiles).
+    #[arg(long, default_value = "standardized")]
+    target: String,
     #[arg(long, default_value_t = 20)]
     epochs: usize,
     #[arg(long, default_value_t = 128)]
@@ -102,7 +106,7 @@ pub fn fit_cmd(a: FitArgs) -> Result<()> {
     } else if a.init.is_some() || a.backbone.is_some() {
         bail!("--backbone and --init go with --model backbone");
     }
-    let o = FitOptions { init: a.init.clone(), epochs: a.epochs, batch_size: a.batch_size, lr: a.lr, weight_decay: a.weight_decay, seed: a.seed, progress: !a.quiet };
+    let o = FitOptions { target: Target::parse(&a.target)?, init: a.init.clone(), epochs: a.epochs, batch_size: a.batch_size, lr: a.lr, weight_decay: a.weight_decay, seed: a.seed, progress: !a.quiet };
     let fitted = fit(&train, &valid, task, alphabet, classes, spec, (&a.sequence_column, &a.label_column), &o, &crate::device::parse(&a.device)?, &mut |s| eprintln!("{s}"))?;
     fitted.save(&a.out)?;
     println!(
