@@ -147,3 +147,17 @@ fn fit_predict_and_evaluate_end_to_end() {
     assert!(!ok && err.contains("--model"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn train_a_builtin_synthetic_task() {
+    let dir = std::env::temp_dir().join(format!("ouro-cli-task-{}", std::process::id()));
+    let (ok, out, err) = run(ouro().args(["train", "--task", "selective-copying", "--steps", "2", "--quiet", "--threads", "1", "--out"]).arg(&dir));
+    assert!(ok, "{err}");
+    assert!(err.contains("selective-copying") && out.contains("accuracy at context length 128"), "{out}\n{err}");
+    assert!(dir.join("checkpoint/model.safetensors").exists() && dir.join("metrics.jsonl").exists());
+    let (ok, _, err) = run(ouro().args(["train", "--task", "copying"]));
+    assert!(!ok && err.contains("unknown task 'copying'") && err.contains("induction-heads"), "{err}");
+    let (ok, _, err) = run(ouro().args(["train", "--steps", "2"]));
+    assert!(!ok && err.contains("--config"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -7,8 +7,12 @@ use std::path::PathBuf;
 #[derive(clap::Args)]
 pub struct TrainArgs {
     /// TOML config (see configs/); the flags below override it.
+    #[arg(long, required_unless_present = "task")]
+    config: Option<PathBuf>,
+    /// A synthetic task of the Mamba paper: selective-copying, selective-copying-lti or induction-heads. Without
+    /// --config, the task's built-in config (the same as configs/TASK.toml); with one, it replaces its corpus.
     #[arg(long)]
-    config: PathBuf,
+    task: Option<String>,
     /// Continue the run in the output folder from its last checkpoint (same losses as an uninterrupted run).
     #[arg(long)]
     resume: bool,
@@ -39,8 +43,32 @@ pub struct TrainArgs {
     stop_at: Option<usize>,
 }
 
+/// The built-in configs of `--task` (the files in configs/).
+const TASKS: [(&str, &str); 3] = [
+    ("selective-copying", include_str!("../../../../configs/selective-copying.toml")),
+    ("selective-copying-lti", include_str!("../../../../configs/selective-copying-lti.toml")),
+    ("induction-heads", include_str!("../../../../configs/induction-heads.toml")),
+];
+
 pub fn train(a: TrainArgs) -> Result<()> {
-    let mut cfg = TrainConfig::from_file(&a.config)?;
+    let names = || TASKS.iter().map(|t| t.0).collect::<Vec<_>>().join(", ");
+    let (mut cfg, source) = match (&a.config, &a.task) {
+        (Some(path), task) => {
+            let mut cfg = TrainConfig::from_file(path)?;
+            if let Some(t) = task {
+                let builtin = TASKS.iter().find(|x| x.0 == t.as_str()).with_context(|| format!("unknown task '{t}' ({})", names()))?;
+                let tcfg: TrainConfig = toml::from_str(builtin.1).context("built-in task config")?;
+                cfg.data.corpus = tcfg.data.corpus;
+                cfg.model.lti = tcfg.model.lti;
+            }
+            (cfg, path.display().to_string())
+        }
+        (None, Some(t)) => {
+            let builtin = TASKS.iter().find(|x| x.0 == t.as_str()).with_context(|| format!("unknown task '{t}' ({})", names()))?;
+            (toml::from_str(builtin.1).context("built-in task config")?, format!("--task {t}"))
+        }
+        (None, None) => bail!("give --config FILE.toml or --task NAME"),
+    };
     if let Some(m) = a.model {
         cfg.model.arch = m;
         if a.out.is_none() {
@@ -68,7 +96,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
     if let Some(v) = a.device {
         cfg.train.device = v;
     }
-    cfg.validate().with_context(|| format!("{}", a.config.display()))?;
+    cfg.validate().with_context(|| source.clone())?;
     let dev = crate::device::parse(&cfg.train.device)?;
     let out = ouro_train::train::train(&cfg, &dev, a.resume, !a.quiet, a.stop_at, &mut |s| eprintln!("{s}"))?;
     println!(
