@@ -46,6 +46,9 @@ enum Command {
     Predict(cmd::fit::PredictArgs),
     /// Scores a fitted model on labelled data (Spearman/Pearson/MSE or accuracy/AUROC/F1).
     Evaluate(cmd::fit::EvaluateArgs),
+    /// Time-dependent PDE data (Kuramoto–Sivashinsky, Burgers) for neural operators.
+    #[command(subcommand)]
+    Pde(cmd::pde::Pde),
 }
 
 /// mimalloc's `mi_option_purge_delay` (enum index in mimalloc.h) and `mi_option_arena_eager_commit`.
@@ -77,6 +80,7 @@ fn main() {
         Command::Fit(a) => cmd::fit::fit_cmd(a),
         Command::Predict(a) => cmd::fit::predict_cmd(a),
         Command::Evaluate(a) => cmd::fit::evaluate_cmd(a),
+        Command::Pde(p) => cmd::pde::run(p),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");

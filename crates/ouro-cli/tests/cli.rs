@@ -161,3 +161,25 @@ fn train_a_builtin_synthetic_task() {
     assert!(!ok && err.contains("--config"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn pde_generate_writes_trajectories() {
+    let dir = std::env::temp_dir().join(format!("ouro-cli-pde-{}", std::process::id()));
+    let out = dir.join("ks.safetensors");
+    let (ok, _, err) = run(ouro()
+        .args(["pde", "generate", "--equation", "burgers", "--viscosity", "0.1", "--samples", "3", "--resolution", "32,48", "--grid", "128", "--frames", "6", "--t-end", "0.5", "--out"])
+        .arg(&out));
+    assert!(ok, "{err}");
+    let bytes = std::fs::read(&out).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("u_32").unwrap().shape(), &[3, 6, 32]);
+    assert_eq!(st.tensor("u_48").unwrap().shape(), &[3, 6, 48]);
+    assert_eq!(st.tensor("t").unwrap().shape(), &[6]);
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    assert_eq!(meta.metadata().as_ref().unwrap()["equation"], "burgers");
+    let (ok, _, err) = run(ouro().args(["pde", "generate", "--equation", "heat", "--viscosity", "0.1", "--samples", "1", "--out"]).arg(&out));
+    assert!(!ok && err.contains("unknown equation 'heat'"), "{err}");
+    let (ok, _, err) = run(ouro().args(["pde", "generate", "--equation", "ks", "--viscosity", "0.1", "--samples", "1", "--resolution", "1024", "--out"]).arg(&out));
+    assert!(!ok && err.contains("resolution 1024"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -6,6 +6,7 @@ pub mod data;
 pub mod fetch;
 pub mod model;
 pub mod optim;
+pub mod pde;
 pub mod plot;
 pub mod seqfit;
 pub mod tasks;

@@ -3,3 +3,4 @@ pub mod doctor;
 pub mod fit;
 pub mod lm;
 pub mod train;
+pub mod pde;
