@@ -430,8 +430,24 @@ impl Net {
                 head.forward(&masked_mean(&x, &e.mask)?)
             }
             Net::Transformer { input, layers, norm, head } => {
-                // Padding gets its own document id, so real positions attend only to real ones.
-                let seq = e.mask.affine(-1.0, 1.0)?.to_dtype(DType::U32)?;
+                // Each run of padding or of real positions is its own document (ids count the mask's changes,
+                // so they are non-decreasing wherever the padding sits, e.g. Gifford's leading and trailing
+                // 'J'): real positions never attend to padding.
+                let (b, l) = e.mask.dims2()?;
+                let mask = e.mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                let ids: Vec<u32> = mask
+                    .iter()
+                    .flat_map(|row| {
+                        let mut id = 0u32;
+                        (0..row.len()).map(move |t| {
+                            if t > 0 && row[t] != row[t - 1] {
+                                id += 1;
+                            }
+                            id
+                        })
+                    })
+                    .collect();
+                let seq = Tensor::from_vec(ids, (b, l), e.mask.device())?;
                 let mut x = input.forward(e)?;
                 for (n1, attn, n2, mlp) in layers {
                     x = (&x + drop(&attn.forward(&n1.forward(&x)?, Some(&seq), None)?)?)?;
