@@ -13,6 +13,7 @@
 
 use candle_core::{bail, Result};
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand_distr::StandardNormal;
 use rustfft::num_complex::Complex64 as C64;
 use rustfft::{Fft, FftPlanner};
 use std::sync::Arc;
@@ -166,10 +167,15 @@ impl Solver {
 /// Fourier resampling of a periodic grid function to `r` points (band-limited interpolation; the modes the
 /// coarse grid cannot hold are dropped, its Nyquist mode zeroed).
 pub fn resample(u: &[f64], r: usize) -> Vec<f64> {
-    let n = u.len();
     let mut planner = FftPlanner::new();
     let mut v: Vec<C64> = u.iter().map(|&x| C64::new(x, 0.0)).collect();
-    planner.plan_fft_forward(n).process(&mut v);
+    planner.plan_fft_forward(u.len()).process(&mut v);
+    from_spectrum(&v, r, planner.plan_fft_inverse(r).as_ref())
+}
+
+/// [`resample`] from the unnormalised spectrum `v` of the n-point function; `inv` is an inverse FFT of length r.
+fn from_spectrum(v: &[C64], r: usize, inv: &dyn Fft<f64>) -> Vec<f64> {
+    let n = v.len();
     let keep = (r.min(n) - 1) / 2; // |m| ≤ keep
     let mut w = vec![C64::new(0.0, 0.0); r];
     for m in 0..=keep {
@@ -178,7 +184,7 @@ pub fn resample(u: &[f64], r: usize) -> Vec<f64> {
             w[r - m] = v[n - m];
         }
     }
-    planner.plan_fft_inverse(r).process(&mut w);
+    inv.process(&mut w);
     w.iter().map(|c| c.re / n as f64).collect()
 }
 
@@ -224,6 +230,8 @@ pub fn initial_condition(rng: &mut StdRng, n: usize, length: f64) -> Vec<f64> {
 /// Trajectories per resolution, each (samples, frames, r) row-major, plus the frame times.
 pub struct Dataset {
     pub times: Vec<f64>,
+    /// The solver's time step (the largest ≤ max_dt that divides the frame interval).
+    pub solver_dt: f64,
     pub fields: Vec<(usize, Vec<f32>)>,
     pub clean: Vec<(usize, Vec<f32>)>,
 }
@@ -245,6 +253,8 @@ pub fn generate(o: &GenerateOptions, progress: &mut dyn FnMut(usize)) -> Result<
     let solver = Solver::new(o.equation, o.viscosity, o.length, o.grid, frame_dt / substeps as f64)?;
     let times: Vec<f64> = (0..o.frames).map(|i| i as f64 * frame_dt).collect();
     let mut clean: Vec<(usize, Vec<f32>)> = o.resolutions.iter().map(|&r| (r, Vec::with_capacity(o.samples * o.frames * r))).collect();
+    let mut planner = FftPlanner::new();
+    let inverse: Vec<Arc<dyn Fft<f64>>> = o.resolutions.iter().map(|&r| planner.plan_fft_inverse(r)).collect();
     let mut rng = StdRng::seed_from_u64(o.seed);
     for s in 0..o.samples {
         let u0 = initial_condition(&mut rng, o.grid, o.length);
@@ -255,12 +265,11 @@ pub fn generate(o: &GenerateOptions, progress: &mut dyn FnMut(usize)) -> Result<
                     solver.step(&mut v);
                 }
             }
-            let u = solver.to_physical(&v);
-            if u.iter().any(|x| !x.is_finite()) {
+            if v.iter().any(|c| !c.re.is_finite() || !c.im.is_finite()) {
                 bail!("pde generate: sample {s} blew up at t = {:.3} (ν {}, step {:.2e}); lower --max-dt", times[f], o.viscosity, solver.h);
             }
-            for (r, out) in clean.iter_mut() {
-                out.extend(resample(&u, *r).into_iter().map(|x| x as f32));
+            for ((r, out), inv) in clean.iter_mut().zip(&inverse) {
+                out.extend(from_spectrum(&v, *r, inv.as_ref()).into_iter().map(|x| x as f32));
             }
         }
         progress(s + 1);
@@ -276,7 +285,7 @@ pub fn generate(o: &GenerateOptions, progress: &mut dyn FnMut(usize)) -> Result<
                     .flat_map(|sample| {
                         let m = sample.iter().map(|&x| x as f64).sum::<f64>() / per as f64;
                         let sd = (sample.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / per as f64).sqrt();
-                        sample.iter().map(|&x| (x as f64 + o.noise * sd * gaussian(&mut nrng)) as f32).collect::<Vec<_>>()
+                        sample.iter().map(|&x| (x as f64 + o.noise * sd * nrng.sample::<f64, _>(StandardNormal)) as f32).collect::<Vec<_>>()
                     })
                     .collect();
                 (*r, noisy)
@@ -285,17 +294,12 @@ pub fn generate(o: &GenerateOptions, progress: &mut dyn FnMut(usize)) -> Result<
     } else {
         clean.clone()
     };
-    Ok(Dataset { times, fields, clean: if o.noise > 0.0 { clean } else { vec![] } })
-}
-
-fn gaussian(rng: &mut StdRng) -> f64 {
-    let (u1, u2): (f64, f64) = (rng.random_range(1e-300..1.0), rng.random());
-    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    Ok(Dataset { times, solver_dt: solver.h, fields, clean: if o.noise > 0.0 { clean } else { vec![] } })
 }
 
 /// Writes the dataset as safetensors (atomically): `u_R` (samples, frames, R) f32 per resolution (with noise:
 /// `u_R` noisy and `u_clean_R`), `t` (frames), `x_R` (R); metadata: equation, viscosity, domain, grid, dt, seed.
-pub fn save(path: &std::path::Path, o: &GenerateOptions, d: &Dataset, solver_dt: f64) -> Result<()> {
+pub fn save(path: &std::path::Path, o: &GenerateOptions, d: &Dataset) -> Result<()> {
     use safetensors::tensor::{Dtype, TensorView};
     let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = vec![("t".into(), vec![d.times.len()], bytes(&d.times.iter().map(|&t| t as f32).collect::<Vec<_>>()))];
@@ -313,7 +317,7 @@ pub fn save(path: &std::path::Path, o: &GenerateOptions, d: &Dataset, solver_dt:
         ("viscosity", o.viscosity.to_string()),
         ("length", o.length.to_string()),
         ("grid", o.grid.to_string()),
-        ("solver_dt", solver_dt.to_string()),
+        ("solver_dt", d.solver_dt.to_string()),
         ("t_end", o.t_end.to_string()),
         ("frames", o.frames.to_string()),
         ("samples", o.samples.to_string()),

@@ -172,6 +172,12 @@ impl Table {
         self.header.iter().position(|h| h == name).ok_or_else(|| candle_core::Error::Msg(format!("{}: no column '{name}' (columns: {})", self.path, self.header.join(", "))))
     }
 
+    /// The finite number in row `r` (0-based data row), column `i`; `what` names the column in the error.
+    pub fn number(&self, r: usize, i: usize, what: &str) -> Result<f64> {
+        let v = self.rows[r].get(i).map(|s| s.trim()).unwrap_or("");
+        v.parse::<f64>().ok().filter(|x| x.is_finite()).ok_or_else(|| candle_core::Error::Msg(format!("{}: row {}: {what} '{v}' is not a number", self.path, r + 2)))
+    }
+
     pub fn write_csv(path: &Path, header: &[String], rows: &[Vec<String>]) -> Result<()> {
         let tmp = path.with_extension("csv.tmp");
         {
@@ -210,7 +216,7 @@ pub fn examples(t: &Table, seq_col: &str, label_col: Option<&str>, alphabet: Alp
         if let Some(li) = li {
             let v = cell(li).trim();
             labels.push(match task {
-                Task::Regression => v.parse::<f64>().ok().filter(|x| x.is_finite()).ok_or_else(|| candle_core::Error::Msg(format!("{}: row {}: label '{v}' is not a number", t.path, r + 2)))?,
+                Task::Regression => t.number(r, li, "label")?,
                 Task::Classification => match classes.iter().position(|c| c == v) {
                     Some(i) => i as f64,
                     None if !fixed_classes => {
@@ -237,6 +243,10 @@ struct Encoded {
     onehot: Tensor,
     ids: Tensor,
     mask: Tensor,
+    /// (b, L) u32 document ids for attention: each run of padding or of real positions is its own document
+    /// (the ids count the mask's changes, so they never decrease wherever the padding sits, e.g. Gifford's
+    /// leading and trailing 'J'), so real positions never attend to padding.
+    segments: Tensor,
 }
 
 fn encode_batch(seqs: &[&Vec<u8>], alphabet: Alphabet, dev: &Device) -> Result<Encoded> {
@@ -259,7 +269,24 @@ fn encode_batch(seqs: &[&Vec<u8>], alphabet: Alphabet, dev: &Device) -> Result<E
             }
         }
     }
-    Ok(Encoded { onehot: Tensor::from_vec(oh, (b, l, a), dev)?, ids: Tensor::from_vec(ids, (b, l), dev)?, mask: Tensor::from_vec(mask, (b, l), dev)? })
+    let segments: Vec<u32> = mask
+        .chunks(l)
+        .flat_map(|row| {
+            let mut id = 0u32;
+            (0..l).map(move |t| {
+                if t > 0 && row[t] != row[t - 1] {
+                    id += 1;
+                }
+                id
+            })
+        })
+        .collect();
+    Ok(Encoded {
+        onehot: Tensor::from_vec(oh, (b, l, a), dev)?,
+        ids: Tensor::from_vec(ids, (b, l), dev)?,
+        mask: Tensor::from_vec(mask, (b, l), dev)?,
+        segments: Tensor::from_vec(segments, (b, l), dev)?,
+    })
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -430,27 +457,9 @@ impl Net {
                 head.forward(&masked_mean(&x, &e.mask)?)
             }
             Net::Transformer { input, layers, norm, head } => {
-                // Each run of padding or of real positions is its own document (ids count the mask's changes,
-                // so they are non-decreasing wherever the padding sits, e.g. Gifford's leading and trailing
-                // 'J'): real positions never attend to padding.
-                let (b, l) = e.mask.dims2()?;
-                let mask = e.mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-                let ids: Vec<u32> = mask
-                    .iter()
-                    .flat_map(|row| {
-                        let mut id = 0u32;
-                        (0..row.len()).map(move |t| {
-                            if t > 0 && row[t] != row[t - 1] {
-                                id += 1;
-                            }
-                            id
-                        })
-                    })
-                    .collect();
-                let seq = Tensor::from_vec(ids, (b, l), e.mask.device())?;
                 let mut x = input.forward(e)?;
                 for (n1, attn, n2, mlp) in layers {
-                    x = (&x + drop(&attn.forward(&n1.forward(&x)?, Some(&seq), None)?)?)?;
+                    x = (&x + drop(&attn.forward(&n1.forward(&x)?, Some(&e.segments), None)?)?)?;
                     x = (&x + drop(&mlp.forward(&n2.forward(&x)?)?)?)?;
                 }
                 head.forward(&masked_mean(&norm.forward(&x)?, &e.mask)?)
@@ -694,17 +703,17 @@ impl Target {
 
 const RANK_SCALE: f64 = 3.464_101_615_137_754_6; // √12: a uniform rank on [−½, ½] has unit variance
 
+/// v at the fractional index `pos` ∈ [0, len − 1], linearly interpolated.
+fn interpolate(v: &[f64], pos: f64) -> f64 {
+    let (lo, f) = (pos.floor() as usize, pos.fract());
+    if lo + 1 < v.len() { v[lo] * (1.0 - f) + v[lo + 1] * f } else { v[lo] }
+}
+
 /// Quantiles of `labels` at q = k/K, k = 0..=K (linear interpolation between order statistics).
 fn quantiles(labels: &[f64], k: usize) -> Vec<f64> {
     let mut v = labels.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
-    (0..=k)
-        .map(|i| {
-            let pos = i as f64 / k as f64 * (v.len() - 1) as f64;
-            let (lo, f) = (pos.floor() as usize, pos.fract());
-            if lo + 1 < v.len() { v[lo] * (1.0 - f) + v[lo + 1] * f } else { v[lo] }
-        })
-        .collect()
+    (0..=k).map(|i| interpolate(&v, i as f64 / k as f64 * (v.len() - 1) as f64)).collect()
 }
 
 /// Label → standardised rank through a quantile table (the training distribution).
@@ -726,10 +735,7 @@ fn to_rank(q: &[f64], v: f64) -> f64 {
 
 /// Standardised rank → label through the quantile table.
 fn from_rank(q: &[f64], z: f64) -> f64 {
-    let k = q.len() - 1;
-    let pos = (z / RANK_SCALE + 0.5).clamp(0.0, 1.0) * k as f64;
-    let (lo, f) = (pos.floor() as usize, pos.fract());
-    if lo < k { q[lo] * (1.0 - f) + q[lo + 1] * f } else { q[k] }
+    interpolate(q, (z / RANK_SCALE + 0.5).clamp(0.0, 1.0) * (q.len() - 1) as f64)
 }
 
 /// Standardised ranks of `labels` among themselves (ties share their mean rank), on the quantile table's

@@ -210,26 +210,21 @@ pub fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
         }
         (None, Some(col)) => {
             let (pi, li) = (t.column(col)?, t.column(&a.label_column)?);
-            let number = |r: usize, i: usize, name: &str| -> Result<f64> {
-                let v = t.rows[r].get(i).map(|s| s.trim()).unwrap_or("");
-                v.parse::<f64>().ok().filter(|x| x.is_finite()).ok_or_else(|| anyhow::anyhow!("{}: row {}: {name} '{v}' is not a number", t.path, r + 2))
-            };
-            let preds = (0..t.rows.len()).map(|r| number(r, pi, col).map(|v| vec![v])).collect::<Result<Vec<_>>>()?;
-            let labels = (0..t.rows.len()).map(|r| number(r, li, &a.label_column)).collect::<Result<Vec<_>>>()?;
+            let preds = (0..t.rows.len()).map(|r| t.number(r, pi, col).map(|v| vec![v])).collect::<candle_core::Result<Vec<_>>>()?;
+            let labels = (0..t.rows.len()).map(|r| t.number(r, li, &a.label_column)).collect::<candle_core::Result<Vec<_>>>()?;
             (metrics(Task::Regression, &preds, &labels, 1), labels.len())
         }
         (None, None) => bail!("give --model DIR or --prediction-column NAME"),
     };
-    let ex_n = n;
     if a.json {
         let mut o = serde_json::Map::new();
         for (k, v) in &m {
             o.insert(k.clone(), serde_json::json!(v));
         }
-        o.insert("n".into(), serde_json::json!(ex_n));
+        o.insert("n".into(), serde_json::json!(n));
         println!("{}", serde_json::Value::Object(o));
     } else {
-        println!("{ex_n} sequences from {}", a.input.display());
+        println!("{n} sequences from {}", a.input.display());
         for (k, v) in &m {
             println!("{k:<9} {v:.4}");
         }

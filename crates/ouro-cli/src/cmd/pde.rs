@@ -64,12 +64,10 @@ pub fn run(p: Pde) -> Result<()> {
             bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} trajectories [{elapsed_precise}<{eta_precise}]").unwrap());
             let d = generate(&o, &mut |i| bar.set_position(i as u64))?;
             bar.finish_and_clear();
-            let frame_dt = o.t_end / (o.frames - 1) as f64;
-            let solver_dt = frame_dt / (frame_dt / o.max_dt).ceil();
             if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir)?;
             }
-            save(&a.out, &o, &d, solver_dt)?;
+            save(&a.out, &o, &d)?;
             eprintln!(
                 "{} {} trajectories (ν {}, {} frames to t = {}, grid {}, step {:.2e}) at resolutions {:?} in {:.1} s: {}",
                 a.samples,
@@ -78,7 +76,7 @@ pub fn run(p: Pde) -> Result<()> {
                 a.frames,
                 a.t_end,
                 a.grid,
-                solver_dt,
+                d.solver_dt,
                 a.resolution,
                 t0.elapsed().as_secs_f64(),
                 a.out.display()

@@ -51,22 +51,24 @@ const TASKS: [(&str, &str); 3] = [
 ];
 
 pub fn train(a: TrainArgs) -> Result<()> {
-    let names = || TASKS.iter().map(|t| t.0).collect::<Vec<_>>().join(", ");
-    let (mut cfg, source) = match (&a.config, &a.task) {
+    let task: Option<TrainConfig> = match &a.task {
+        Some(t) => {
+            let names = TASKS.iter().map(|t| t.0).collect::<Vec<_>>().join(", ");
+            let builtin = TASKS.iter().find(|x| x.0 == t.as_str()).with_context(|| format!("unknown task '{t}' ({names})"))?;
+            Some(toml::from_str(builtin.1).context("built-in task config")?)
+        }
+        None => None,
+    };
+    let (mut cfg, source) = match (&a.config, task) {
         (Some(path), task) => {
             let mut cfg = TrainConfig::from_file(path)?;
             if let Some(t) = task {
-                let builtin = TASKS.iter().find(|x| x.0 == t.as_str()).with_context(|| format!("unknown task '{t}' ({})", names()))?;
-                let tcfg: TrainConfig = toml::from_str(builtin.1).context("built-in task config")?;
-                cfg.data.corpus = tcfg.data.corpus;
-                cfg.model.lti = tcfg.model.lti;
+                cfg.data.corpus = t.data.corpus;
+                cfg.model.lti = t.model.lti;
             }
             (cfg, path.display().to_string())
         }
-        (None, Some(t)) => {
-            let builtin = TASKS.iter().find(|x| x.0 == t.as_str()).with_context(|| format!("unknown task '{t}' ({})", names()))?;
-            (toml::from_str(builtin.1).context("built-in task config")?, format!("--task {t}"))
-        }
+        (None, Some(t)) => (t, format!("--task {}", a.task.as_deref().unwrap_or_default())),
         (None, None) => bail!("give --config FILE.toml or --task NAME"),
     };
     if let Some(m) = a.model {
