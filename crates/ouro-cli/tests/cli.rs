@@ -181,5 +181,27 @@ fn pde_generate_writes_trajectories() {
     assert!(!ok && err.contains("unknown equation 'heat'"), "{err}");
     let (ok, _, err) = run(ouro().args(["pde", "generate", "--equation", "ks", "--viscosity", "0.1", "--samples", "1", "--resolution", "1024", "--out"]).arg(&out));
     assert!(!ok && err.contains("resolution 1024"), "{err}");
+    // Train a small MemNO on the 32-point fields (last trajectory held out), evaluate it again from its folder.
+    let (ok, _, err) = run(ouro().args(["pde", "generate", "--equation", "ks", "--viscosity", "0.1", "--samples", "12", "--resolution", "16", "--grid", "64", "--frames", "6", "--t-end", "0.5", "--out"]).arg(&out));
+    assert!(ok, "{err}");
+    let run_dir = dir.join("run");
+    let (ok, stdout, err) = run(ouro()
+        .args(["pde", "train", "--model", "memno", "--width", "8", "--modes", "4", "--layers", "2", "--memory-after", "1", "--d-state", "8", "--epochs", "2", "--batch-size", "4", "--holdout", "0.25", "--json", "--train"])
+        .arg(&out)
+        .arg("--out")
+        .arg(&run_dir));
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert!(v["rollout_nrmse"].as_f64().unwrap().is_finite() && v["resolution"] == 16, "{v}");
+    assert!(run_dir.join("curves.svg").exists() && run_dir.join("model/config.json").exists());
+    assert_eq!(std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap().lines().count(), 2);
+    let (ok, stdout, err) = run(ouro().args(["pde", "evaluate", "--json", "--model"]).arg(run_dir.join("model")).arg("--data").arg(&out));
+    assert!(ok, "{err}");
+    let e: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(e["trajectories"], 12);
+    let (ok, _, err) = run(ouro().args(["pde", "train", "--model", "unet", "--out"]).arg(&run_dir).arg("--train").arg(&out));
+    assert!(!ok && err.contains("unknown neural operator 'unet'"), "{err}");
+    let (ok, _, err) = run(ouro().args(["pde", "train", "--resolution", "64", "--out"]).arg(&run_dir).arg("--train").arg(&out));
+    assert!(!ok && err.contains("no resolution 64 (has [16])"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,4 +1,4 @@
-//! Layers shared by the models: RMSNorm, the two MLP styles, rotary embeddings, and multi-head
+//! Layers shared by the models: RMSNorm, LayerNorm, the two MLP styles, rotary embeddings, and multi-head
 //! attention with grouped KV heads and a KV cache (Llama's separate q/k/v projections or `mamba_ssm`'s
 //! fused `in_proj`).
 
@@ -35,6 +35,29 @@ impl RmsNorm {
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         rms_norm(x, &self.weight, self.eps)
+    }
+}
+
+/// (x − mean(x)) · rsqrt(var(x) + eps) · w + b over the last axis, written in differentiable tensor ops
+/// (candle-nn's fused `LayerNorm` op has no backward pass: gradients into x vanish silently).
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(d: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { weight: vb.get_with_hints(d, "weight", candle_nn::Init::Const(1.0))?, bias: vb.get_with_hints(d, "bias", candle_nn::Init::Const(0.0))?, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        xc.broadcast_div(&(var + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
     }
 }
 

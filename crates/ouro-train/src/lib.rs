@@ -5,6 +5,7 @@ pub mod config;
 pub mod data;
 pub mod fetch;
 pub mod model;
+pub mod operator;
 pub mod optim;
 pub mod pde;
 pub mod plot;

@@ -300,7 +300,6 @@ pub fn generate(o: &GenerateOptions, progress: &mut dyn FnMut(usize)) -> Result<
 /// Writes the dataset as safetensors (atomically): `u_R` (samples, frames, R) f32 per resolution (with noise:
 /// `u_R` noisy and `u_clean_R`), `t` (frames), `x_R` (R); metadata: equation, viscosity, domain, grid, dt, seed.
 pub fn save(path: &std::path::Path, o: &GenerateOptions, d: &Dataset) -> Result<()> {
-    use safetensors::tensor::{Dtype, TensorView};
     let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = vec![("t".into(), vec![d.times.len()], bytes(&d.times.iter().map(|&t| t as f32).collect::<Vec<_>>()))];
     for (prefix, set) in [("u", &d.fields), ("u_clean", &d.clean)] {
@@ -329,14 +328,17 @@ pub fn save(path: &std::path::Path, o: &GenerateOptions, d: &Dataset) -> Result<
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    let views = data
-        .iter()
-        .map(|(k, shape, b)| TensorView::new(Dtype::F32, shape.clone(), b).map(|v| (k.as_str(), v)))
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
+    let bytes = safetensors_bytes(&data, meta).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
     let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", tmp.display())))?;
+    std::fs::write(&tmp, bytes).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", tmp.display())))?;
     std::fs::rename(&tmp, path).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))
+}
+
+/// f32 tensors (name, shape, little-endian bytes) and string metadata as a safetensors file image.
+pub fn safetensors_bytes(data: &[(String, Vec<usize>, Vec<u8>)], meta: std::collections::HashMap<String, String>) -> std::result::Result<Vec<u8>, safetensors::SafeTensorError> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let views = data.iter().map(|(k, shape, b)| TensorView::new(Dtype::F32, shape.clone(), b).map(|v| (k.as_str(), v))).collect::<std::result::Result<Vec<_>, _>>()?;
+    safetensors::serialize(views, Some(meta))
 }
 
 #[cfg(test)]

@@ -82,3 +82,57 @@ pub fn plot_runs(runs: &[(String, Vec<Metric>)], out: &Path) -> Result<()> {
     std::fs::rename(&tmp, out).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", out.display())))?;
     Ok(())
 }
+
+/// One chart of [`plot_panels`]: named (x, y) series, optionally on a log-scale y axis.
+pub struct Panel {
+    pub title: String,
+    pub x_desc: String,
+    pub y_desc: String,
+    pub log_y: bool,
+    pub series: Vec<(String, Vec<(f64, f64)>)>,
+}
+
+/// Side-by-side line charts (with markers) as one SVG, written atomically.
+pub fn plot_panels(panels: &[Panel], out: &Path) -> Result<()> {
+    if panels.is_empty() || panels.iter().all(|p| p.series.iter().all(|s| s.1.is_empty())) {
+        bail!("plot: no points to draw");
+    }
+    let tmp = out.with_extension("svg.tmp");
+    {
+        let root = SVGBackend::new(&tmp, (480 * panels.len() as u32, 400)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        for (area, p) in root.split_evenly((1, panels.len())).iter().zip(panels) {
+            let pts: Vec<(f64, f64)> = p.series.iter().flat_map(|s| s.1.iter().cloned()).filter(|(x, y)| x.is_finite() && y.is_finite() && (!p.log_y || *y > 0.0)).collect();
+            if pts.is_empty() {
+                continue;
+            }
+            let (x0, x1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), &(x, _)| (a.min(x), b.max(x)));
+            let (y0, y1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), &(_, y)| (a.min(y), b.max(y)));
+            let xr = if x1 > x0 { x0..x1 } else { x0 - 1.0..x1 + 1.0 };
+            let mut builder = ChartBuilder::on(area);
+            let c = builder.caption(&p.title, ("sans-serif", 16)).margin(10).x_label_area_size(35).y_label_area_size(55);
+            let col = |i: usize| COLORS[i % COLORS.len()];
+            macro_rules! draw {
+                ($chart:expr) => {{
+                    let mut ch = $chart;
+                    ch.configure_mesh().x_desc(p.x_desc.as_str()).y_desc(p.y_desc.as_str()).draw().map_err(err)?;
+                    for (i, (name, s)) in p.series.iter().enumerate() {
+                        let s: Vec<(f64, f64)> = s.iter().cloned().filter(|(x, y)| x.is_finite() && y.is_finite() && (!p.log_y || *y > 0.0)).collect();
+                        let cl = col(i);
+                        ch.draw_series(LineSeries::new(s.clone(), cl.stroke_width(2))).map_err(err)?.label(name.as_str()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], cl.stroke_width(2)));
+                        ch.draw_series(s.iter().map(|&q| Circle::new(q, 3, cl.filled()))).map_err(err)?;
+                    }
+                    ch.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(err)?;
+                }};
+            }
+            if p.log_y {
+                draw!(c.build_cartesian_2d(xr, (y0 * 0.8..y1 * 1.25).log_scale()).map_err(err)?);
+            } else {
+                let pad = ((y1 - y0) * 0.05).max(1e-12);
+                draw!(c.build_cartesian_2d(xr, y0 - pad..y1 + pad).map_err(err)?);
+            }
+        }
+        root.present().map_err(err)?;
+    }
+    std::fs::rename(&tmp, out).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", out.display())))
+}
