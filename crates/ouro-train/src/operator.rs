@@ -200,6 +200,13 @@ fn init(varmap: &VarMap, cfg: &OperatorConfig, frames: usize, seed: u64) -> Resu
             g.iter().zip(&h).map(|(&a, &b)| (std::f64::consts::FRAC_1_SQRT_2 * (-2.0 * (a as f64).ln()).sqrt() * (2.0 * std::f64::consts::PI * b as f64).cos()) as f32).collect()
         } else if name.ends_with("s4d.D") {
             uniform(-1.0, 1.0)
+        } else if name.contains("memory.s4d.output_linear") {
+            // The memory starts silent: the value half of its GLU is zero, so MemNO begins as its FFNO and
+            // learns how much history to add (the gate half keeps its default, so gradients flow).
+            let rows = dims[0] / 2;
+            let per_row = n / dims[0];
+            let b = 1.0 / (cfg.width as f64).sqrt();
+            (0..n).map(|i| if i / per_row < rows { 0.0 } else { rng.random_range(-b..b) as f32 }).collect()
         } else if name.contains("norm") {
             if name.ends_with("weight") { vec![1.0; n] } else { vec![0.0; n] }
         } else {
@@ -302,6 +309,20 @@ mod tests {
         let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
         let views: Vec<(&str, TensorView)> = tensors.iter().zip(&bytes).map(|((k, s, _), b)| (*k, TensorView::new(Dtype::F32, s.clone(), b).unwrap())).collect();
         safetensors::serialize_to_file(views, None, path).unwrap();
+    }
+
+    #[test]
+    fn memno_starts_as_its_markovian_operator() {
+        // After init the memory adds nothing: a frame predicts the same with or without its history.
+        let cfg = OperatorConfig { width: 8, modes: 4, layers: 2, memory_after: 1, d_state: 8, projection: 16, ..OperatorConfig::new(OperatorKind::Memno) };
+        let vm = VarMap::new();
+        let net = NeuralOperator::new(cfg.clone(), VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        init(&vm, &cfg, 6, 3).unwrap();
+        let u = Tensor::randn(0f32, 1.0, (2, 6, 16), &Device::Cpu).unwrap();
+        let full = net.forward(&u).unwrap().narrow(1, 4, 1).unwrap();
+        let alone = net.forward(&u.narrow(1, 4, 1).unwrap()).unwrap();
+        let d = (full - alone).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-6, "{d}");
     }
 
     #[test]
