@@ -172,9 +172,10 @@ impl TrainedOperator {
     }
 }
 
-/// Initialises the operator: PyTorch's Linear default U(±1/√fan_in); spectral weights U(0, 1)/(W·W) in each
-/// part, as FNO does (scale 1/(in·out)); FFNO's last feed-forward layer starts small; S4D as `s4d.py`
-/// (dt log-uniform in [dt_min, dt_max] for a sequence of `frames` steps, A = −½ + iπn, C ~ CN(0, 1)).
+/// Initialises the operator: PyTorch's Linear default U(±1/√fan_in); spectral weights U(0, 1/(W·W)) in each
+/// part, as FNO does (scale 1/(in·out)); S4D as `s4d.py` (A = −½ + iπn, C ~ CN(0, 1) by Box–Muller, D ~ U(−1, 1))
+/// except dt, log-uniform in [e⁻²/frames, 1] so that the memory spans one frame to the whole trajectory, and the
+/// memory's output, which starts silent (see below).
 fn init(varmap: &VarMap, cfg: &OperatorConfig, frames: usize, seed: u64) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut named: Vec<(String, candle_core::Var)> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
