@@ -22,9 +22,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Benchmarks (kernels and models).
-    #[command(subcommand)]
+    /// Benchmarks: `--model PATH` times the CPU inference engine (prefill, decode, memory, bandwidth
+    /// limit); subcommands time kernels.
     Bench(cmd::bench::Bench),
+    /// Writes a checkpoint with its linear weights in f16, Q8_0 or Q4_0 (GGUF block layouts).
+    Quantize(cmd::engine::QuantizeArgs),
     /// Checks the build and a compute device: features, CPU SIMD, and a numeric check on the device.
     Doctor(cmd::doctor::Args),
     /// Writes a model's logits for given token ids to a safetensors file (tensor `logits`).
@@ -70,6 +72,7 @@ fn main() {
     }
     let res = match cli.command {
         Command::Bench(b) => cmd::bench::run(b),
+        Command::Quantize(a) => cmd::engine::quantize(a),
         Command::Doctor(a) => cmd::doctor::run(a),
         Command::Logits(a) => cmd::lm::logits(a),
         Command::Generate(a) => cmd::lm::generate_cmd(a),

@@ -205,3 +205,33 @@ fn pde_generate_writes_trajectories() {
     assert!(!ok && err.contains("no resolution 64 (has [16])"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn quantize_then_bench_and_generate() {
+    let out = std::env::temp_dir().join(format!("ouro-cli-quantize-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let (ok, stdout, err) = run(ouro().args(["quantize", "--model"]).arg(fixture("lm/mamba2_q")).args(["--format", "q4_0", "--out"]).arg(&out));
+    assert!(ok, "{err}");
+    assert!(stdout.contains("in q4_0"), "{stdout}");
+    // The engine benchmark on the quantised folder (its stored format wins over --weights).
+    let (ok, stdout, err) = run(ouro()
+        .args(["--threads", "1", "bench", "--model"])
+        .arg(&out)
+        .args(["--prompt-len", "20", "--gen-len", "5", "--batch", "3", "--repeats", "1", "--no-bandwidth", "--json"]));
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["weights"], "q4_0");
+    assert_eq!(v["batch"], 3);
+    assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0 && v["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["state_bytes_per_sequence"].as_u64().unwrap() > 0);
+    // Every other command reads the quantised checkpoint.
+    let (ok, stdout, err) = run(ouro().args(["generate", "--model"]).arg(&out).args(["--prompt", "ab", "--tokenizer", "bytes", "--max-new-tokens", "3"]));
+    assert!(ok, "{err}");
+    assert!(stdout.starts_with("ab"), "{stdout}");
+    // Bad input.
+    let (ok, _, err) = run(ouro().args(["quantize", "--model"]).arg(fixture("lm/mamba2_q")).args(["--format", "q5_k", "--out"]).arg(out.join("x")));
+    assert!(!ok && err.contains("q5_k"), "{err}");
+    let (ok, _, err) = run(ouro().args(["bench", "--model"]).arg(fixture("lm/llama_gqa")).args(["--gen-len", "2", "--no-bandwidth"]));
+    assert!(!ok && err.contains("Mamba-2"), "{err}");
+    std::fs::remove_dir_all(&out).unwrap();
+}

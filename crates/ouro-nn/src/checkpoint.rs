@@ -43,6 +43,21 @@ fn err_ctx<T>(r: Result<T>, what: impl FnOnce() -> String) -> Result<T> {
     r.map_err(|e| candle_core::Error::Msg(format!("{}: {e}", what())))
 }
 
+/// Reads `config.json` from a checkpoint folder.
+pub fn read_config(dir: &Path) -> Result<serde_json::Value> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", cfg_path.display())))?;
+    let config: serde_json::Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        // Python's json writes bare Infinity/NaN (older transformers configs do): read them as strings.
+        Err(e) => serde_json::from_str(&python_json_literals(&text)).map_err(|_| candle_core::Error::Msg(format!("{}: invalid JSON: {e}", cfg_path.display())))?,
+    };
+    if !config.is_object() {
+        bail!("{}: expected a JSON object", cfg_path.display());
+    }
+    Ok(config)
+}
+
 impl Checkpoint {
     /// Opens a checkpoint folder or a `.gguf` file.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
@@ -56,16 +71,7 @@ impl Checkpoint {
                 _ => bail!("{}: expected a checkpoint folder (config.json + weights) or a .gguf file", path.display()),
             };
         }
-        let cfg_path = path.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", cfg_path.display())))?;
-        let config: serde_json::Value = match serde_json::from_str(&text) {
-            Ok(v) => v,
-            // Python's json writes bare Infinity/NaN (older transformers configs do): read them as strings.
-            Err(e) => serde_json::from_str(&python_json_literals(&text)).map_err(|_| candle_core::Error::Msg(format!("{}: invalid JSON: {e}", cfg_path.display())))?,
-        };
-        if !config.is_object() {
-            bail!("{}: expected a JSON object", cfg_path.display());
-        }
+        let config = read_config(path)?;
         let index = path.join("model.safetensors.index.json");
         let single = path.join("model.safetensors");
         let pth = path.join("pytorch_model.bin");
@@ -87,6 +93,9 @@ impl Checkpoint {
             }
         } else if single.exists() {
             ck.load_safetensors(&single)?;
+        } else if path.join(crate::engine::QUANTIZED_FILE).exists() {
+            // A quantised checkpoint (`ouro quantize`): tensors under their checkpoint names in GGUF.
+            ck.load_quantized(&path.join(crate::engine::QUANTIZED_FILE))?;
         } else if pth.exists() {
             ck.format = Format::Pth;
             let all = err_ctx(candle_core::pickle::read_all(&pth), || format!("{}: not a readable PyTorch checkpoint", pth.display()))?;
@@ -101,7 +110,7 @@ impl Checkpoint {
                 .collect();
             shards.sort();
             if shards.is_empty() {
-                bail!("{}: no weights found (model.safetensors, model.safetensors.index.json or pytorch_model.bin)", path.display());
+                bail!("{}: no weights found (model.safetensors, model.safetensors.index.json, pytorch_model.bin or model.gguf)", path.display());
             }
             for s in shards {
                 ck.load_safetensors(&s)?;
@@ -121,6 +130,21 @@ impl Checkpoint {
         let loaded = err_ctx(candle_core::safetensors::load_buffer(&bytes, &Device::Cpu), || format!("{}: not a valid safetensors file", file.display()))?;
         for (name, t) in loaded {
             self.add(name, t, file, None);
+        }
+        Ok(())
+    }
+
+    /// Reads a quantised checkpoint's tensors, dequantised to f32 for the models built on candle.
+    fn load_quantized(&mut self, file: &Path) -> Result<()> {
+        let mut f = std::fs::File::open(file).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", file.display())))?;
+        let content = err_ctx(gguf_file::Content::read(&mut f), || format!("{}: not a valid GGUF file", file.display()))?;
+        let mut names: Vec<String> = content.tensor_infos.keys().cloned().collect();
+        names.sort();
+        for name in names {
+            let qt = err_ctx(content.tensor(&mut f, &name, &Device::Cpu), || format!("{}: tensor '{name}'", file.display()))?;
+            let ggml_type = format!("{:?}", qt.dtype()).to_lowercase();
+            let t = err_ctx(qt.dequantize(&Device::Cpu), || format!("{}: dequantising '{name}' ({ggml_type})", file.display()))?;
+            self.add(name, t, file, Some(ggml_type));
         }
         Ok(())
     }

@@ -8,6 +8,7 @@ pub mod caduceus;
 pub mod checkpoint;
 pub mod discrete_mamba2;
 pub mod encoder;
+pub mod engine;
 pub mod fno;
 pub mod generate;
 pub mod griffin;

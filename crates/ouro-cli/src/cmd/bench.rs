@@ -7,13 +7,25 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
 use std::time::Instant;
 
+/// `ouro bench --model PATH …` measures the CPU inference engine (see [`crate::cmd::engine`]);
+/// the subcommands measure kernels.
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct Bench {
+    #[command(subcommand)]
+    cmd: Option<BenchCmd>,
+    #[command(flatten)]
+    model: crate::cmd::engine::BenchArgs,
+}
+
 #[derive(clap::Subcommand)]
-pub enum Bench {
+pub enum BenchCmd {
     /// The Mamba-2 SSD scan on the CPU: chunked vs sequential, forward and forward+backward.
     Ssd(SsdArgs),
     /// The RG-LRU linear recurrence (Hawk/Griffin): parallel (chunked) vs sequential scan, forward.
     Scan(ScanArgs),
-    /// Decode throughput of a model (tokens/s at a batch size) and its memory per sequence.
+    /// Decode throughput of any model through the candle path (tokens/s at a batch size) and its memory
+    /// per sequence; `ouro bench --model` measures the CPU engine.
     Decode(DecodeArgs),
 }
 
@@ -111,10 +123,11 @@ fn chunked_flops(d: &Dims, q: usize) -> f64 {
 }
 
 pub fn run(b: Bench) -> Result<()> {
-    match b {
-        Bench::Ssd(a) => ssd_bench(a),
-        Bench::Scan(a) => scan_bench(a),
-        Bench::Decode(a) => decode_bench(a),
+    match b.cmd {
+        Some(BenchCmd::Ssd(a)) => ssd_bench(a),
+        Some(BenchCmd::Scan(a)) => scan_bench(a),
+        Some(BenchCmd::Decode(a)) => decode_bench(a),
+        None => crate::cmd::engine::bench(b.model),
     }
 }
 
