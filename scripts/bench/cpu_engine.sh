@@ -29,8 +29,12 @@ for row in json.loads(sys.argv[1]):
     test = f"pp{row['n_prompt']}" if row["n_prompt"] else f"tg{row['n_gen']}"
     print(json.dumps({"runtime": "llama.cpp", "test": test, "format": sys.argv[2], "round": int(sys.argv[3]), "tokens_per_s": row["avg_ts"]}))
 PY
-    j=$($NICE "$OURO" --threads "$THREADS" bench --model "$MODEL" --weights "$f" --prompt-len 0 --gen-len 128 --batch "$BATCH" --repeats 1 --json)
-    rec "$j" "{\"runtime\": \"ouro\", \"test\": \"tg128x$BATCH\", \"format\": \"$f\", \"round\": $r}"
+    for state in f32 bf16; do
+      flag=""; name="tg128x$BATCH"
+      if [ "$state" = bf16 ]; then flag="--state-bf16"; name="tg128x$BATCH-bf16-state"; fi
+      j=$($NICE "$OURO" --threads "$THREADS" bench --model "$MODEL" --weights "$f" --prompt-len 0 --gen-len 128 --batch "$BATCH" --repeats 1 $flag --json)
+      rec "$j" "{\"runtime\": \"ouro\", \"test\": \"$name\", \"format\": \"$f\", \"round\": $r}"
+    done
     l=$($NICE "$LLAMA_BIN/llama-batched-bench" -m "$g" -c 4096 -b 2048 -ub 512 -npp 1 -ntg 128 -npl "$BATCH" -t "$THREADS" 2>/dev/null | grep -E '^\|\s+1 \|' || true)
     ts=$(echo "$l" | awk -F'|' '{gsub(/ /,"",$9); print $9}')
     echo "{\"runtime\": \"llama.cpp\", \"test\": \"tg128x$BATCH\", \"format\": \"$f\", \"round\": $r, \"tokens_per_s\": ${ts:-null}}" >> "$OUT"
@@ -51,13 +55,11 @@ def peer(test, f):
 print("| format | test | ouro tok/s | llama.cpp tok/s | ratio | ouro % of bandwidth limit |")
 print("|---|---|---:|---:|---:|---:|")
 for f in sorted({r["format"] for r in rows}):
-    for test, src, key in [("pp512", "pp512+tg128", "prefill_tokens_per_s"), ("tg128", "pp512+tg128", "decode_tokens_per_s"),
-                           (None, None, None), ("pp2048", "pp2048", "prefill_tokens_per_s")]:
-        if test is None:
-            test = next((r["test"] for r in rows if r["test"].startswith("tg128x")), None)
-            src, key = test, "decode_tokens_per_s"
-            if test is None: continue
+    batched = sorted({r["test"] for r in rows if r["test"].startswith("tg128x") and r["runtime"] == "ouro"})
+    for test, src, key in [("pp512", "pp512+tg128", "prefill_tokens_per_s"), ("tg128", "pp512+tg128", "decode_tokens_per_s")] + \
+            [(b.removesuffix("-bf16-state"), b, "decode_tokens_per_s") for b in batched] + [("pp2048", "pp2048", "prefill_tokens_per_s")]:
         o, p = ours(src, f, key), peer(test, f)
+        test = src if src.startswith("tg128x") else test
         if o != o: continue
         frac = ours(src, f, "fraction_of_limit") if key == "decode_tokens_per_s" else float("nan")
         print(f"| {f} | {test} | {o:.1f} | {p:.1f} | {o / p:.2f}× | {'' if frac != frac else f'{100 * frac:.0f}%'} |")

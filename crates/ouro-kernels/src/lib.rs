@@ -11,10 +11,12 @@
 //! - [`norm`]: RMSNorm and gated RMSNorm (`group_size`, both `norm_before_gate` orders).
 //! - [`linear_scan`]: the diagonal linear recurrence of Hawk/Griffin's RG-LRU (sequential and parallel).
 //! - [`act`]: softplus and the bounded-gradient square root.
+//! - [`bf16`]: bf16 matrix products on AVX-512 BF16 for prefill and batched decode.
 //! - [`quant`]: f16, Q8_0 and Q4_0 weight matrices (ggml block layouts) and their batched matvec.
 //! - [`cpu`]: the scalar helpers (exp, softplus, dot) and buffer utilities the CPU kernels share.
 
 pub mod act;
+pub mod bf16;
 pub mod conv;
 pub mod cpu;
 pub mod linear_scan;

@@ -288,7 +288,9 @@ impl QMatrix {
         let per = (32768 / self.format().row_bytes(cols).max(1)).clamp(4, 256).min(rows.div_ceil(4 * rayon::current_num_threads()).max(4));
         let yp = crate::cpu::SendPtr(y.as_mut_ptr());
         if batch >= GEMM_BATCH {
-            // Register-blocked: 4 rows × 4 vectors per pass over k (16 accumulators; 8 loads per 16 FMAs).
+            // Register-blocked: 4 rows × 4 vectors per pass over k (16 accumulators; 8 loads per 16 FMAs);
+            // tasks of whole groups of 4 rows.
+            let per = per.div_ceil(4) * 4;
             let tasks = rows.div_ceil(per);
             (0..tasks).into_par_iter().for_each_init(Vec::new, |buf: &mut Vec<f32>, t| {
                 let (r0, r1) = (t * per, ((t + 1) * per).min(rows));
@@ -446,9 +448,29 @@ pub mod simd {
         portable::ssm_update_row(s, b, c, da, dx)
     }
 
+    /// [`ssm_update_row`] on a state stored as bf16 (math in f32, the result rounded to nearest even).
+    pub fn ssm_update_row_bf16(s: &mut [u16], b: &[f32], c: &[f32], da: f32, dx: f32) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512() && crate::bf16::available() {
+            // SAFETY: AVX-512F/BW and AVX-512 BF16 are available (checked).
+            return unsafe { avx512::ssm_update_row_bf16(s, b, c, da, dx) };
+        }
+        portable::ssm_update_row_bf16(s, b, c, da, dx)
+    }
+
     /// Plain Rust (vectorised by the compiler where it can); also the reference for the AVX-512 code.
     pub mod portable {
         use super::*;
+
+        pub fn ssm_update_row_bf16(s: &mut [u16], b: &[f32], c: &[f32], da: f32, dx: f32) -> f32 {
+            let mut acc = 0f32;
+            for ((sv, &bv), &cv) in s.iter_mut().zip(b).zip(c) {
+                let v = half::bf16::from_bits(*sv).to_f32() * da + dx * bv;
+                *sv = half::bf16::from_f32(v).to_bits();
+                acc += v * cv;
+            }
+            acc
+        }
 
         pub fn ssm_update_row(s: &mut [f32], b: &[f32], c: &[f32], da: f32, dx: f32) -> f32 {
             let mut acc = 0f32;
@@ -553,6 +575,32 @@ pub mod simd {
                 }
             }
             out
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx512bf16,fma")]
+        pub unsafe fn ssm_update_row_bf16(s: &mut [u16], b: &[f32], c: &[f32], da: f32, dx: f32) -> f32 {
+            let n = s.len().min(b.len()).min(c.len());
+            let (sp, bp, cp) = (s.as_mut_ptr(), b.as_ptr(), c.as_ptr());
+            let (vda, vdx) = (_mm512_set1_ps(da), _mm512_set1_ps(dx));
+            let mut acc = _mm512_setzero_ps();
+            let mut i = 0;
+            while i + 16 <= n {
+                let raw = _mm256_loadu_si256(sp.add(i) as *const __m256i);
+                let old = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+                let v = _mm512_fmadd_ps(old, vda, _mm512_mul_ps(vdx, _mm512_loadu_ps(bp.add(i))));
+                let packed: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+                _mm256_storeu_si256(sp.add(i) as *mut __m256i, packed);
+                acc = _mm512_fmadd_ps(v, _mm512_loadu_ps(cp.add(i)), acc);
+                i += 16;
+            }
+            let mut t = _mm512_reduce_add_ps(acc);
+            while i < n {
+                let v = half::bf16::from_bits(s[i]).to_f32() * da + dx * b[i];
+                s[i] = half::bf16::from_f32(v).to_bits();
+                t += v * c[i];
+                i += 1;
+            }
+            t
         }
 
         #[target_feature(enable = "avx512f,fma")]
@@ -726,6 +774,19 @@ mod tests {
             for (a, b) in s1.iter().zip(&s2) {
                 assert!((a - b).abs() <= 1e-6, "n {n}: state {a} vs {b}");
             }
+        }
+    }
+
+    #[test]
+    fn ssm_update_row_bf16_matches_the_portable_code() {
+        for n in [16, 128, 37] {
+            let (b, c) = (randn(n, 13), randn(n, 14));
+            let mut s1: Vec<u16> = randn(n, 15).iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+            let mut s2 = s1.clone();
+            let y1 = simd::ssm_update_row_bf16(&mut s1, &b, &c, 0.9, 0.3);
+            let y2 = simd::portable::ssm_update_row_bf16(&mut s2, &b, &c, 0.9, 0.3);
+            assert!((y1 - y2).abs() <= 1e-5 * (1.0 + y2.abs()), "n {n}: {y1} vs {y2}");
+            assert_eq!(s1, s2, "n {n}: rounded states differ");
         }
     }
 

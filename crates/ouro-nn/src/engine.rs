@@ -16,13 +16,19 @@
 //! logits = lm_head · RMSNorm_f(h)                     (B, vocab)
 //! ```
 //!
-//! The math is [`crate::mamba2::Mamba2`]'s (which is `mamba_ssm`'s); tests hold the two to 1e-4.
+//! The math is [`crate::mamba2::Mamba2`]'s (which is `mamba_ssm`'s); tests hold the two to 1e-4 with
+//! f32 products. Two options trade exactness for speed where the CPU has AVX-512 BF16:
+//! `bf16_matmul` (on by default there) runs prefill and steps of ≥ 8 sequences as bf16 matmuls over
+//! packed copies of the weights (made on first use, 2 bytes per weight), and `state_bf16` (off by
+//! default) stores the SSM state in bf16, halving the state traffic of batched decoding; tests bound
+//! both against f32 (logits within 1% relative L2).
 
 use crate::checkpoint::Checkpoint;
 use crate::mamba2::Mamba2Config;
 use crate::mamba_lm::{LayerKind, MambaLmConfig};
 use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::{bail, DType, Device, Result};
+use ouro_kernels::bf16::PackedBf16;
 use ouro_kernels::cpu::{dot, exp, softplus, SendPtr};
 use ouro_kernels::quant::{Format, QMatrix};
 use ouro_kernels::ssd::{scan_chunked, Dims, ScanIn, CPU_CHUNK};
@@ -30,6 +36,7 @@ use ouro_kernels::Segments;
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::OnceLock;
 
 /// The file a quantised checkpoint folder keeps its tensors in (beside `config.json`).
 pub const QUANTIZED_FILE: &str = "model.gguf";
@@ -51,7 +58,18 @@ struct Layer {
     norm_w: Option<Vec<f32>>,
     out_proj: QMatrix,
     out_bias: Option<Vec<f32>>,
+    /// bf16 copies for prefill and batched decode, packed on first use.
+    in_bf: OnceLock<PackedBf16>,
+    out_bf: OnceLock<PackedBf16>,
 }
+
+/// The bf16 copy of `m`, packed on first use.
+fn packed<'a>(cell: &'a OnceLock<PackedBf16>, m: &QMatrix) -> &'a PackedBf16 {
+    cell.get_or_init(|| PackedBf16::pack(m.rows, m.cols, |j, buf| m.dequantize_row(j, buf)))
+}
+
+/// From this many sequences on, a decode step runs its products as bf16 matmuls (when enabled).
+pub const BF16_BATCH: usize = 8;
 
 /// A Mamba-2 LM ready for CPU inference.
 pub struct Mamba2Engine {
@@ -64,6 +82,13 @@ pub struct Mamba2Engine {
     lm_head: Option<QMatrix>,
     norm_f: Vec<f32>,
     layers: Vec<Layer>,
+    head_bf: OnceLock<PackedBf16>,
+    /// Run prefill and decode steps of ≥ [`BF16_BATCH`] sequences as bf16 matmuls (AVX-512 BF16;
+    /// inputs rounded to bf16, f32 accumulation). On by default where the CPU has the instructions.
+    pub bf16_matmul: bool,
+    /// Store the SSM state in bf16 (math in f32): half the state traffic of batched decoding. Off by
+    /// default; applies to states made by [`Mamba2Engine::new_state`] after it is set.
+    pub state_bf16: bool,
 }
 
 /// The recurrent state of `batch` sequences: everything decoding needs, constant in the context length.
@@ -72,13 +97,15 @@ pub struct EngineState {
     pub batch: usize,
     /// (batch, layer, d_conv − 1, conv_dim): the last inputs of the conv, oldest first.
     pub conv: Vec<f32>,
-    /// (batch, layer, H, P, N)
+    /// (batch, layer, H, P, N), f32 (empty when the state is stored in bf16)
     pub ssm: Vec<f32>,
+    /// (batch, layer, H, P, N) as bf16 bits, for engines with `state_bf16` (else empty)
+    pub ssm_bf16: Vec<u16>,
 }
 
 impl EngineState {
     pub fn bytes(&self) -> usize {
-        4 * (self.conv.len() + self.ssm.len())
+        4 * (self.conv.len() + self.ssm.len()) + 2 * self.ssm_bf16.len()
     }
 }
 
@@ -255,6 +282,8 @@ impl Mamba2Engine {
                 norm_w: if cfg.rmsnorm { Some(src.vector(&format!("{m}.norm.weight"), cfg.d_ssm())?) } else { None },
                 out_proj: src.matrix(&[&format!("{m}.out_proj.weight")], d, cfg.d_inner(), fmt)?,
                 out_bias: if cfg.bias { Some(src.vector(&format!("{m}.out_proj.bias"), d)?) } else { None },
+                in_bf: OnceLock::new(),
+                out_bf: OnceLock::new(),
             });
         }
         for l in &mut layers {
@@ -263,7 +292,19 @@ impl Mamba2Engine {
         }
         let norm_f = src.vector("backbone.norm_f.weight", d)?;
         let lm_head = if !lm.tie_embeddings && src.has("lm_head.weight") { Some(src.matrix(&["lm_head.weight"], lm.vocab_size, d, fmt)?) } else { None };
-        Ok(Self { cfg, n_layer: lm.n_layer, vocab: lm.vocab_size, eps: lm.norm_eps as f32, embedding, lm_head, norm_f, layers })
+        Ok(Self {
+            cfg,
+            n_layer: lm.n_layer,
+            vocab: lm.vocab_size,
+            eps: lm.norm_eps as f32,
+            embedding,
+            lm_head,
+            norm_f,
+            layers,
+            head_bf: OnceLock::new(),
+            bf16_matmul: ouro_kernels::bf16::available(),
+            state_bf16: false,
+        })
     }
 
     fn head(&self) -> &QMatrix {
@@ -277,10 +318,12 @@ impl Mamba2Engine {
 
     /// Bytes of weights one decode step reads (every linear weight, the head once, the small
     /// recurrent parameters; the embedding row lookup is negligible).
-    pub fn weight_bytes_per_step(&self) -> usize {
+    /// With bf16 matmuls (batches ≥ [`BF16_BATCH`]) the products read the packed bf16 copies instead.
+    pub fn weight_bytes_per_step(&self, batch: usize) -> usize {
         let c = &self.cfg;
         let small = 4 * (2 * c.d_model + c.conv_dim() * (c.d_conv + 1) + 3 * c.nheads() + c.d_ssm());
-        self.layers.iter().map(|l| l.in_proj.bytes() + l.out_proj.bytes() + small).sum::<usize>() + self.head().bytes()
+        let size = |m: &QMatrix| if self.batched_bf16(batch) { 2 * m.rows * m.cols } else { m.bytes() };
+        self.layers.iter().map(|l| size(&l.in_proj) + size(&l.out_proj) + small).sum::<usize>() + size(self.head())
     }
 
     /// Floats of recurrent state per sequence.
@@ -289,12 +332,20 @@ impl Mamba2Engine {
         self.n_layer * ((c.d_conv - 1) * c.conv_dim() + c.nheads() * c.headdim * c.d_state)
     }
 
+    /// Bytes of recurrent state per sequence, as stored (f32 conv state; SSM state f32 or bf16).
+    pub fn state_bytes(&self) -> usize {
+        let c = &self.cfg;
+        let ssm = self.n_layer * c.nheads() * c.headdim * c.d_state;
+        4 * (self.state_floats() - ssm) + if self.state_bf16 { 2 } else { 4 } * ssm
+    }
+
     pub fn new_state(&self, batch: usize) -> EngineState {
         let c = &self.cfg;
         EngineState {
             batch,
             conv: vec![0.0; batch * self.n_layer * (c.d_conv - 1) * c.conv_dim()],
-            ssm: vec![0.0; batch * self.n_layer * c.nheads() * c.headdim * c.d_state],
+            ssm: if self.state_bf16 { Vec::new() } else { vec![0.0; batch * self.n_layer * c.nheads() * c.headdim * c.d_state] },
+            ssm_bf16: if self.state_bf16 { vec![0; batch * self.n_layer * c.nheads() * c.headdim * c.d_state] } else { Vec::new() },
         }
     }
 
@@ -337,8 +388,16 @@ impl Mamba2Engine {
             let h = &ws.h[i * d..(i + 1) * d];
             rms_norm(h, &self.norm_f, self.eps, &mut ws.u[i * d..(i + 1) * d]);
         }
-        self.head().matvec(&ws.u, b, &mut ws.logits);
+        if self.batched_bf16(b) {
+            packed(&self.head_bf, self.head()).matmul(&ws.u, b, &mut ws.logits);
+        } else {
+            self.head().matvec(&ws.u, b, &mut ws.logits);
+        }
         Ok(())
+    }
+
+    fn batched_bf16(&self, batch: usize) -> bool {
+        self.bf16_matmul && batch >= BF16_BATCH
     }
 
     fn layer_step(&self, li: usize, l: &Layer, st: &mut EngineState, ws: &mut Workspace) {
@@ -346,10 +405,14 @@ impl Mamba2Engine {
         let (b, d) = (ws.batch, c.d_model);
         let (h, p, n, g) = (c.nheads(), c.headdim, c.d_state, c.ngroups);
         let (dssm, conv_dim, k, dip) = (c.d_ssm(), c.conv_dim(), c.d_conv, c.d_in_proj());
-        for i in 0..b {
-            rms_norm(&ws.h[i * d..(i + 1) * d], &l.norm, self.eps, &mut ws.u[i * d..(i + 1) * d]);
+        // Per-sequence work runs in parallel over the batch (serial for one sequence: no fork-join cost).
+        let par = b > 1;
+        for_rows(par, &mut ws.u, d, |i, u| rms_norm(&ws.h[i * d..(i + 1) * d], &l.norm, self.eps, u));
+        if self.batched_bf16(b) {
+            packed(&l.in_bf, &l.in_proj).matmul(&ws.u, b, &mut ws.zx);
+        } else {
+            l.in_proj.matvec(&ws.u, b, &mut ws.zx);
         }
-        l.in_proj.matvec(&ws.u, b, &mut ws.zx);
         if let Some(bias) = &l.in_bias {
             ws.zx.chunks_exact_mut(dip).for_each(|r| r.iter_mut().zip(bias).for_each(|(v, bb)| *v += bb));
         }
@@ -358,10 +421,12 @@ impl Mamba2Engine {
         let ssm_per_seq = h * p * n;
         let (cs, ss) = (self.n_layer * conv_per_seq, self.n_layer * ssm_per_seq);
         let (conv_base, ssm_base) = (li * conv_per_seq, li * ssm_per_seq);
-        for bi in 0..b {
-            let hist = &mut st.conv[bi * cs + conv_base..bi * cs + conv_base + conv_per_seq];
-            let xin = &ws.zx[bi * dip + dssm..bi * dip + dssm + conv_dim];
-            let xo = &mut ws.xbc[bi * conv_dim..(bi + 1) * conv_dim];
+        let zx = &ws.zx;
+        let conv_ptr = SendPtr(st.conv.as_mut_ptr());
+        for_rows(par, &mut ws.xbc, conv_dim, |bi, xo| {
+            // SAFETY: sequence bi's conv state for this layer belongs to this call.
+            let hist = unsafe { conv_ptr.slice(bi * cs + conv_base, conv_per_seq) };
+            let xin = &zx[bi * dip + dssm..bi * dip + dssm + conv_dim];
             // Tap by tap over contiguous rows (weights stored (d_conv, conv_dim)): vectorised loops.
             xo.copy_from_slice(&l.conv_b);
             for j in 0..k {
@@ -371,13 +436,15 @@ impl Mamba2Engine {
             xo.iter_mut().for_each(|v| *v = silu(*v));
             hist.copy_within(conv_dim.., 0);
             hist[(k - 2) * conv_dim..].copy_from_slice(xin);
-        }
+        });
         // SSM update and output: one task per (sequence, head), owning its state block and y slice.
         let (lo, hi) = (c.dt_limit.0 as f32, c.dt_limit.1 as f32);
         let clamp = lo > 0.0 || hi.is_finite();
         let ssm_ptr = SendPtr(st.ssm.as_mut_ptr());
+        let bf16_state = !st.ssm_bf16.is_empty();
+        let ssm_bf16_addr = st.ssm_bf16.as_mut_ptr() as usize;
         let y_ptr = SendPtr(ws.y.as_mut_ptr());
-        let (zx, xbc) = (&ws.zx, &ws.xbc);
+        let xbc = &ws.xbc;
         let hpg = h / g;
         (0..b * h).into_par_iter().for_each(|task| {
             let (bi, hi_) = (task / h, task % h);
@@ -392,31 +459,39 @@ impl Mamba2Engine {
             }
             let da = exp(dt * l.a[hi_]);
             // SAFETY: head hi_ of sequence bi: its state block and y slice belong to this task.
-            let s = unsafe { ssm_ptr.slice(bi * ss + ssm_base + hi_ * p * n, p * n) };
+            let off = bi * ss + ssm_base + hi_ * p * n;
             let y = unsafe { y_ptr.slice(bi * dssm + hi_ * p, p) };
             for pi in 0..p {
                 let x = xr[hi_ * p + pi];
-                let sy = ouro_kernels::quant::simd::ssm_update_row(&mut s[pi * n..(pi + 1) * n], bm, cm, da, dt * x);
+                let sy = if bf16_state {
+                    // SAFETY: as above, in the bf16 copy of the state.
+                    let s = unsafe { std::slice::from_raw_parts_mut((ssm_bf16_addr as *mut u16).add(off + pi * n), n) };
+                    ouro_kernels::quant::simd::ssm_update_row_bf16(s, bm, cm, da, dt * x)
+                } else {
+                    let s = unsafe { ssm_ptr.slice(off + pi * n, n) };
+                    ouro_kernels::quant::simd::ssm_update_row(s, bm, cm, da, dt * x)
+                };
                 let dskip = if c.d_has_hdim { l.d[hi_ * p + pi] } else { l.d[hi_] };
                 y[pi] = sy + dskip * x;
             }
         });
         // Gate and norm per group of d_ssm / G channels.
         let gs = dssm / g;
-        for bi in 0..b {
-            let z = &zx[bi * dip..bi * dip + dssm];
-            let y = &mut ws.y[bi * dssm..(bi + 1) * dssm];
-            gate_norm(y, z, l.norm_w.as_deref(), gs, self.eps_gate(), c.norm_before_gate);
+        let eps = self.eps_gate();
+        for_rows(par, &mut ws.y, dssm, |bi, y| gate_norm(y, &zx[bi * dip..bi * dip + dssm], l.norm_w.as_deref(), gs, eps, c.norm_before_gate));
+        if self.batched_bf16(b) {
+            packed(&l.out_bf, &l.out_proj).matmul(&ws.y, b, &mut ws.out);
+        } else {
+            l.out_proj.matvec(&ws.y, b, &mut ws.out);
         }
-        l.out_proj.matvec(&ws.y, b, &mut ws.out);
-        for bi in 0..b {
-            let o = &ws.out[bi * d..(bi + 1) * d];
-            let hrow = &mut ws.h[bi * d..(bi + 1) * d];
+        let out = &ws.out;
+        for_rows(par, &mut ws.h, d, |bi, hrow| {
+            let o = &out[bi * d..(bi + 1) * d];
             match &l.out_bias {
                 Some(bias) => hrow.iter_mut().zip(o).zip(bias).for_each(|((a, v), bb)| *a += v + bb),
                 None => hrow.iter_mut().zip(o).for_each(|(a, v)| *a += v),
             }
-        }
+        });
     }
 
     fn eps_gate(&self) -> f32 {
@@ -461,67 +536,76 @@ impl Mamba2Engine {
         let mut cmat = vec![0f32; t * g * n];
         let mut y = vec![0f32; t * dssm];
         let mut out = vec![0f32; t * d];
+        let mut ext: Vec<f32> = Vec::with_capacity((t + k - 1) * conv_dim);
         let conv_per_seq = (k - 1) * conv_dim;
         let ssm_per_seq = h * p * n;
         let seg = Segments::none();
         for (li, l) in self.layers.iter().enumerate() {
             u.par_chunks_mut(d).zip(hs.par_chunks(d)).for_each(|(o, x)| rms_norm(x, &l.norm, self.eps, o));
-            sc.matmul(&l.in_proj, &u, t, &mut zx);
+            if self.bf16_matmul {
+                packed(&l.in_bf, &l.in_proj).matmul(&u, t, &mut zx);
+            } else {
+                sc.matmul(&l.in_proj, &u, t, &mut zx);
+            }
             if let Some(bias) = &l.in_bias {
                 zx.chunks_exact_mut(dip).for_each(|r| r.iter_mut().zip(bias).for_each(|(v, bb)| *v += bb));
             }
-            // Causal conv over [state | xBC], then SiLU.
+            // Causal conv over [state | xBC] (k − 1 + t rows), tap by tap over contiguous rows, then SiLU;
+            // the new state is the last k − 1 rows.
             let hist_off = (seq * self.n_layer + li) * conv_per_seq;
+            ext.clear();
+            ext.extend_from_slice(&st.conv[hist_off..hist_off + conv_per_seq]);
+            for ti in 0..t {
+                ext.extend_from_slice(&zx[ti * dip + dssm..ti * dip + dssm + conv_dim]);
+            }
             {
-                let hist = &st.conv[hist_off..hist_off + conv_per_seq];
-                let zx = &zx;
+                let ext = &ext;
                 xbc.par_chunks_mut(conv_dim).enumerate().for_each(|(ti, o)| {
-                    for ch in 0..conv_dim {
-                        let w = &l.conv_w[ch * k..(ch + 1) * k];
-                        let mut acc = l.conv_b[ch];
-                        for j in 0..k {
-                            // Input j of the window ending at ti: position ti − (k − 1) + j.
-                            let pos = ti as isize - (k as isize - 1) + j as isize;
-                            let v = if pos >= 0 { zx[pos as usize * dip + dssm + ch] } else { hist[(k as isize - 1 + pos) as usize * conv_dim + ch] };
-                            acc += w[j] * v;
-                        }
-                        o[ch] = silu(acc);
+                    o.copy_from_slice(&l.conv_b);
+                    for j in 0..k {
+                        let row = &ext[(ti + j) * conv_dim..(ti + j + 1) * conv_dim];
+                        o.iter_mut().zip(&l.conv_wt[j * conv_dim..(j + 1) * conv_dim]).zip(row).for_each(|((o, w), v)| *o += w * v);
                     }
+                    o.iter_mut().for_each(|v| *v = silu(*v));
                 });
             }
-            // New conv state: the last k − 1 inputs of [state | xBC].
-            {
-                let mut all: Vec<f32> = st.conv[hist_off..hist_off + conv_per_seq].to_vec();
-                for ti in 0..t {
-                    all.extend_from_slice(&zx[ti * dip + dssm..ti * dip + dssm + conv_dim]);
-                }
-                let start = all.len() - conv_per_seq;
-                st.conv[hist_off..hist_off + conv_per_seq].copy_from_slice(&all[start..]);
-            }
+            st.conv[hist_off..hist_off + conv_per_seq].copy_from_slice(&ext[t * conv_dim..]);
             // Discretise: X = dt·x, a = dt·A; split B and C.
             let (lo, hi) = (c.dt_limit.0 as f32, c.dt_limit.1 as f32);
             let clamp = lo > 0.0 || hi.is_finite();
-            let mut dts = vec![0f32; t * h];
-            for ti in 0..t {
-                for hh in 0..h {
-                    let mut dt = softplus(zx[ti * dip + dssm + conv_dim + hh] + l.dt_bias[hh]);
-                    if clamp {
-                        dt = dt.clamp(lo, hi);
+            xs.par_chunks_mut(dssm)
+                .zip(aa.par_chunks_mut(h))
+                .zip(bmat.par_chunks_mut(g * n).zip(cmat.par_chunks_mut(g * n)))
+                .enumerate()
+                .for_each(|(ti, ((xr, ar), (br, cr)))| {
+                    let xb = &xbc[ti * conv_dim..(ti + 1) * conv_dim];
+                    for hh in 0..h {
+                        let mut dt = softplus(zx[ti * dip + dssm + conv_dim + hh] + l.dt_bias[hh]);
+                        if clamp {
+                            dt = dt.clamp(lo, hi);
+                        }
+                        ar[hh] = dt * l.a[hh];
+                        xr[hh * p..(hh + 1) * p].iter_mut().zip(&xb[hh * p..(hh + 1) * p]).for_each(|(o, v)| *o = dt * v);
                     }
-                    dts[ti * h + hh] = dt;
-                    aa[ti * h + hh] = dt * l.a[hh];
-                    for pi in 0..p {
-                        xs[ti * dssm + hh * p + pi] = dt * xbc[ti * conv_dim + hh * p + pi];
-                    }
-                }
-                bmat[ti * g * n..(ti + 1) * g * n].copy_from_slice(&xbc[ti * conv_dim + dssm..ti * conv_dim + dssm + g * n]);
-                cmat[ti * g * n..(ti + 1) * g * n].copy_from_slice(&xbc[ti * conv_dim + dssm + g * n..(ti + 1) * conv_dim]);
-            }
+                    br.copy_from_slice(&xb[dssm..dssm + g * n]);
+                    cr.copy_from_slice(&xb[dssm + g * n..]);
+                });
             let s_off = (seq * self.n_layer + li) * ssm_per_seq;
-            let s0 = st.ssm[s_off..s_off + ssm_per_seq].to_vec();
+            let bf16_state = !st.ssm_bf16.is_empty();
+            let s0: Vec<f32> = if bf16_state {
+                st.ssm_bf16[s_off..s_off + ssm_per_seq].iter().map(|&v| half::bf16::from_bits(v).to_f32()).collect()
+            } else {
+                st.ssm[s_off..s_off + ssm_per_seq].to_vec()
+            };
             let dims = Dims { b: 1, l: t, h, p, g, n };
             let inp = ScanIn { x: &xs, a: &aa, bm: &bmat, cm: &cmat, s0: Some(&s0), seg: &seg };
-            scan_chunked(dims, CPU_CHUNK, inp, &mut y, &mut st.ssm[s_off..s_off + ssm_per_seq]);
+            if bf16_state {
+                let mut s1 = vec![0f32; ssm_per_seq];
+                scan_chunked(dims, CPU_CHUNK, inp, &mut y, &mut s1);
+                st.ssm_bf16[s_off..s_off + ssm_per_seq].iter_mut().zip(&s1).for_each(|(o, &v)| *o = half::bf16::from_f32(v).to_bits());
+            } else {
+                scan_chunked(dims, CPU_CHUNK, inp, &mut y, &mut st.ssm[s_off..s_off + ssm_per_seq]);
+            }
             // y += D·x, then gate and norm.
             let gs = dssm / g;
             let eps = self.eps_gate();
@@ -534,7 +618,11 @@ impl Mamba2Engine {
                 }
                 gate_norm(yr, &zx[ti * dip..ti * dip + dssm], l.norm_w.as_deref(), gs, eps, c.norm_before_gate);
             });
-            sc.matmul(&l.out_proj, &y, t, &mut out);
+            if self.bf16_matmul {
+                packed(&l.out_bf, &l.out_proj).matmul(&y, t, &mut out);
+            } else {
+                sc.matmul(&l.out_proj, &y, t, &mut out);
+            }
             hs.par_chunks_mut(d).zip(out.par_chunks(d)).for_each(|(a, o)| match &l.out_bias {
                 Some(bias) => a.iter_mut().zip(o).zip(bias).for_each(|((a, v), bb)| *a += v + bb),
                 None => a.iter_mut().zip(o).for_each(|(a, v)| *a += v),
@@ -546,6 +634,15 @@ impl Mamba2Engine {
         let mut logits = vec![0f32; self.vocab];
         self.head().matvec(&un, 1, &mut logits);
         Ok(logits)
+    }
+}
+
+/// f(i, row) for each `width`-long row of `rows`, in parallel when `par`.
+fn for_rows(par: bool, rows: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    if par {
+        rows.par_chunks_mut(width).enumerate().for_each(|(i, r)| f(i, r));
+    } else {
+        rows.chunks_mut(width).enumerate().for_each(|(i, r)| f(i, r));
     }
 }
 

@@ -11,6 +11,13 @@ fn case(name: &str) -> std::path::PathBuf {
     Fixture::path("lm").join(name)
 }
 
+/// The engine with f32 products everywhere (bf16 matmuls are tested separately against it).
+fn load(path: &std::path::Path, fmt: Format) -> Mamba2Engine {
+    let mut e = Mamba2Engine::load(path, fmt).unwrap();
+    e.bf16_matmul = false;
+    e
+}
+
 /// (ids (b, l), logits (b, l, v), decode_logits (b, l, v): prefill of 8 then steps) of a fixture.
 fn reference(name: &str) -> (Vec<Vec<u32>>, Vec<Vec<Vec<f32>>>, Vec<Vec<Vec<f32>>>) {
     let exp = candle_core::safetensors::load(case(name).join("expected.safetensors"), &Device::Cpu).unwrap();
@@ -50,7 +57,7 @@ fn run(engine: &Mamba2Engine, ids: &[Vec<u32>], pre: usize) -> Vec<Vec<Vec<f32>>
 }
 
 fn check_against_reference(name: &str) {
-    let engine = Mamba2Engine::load(&case(name), Format::F32).unwrap();
+    let engine = load(&case(name), Format::F32);
     let (ids, logits, decode) = reference(name);
     let l = ids[0].len();
     for pre in [1, 8, l] {
@@ -81,7 +88,7 @@ fn f32_logits_match_hf_mamba2_with_groups_and_dt_limit() {
 
 #[test]
 fn prefill_in_blocks_equals_steps() {
-    let engine = Mamba2Engine::load(&case("mamba2_g2"), Format::F32).unwrap();
+    let engine = load(&case("mamba2_g2"), Format::F32);
     let n = PREFILL_BLOCK + 37;
     let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7919 + 13) % engine.vocab as u32).collect();
     let mut st = engine.new_state(1);
@@ -122,9 +129,9 @@ fn quantized_logits_match_the_reference_and_stay_close_to_f32() {
     // Reference rows at positions pre − 1 .. l, in run()'s order.
     let pick = |t: &[Vec<Vec<f32>>]| -> Vec<f32> { t.iter().flat_map(|r| r[pre - 1..].iter().flatten().copied()).collect() };
     let f32_ref = pick(&logits);
-    let f32_ours = flat(&run(&Mamba2Engine::load(&case("mamba2_q"), Format::F32).unwrap(), &ids, pre));
+    let f32_ours = flat(&run(&load(&case("mamba2_q"), Format::F32), &ids, pre));
     for fmt in [Format::F16, Format::Q8_0, Format::Q4_0] {
-        let engine = Mamba2Engine::load(&case("mamba2_q"), fmt).unwrap();
+        let engine = load(&case("mamba2_q"), fmt);
         assert_eq!(engine.formats(), (fmt, fmt));
         let got = run(&engine, &ids, pre);
         let ours = flat(&got);
@@ -156,8 +163,8 @@ fn quantized_checkpoint_round_trips_and_loads_everywhere() {
     assert!(out.join("model.gguf").exists() && out.join("config.json").exists());
     // The engine reads the stored blocks: the same logits as quantising on load.
     let (ids, _, _) = reference("mamba2_q");
-    let a = run(&Mamba2Engine::load(&out, Format::F32).unwrap(), &ids, 8);
-    let b = run(&Mamba2Engine::load(&case("mamba2_q"), Format::Q8_0).unwrap(), &ids, 8);
+    let a = run(&load(&out, Format::F32), &ids, 8);
+    let b = run(&load(&case("mamba2_q"), Format::Q8_0), &ids, 8);
     assert_eq!(a, b);
     // Every other command loads it through the generic checkpoint reader (dequantised to f32).
     let ck = ouro_nn::checkpoint::Checkpoint::open(&out).unwrap();
@@ -182,7 +189,7 @@ fn engine_rejects_what_it_cannot_run() {
     assert!(err.contains("pure Mamba-2"), "{err}");
     let err = Mamba2Engine::load(&case("mamba_hf"), Format::F32).err().unwrap().to_string();
     assert!(err.contains("Mamba-2"), "{err}");
-    let engine = Mamba2Engine::load(&case("mamba2_g2"), Format::F32).unwrap();
+    let engine = load(&case("mamba2_g2"), Format::F32);
     let mut st = engine.new_state(1);
     assert!(engine.prefill(&[], &mut st, 0).is_err());
     let err = engine.prefill(&[engine.vocab as u32], &mut st, 0).unwrap_err().to_string();
@@ -193,7 +200,7 @@ fn engine_rejects_what_it_cannot_run() {
 
 #[test]
 fn state_is_constant_in_context_length() {
-    let engine = Mamba2Engine::load(&case("mamba2_g2"), Format::F32).unwrap();
+    let engine = load(&case("mamba2_g2"), Format::F32);
     let mut st = engine.new_state(1);
     let before = st.bytes();
     let mut ws = engine.workspace(1);
@@ -204,4 +211,38 @@ fn state_is_constant_in_context_length() {
     assert_eq!(st.bytes(), before);
     assert_eq!(st.bytes(), 4 * engine.state_floats());
     assert_eq!((st.ssm.as_ptr(), ws.logits.as_ptr()), ptrs, "buffers were reallocated while decoding");
+}
+
+#[test]
+fn bf16_matmuls_stay_close_to_f32() {
+    if !ouro_kernels::bf16::available() {
+        eprintln!("skipped: this CPU has no AVX-512 BF16 (the engine uses f32 products there)");
+        return;
+    }
+    // 16 sequences: prefill and batched steps both take the bf16 path.
+    let (ids, _, _) = reference("mamba2_q");
+    let rows: Vec<Vec<u32>> = (0..16).map(|i| ids[i % 2].iter().map(|&t| (t + i as u32 * 3) % 256).collect()).collect();
+    let exact = flat(&run(&load(&case("mamba2_q"), Format::F32), &rows, 8));
+    let mut e = load(&case("mamba2_q"), Format::F32);
+    e.bf16_matmul = true;
+    let got = flat(&run(&e, &rows, 8));
+    let err = rel_l2(&got, &exact);
+    eprintln!("bf16 matmuls: logits vs f32, relative L2 {err:.4}");
+    assert!(err > 0.0 && err <= 0.01, "bf16 logits {err} from f32");
+}
+
+#[test]
+fn bf16_state_stays_close_to_f32() {
+    let (ids, _, _) = reference("mamba2_q");
+    let exact = flat(&run(&load(&case("mamba2_q"), Format::F32), &ids, 8));
+    let mut e = load(&case("mamba2_q"), Format::F32);
+    e.state_bf16 = true;
+    let st = e.new_state(2);
+    assert!(st.ssm.is_empty() && !st.ssm_bf16.is_empty());
+    assert_eq!(st.bytes(), 2 * e.state_bytes());
+    assert!(e.state_bytes() < 4 * e.state_floats());
+    let got = flat(&run(&e, &ids, 8));
+    let err = rel_l2(&got, &exact);
+    eprintln!("bf16 state: logits vs f32, relative L2 {err:.4}");
+    assert!(err > 0.0 && err <= 0.01, "bf16-state logits {err} from f32");
 }

@@ -27,6 +27,13 @@ pub struct BenchArgs {
     /// q8_0, q4_0.
     #[arg(long, default_value = "f32")]
     weights: String,
+    /// f32 products everywhere (by default prefill and decode steps of ≥ 8 sequences use bf16 matmuls
+    /// where the CPU has AVX-512 BF16).
+    #[arg(long)]
+    no_bf16: bool,
+    /// Store the SSM state in bf16 (math in f32): half the state traffic per step.
+    #[arg(long)]
+    state_bf16: bool,
     /// Timed repetitions (the median is reported).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
@@ -43,6 +50,9 @@ struct Report {
     model: String,
     weights: String,
     embedding: String,
+    /// Whether prefill / batched decode ran bf16 matmuls.
+    bf16_matmul: bool,
+    state_bf16: bool,
     threads: usize,
     batch: usize,
     prompt_len: usize,
@@ -94,7 +104,11 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.batch == 0 || a.gen_len == 0 || a.repeats == 0 {
         bail!("--batch, --gen-len and --repeats must be positive");
     }
-    let engine = Mamba2Engine::load(&path, fmt).with_context(|| format!("loading {}", path.display()))?;
+    let mut engine = Mamba2Engine::load(&path, fmt).with_context(|| format!("loading {}", path.display()))?;
+    if a.no_bf16 {
+        engine.bf16_matmul = false;
+    }
+    engine.state_bf16 = a.state_bf16;
     let vocab = engine.vocab as u32;
     let ids = |n: usize, salt: u32| -> Vec<u32> { (0..n as u32).map(|i| (i.wrapping_mul(2654435761).wrapping_add(salt)) % vocab).collect() };
     // Prefill: one sequence of prompt_len tokens from an empty state.
@@ -133,8 +147,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let times: Vec<f64> = (0..a.repeats).map(|_| decode_run()).collect::<candle_core::Result<_>>()?;
     let decode = (a.batch * a.gen_len) as f64 / median(times);
     let peak = peak_rss();
-    let state = 4 * engine.state_floats();
-    let weight_bytes = engine.weight_bytes_per_step();
+    let state = engine.state_bytes();
+    let weight_bytes = engine.weight_bytes_per_step(a.batch);
     let bytes_per_step = weight_bytes + 2 * a.batch * state;
     let bw = if a.no_bandwidth { None } else { Some(read_bandwidth()) };
     let limit = bw.map(|g| a.batch as f64 * g * 1e9 / bytes_per_step as f64);
@@ -143,6 +157,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         model: path.display().to_string(),
         weights: w.name().into(),
         embedding: e.name().into(),
+        bf16_matmul: engine.bf16_matmul,
+        state_bf16: engine.state_bf16,
         threads: rayon::current_num_threads(),
         batch: a.batch,
         prompt_len: a.prompt_len,
@@ -162,7 +178,16 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         return Ok(());
     }
     let mib = |b: f64| b / (1u64 << 20) as f64;
-    println!("{}: weights {} (embedding/head {}), {} threads", r.model, r.weights, r.embedding, r.threads);
+    println!(
+        "{}: weights {} (embedding/head {}), {} threads, {} products for prefill and batches ≥ {}, {} SSM state",
+        r.model,
+        r.weights,
+        r.embedding,
+        r.threads,
+        if r.bf16_matmul { "bf16" } else { "f32" },
+        ouro_nn::engine::BF16_BATCH,
+        if r.state_bf16 { "bf16" } else { "f32" }
+    );
     if let Some(p) = prefill {
         println!("  prefill  pp{:<5} {:>9.1} tokens/s", a.prompt_len, p);
     }
