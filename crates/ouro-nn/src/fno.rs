@@ -46,18 +46,38 @@ pub struct SpectralConv1d {
     pub modes: usize,
     pub width: usize,
     pub weight: Tensor,
+    /// The DFT matrices of the last grid seen, (R, M, f, g): built once per resolution, not per call.
+    dft: std::sync::Arc<std::sync::Mutex<Option<(usize, usize, Tensor, Tensor)>>>,
 }
 
 impl SpectralConv1d {
     pub fn new(width: usize, modes: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { modes, width, weight: vb.get((modes, width, width, 2), "weight")? })
+        Ok(Self::from_weight(modes, width, vb.get((modes, width, width, 2), "weight")?))
+    }
+
+    /// From a weight (modes, W, W, 2) already at hand.
+    pub fn from_weight(modes: usize, width: usize, weight: Tensor) -> Self {
+        Self { modes, width, weight, dft: Default::default() }
+    }
+
+    /// [`dft_matrices`] for (r, m) on `dev`, from the cache when the grid and device are unchanged.
+    fn dft(&self, r: usize, m: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
+        let mut cache = self.dft.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((cr, cm, f, g)) = cache.as_ref() {
+            if (*cr, *cm) == (r, m) && f.device().same_device(dev) {
+                return Ok((f.clone(), g.clone()));
+            }
+        }
+        let (f, g) = dft_matrices(r, m, dev)?;
+        *cache = Some((r, m, f.clone(), g.clone()));
+        Ok((f, g))
     }
 
     /// h (n, R, W) → (n, R, W). Grids with fewer than 2·modes points use the first R/2 modes.
     pub fn forward(&self, h: &Tensor) -> Result<Tensor> {
         let (n, r, w) = h.dims3()?;
         let m = self.modes.min(r / 2);
-        let (f, g) = dft_matrices(r, m, h.device())?;
+        let (f, g) = self.dft(r, m, h.device())?;
         // One GEMM over every row and channel: (2M, R) @ (R, n·W).
         let x = f.matmul(&h.transpose(0, 1)?.contiguous()?.reshape((r, n * w))?)?; // [Re; Im] of the kept modes
         let x = x.reshape((2, m, n, w))?.permute((1, 2, 0, 3))?.contiguous()?.reshape((m, n, 2 * w))?; // (M, n, [Re | Im])

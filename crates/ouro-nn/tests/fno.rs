@@ -20,7 +20,7 @@ fn model(kind: &str) -> (NeuralOperator, VarMap) {
 #[test]
 fn spectral_conv_matches_torch_fft_on_an_odd_grid() {
     let fx = Fixture::load("fno/expected.safetensors");
-    let k = SpectralConv1d { modes: 4, width: 6, weight: fx.get("spec.weight") };
+    let k = SpectralConv1d::from_weight(4, 6, fx.get("spec.weight"));
     assert_close(&k.forward(&fx.get("spec.h")).unwrap(), &fx.get("spec.y"), 1e-5, "spectral conv (R = 9, 4 modes)");
 }
 
