@@ -75,6 +75,17 @@ pub fn gated_rms_norm_reference(x: &Tensor, z: Option<&Tensor>, w: &Tensor, eps:
     out.to_dtype(x.dtype())
 }
 
+/// One row of [`gated_rms_norm`] on plain slices (the CPU kernel's own forward), for callers outside
+/// candle such as the decode engine: y = RMSNorm_group(x·SiLU(z))·w, or RMSNorm_group(x)·w·SiLU(z) with
+/// `norm_before_gate`; without `z`, RMSNorm per group (group = x.len() for a plain RMSNorm).
+#[inline]
+pub fn gated_rms_norm_row(x: &[f32], z: Option<&[f32]>, w: &[f32], eps: f32, group: usize, norm_before_gate: bool, y: &mut [f32]) {
+    assert!(group > 0 && x.len() % group == 0 && w.len() == x.len() && y.len() == x.len(), "gated_rms_norm_row: sizes");
+    assert!(z.is_none_or(|z| z.len() == x.len()), "gated_rms_norm_row: z has {} values for {}", z.map_or(0, |z| z.len()), x.len());
+    let op = NormOp { eps, group, before_gate: norm_before_gate, gated: z.is_some() };
+    op.row_fwd(x, z.unwrap_or(&[]), w, y);
+}
+
 #[derive(Clone, Copy)]
 struct NormOp {
     eps: f32,

@@ -71,6 +71,20 @@ impl Format {
             Self::Q4_0 => cols / QK * 18,
         }
     }
+    /// The ggml type of this format (GGUF tensors).
+    pub fn ggml(self) -> candle_core::quantized::GgmlDType {
+        use candle_core::quantized::GgmlDType as G;
+        match self {
+            Self::F32 => G::F32,
+            Self::F16 => G::F16,
+            Self::Q8_0 => G::Q8_0,
+            Self::Q4_0 => G::Q4_0,
+        }
+    }
+    /// The format of a ggml type, when it is one of these.
+    pub fn from_ggml(t: candle_core::quantized::GgmlDType) -> Option<Self> {
+        [Self::F32, Self::F16, Self::Q8_0, Self::Q4_0].into_iter().find(|f| f.ggml() == t)
+    }
     /// Whether rows of `cols` weights can be stored (the block formats need whole blocks).
     pub fn supports(self, cols: usize) -> bool {
         matches!(self, Self::F32 | Self::F16) || cols % QK == 0

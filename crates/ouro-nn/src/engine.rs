@@ -29,7 +29,8 @@ use crate::mamba_lm::{LayerKind, MambaLmConfig};
 use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::{bail, DType, Device, Result};
 use ouro_kernels::bf16::PackedBf16;
-use ouro_kernels::cpu::{dot, exp, softplus, SendPtr};
+use ouro_kernels::cpu::{exp, softplus, SendPtr};
+use ouro_kernels::norm::gated_rms_norm_row;
 use ouro_kernels::quant::{Format, QMatrix};
 use ouro_kernels::ssd::{scan_chunked, Dims, ScanIn, CPU_CHUNK};
 use ouro_kernels::Segments;
@@ -117,6 +118,8 @@ pub struct Workspace {
     zx: Vec<f32>,
     xbc: Vec<f32>,
     y: Vec<f32>,
+    /// y gated and normalised, the input of out_proj
+    yn: Vec<f32>,
     out: Vec<f32>,
     pub logits: Vec<f32>,
 }
@@ -140,9 +143,6 @@ impl Source {
             }
         }
         bail!("{}: missing tensor '{}'", self.path, names[0])
-    }
-    fn has(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
     }
     fn vector(&mut self, name: &str, len: usize) -> Result<Vec<f32>> {
         let (n, t) = self.take(&[name])?;
@@ -179,22 +179,9 @@ fn silu(x: f32) -> f32 {
     x / (1.0 + exp(-x))
 }
 
+/// RMSNorm of one row (the norm kernel's row, ungated, one group).
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    let ms = dot(x, x) / x.len() as f32;
-    let r = 1.0 / (ms + eps).sqrt();
-    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
-        *o = v * r * g;
-    }
-}
-
-fn ggml_format(t: GgmlDType) -> Option<Format> {
-    match t {
-        GgmlDType::F32 => Some(Format::F32),
-        GgmlDType::F16 => Some(Format::F16),
-        GgmlDType::Q8_0 => Some(Format::Q8_0),
-        GgmlDType::Q4_0 => Some(Format::Q4_0),
-        _ => None,
-    }
+    gated_rms_norm_row(x, None, w, eps, x.len(), false, out);
 }
 
 /// Reads a quantised checkpoint's GGUF tensors as they are stored.
@@ -206,7 +193,7 @@ fn read_gguf(file: &Path) -> Result<HashMap<String, Stored>> {
     for (name, info) in content.tensor_infos.iter() {
         let qt = content.tensor(&mut f, name, &Device::Cpu).map_err(|e| ctx(format!("tensor '{name}': {e}")))?;
         let shape = info.shape.dims().to_vec();
-        let fmt = ggml_format(qt.dtype()).ok_or_else(|| ctx(format!("tensor '{name}' has type {:?} (supported: f32, f16, q8_0, q4_0)", qt.dtype())))?;
+        let fmt = Format::from_ggml(qt.dtype()).ok_or_else(|| ctx(format!("tensor '{name}' has type {:?} (supported: f32, f16, q8_0, q4_0)", qt.dtype())))?;
         let stored = if shape.len() == 2 && fmt != Format::F32 {
             let bytes = qt.data().map_err(|e| ctx(format!("tensor '{name}': {e}")))?;
             Stored::Q(QMatrix::from_bytes(&bytes, shape[0], shape[1], fmt).map_err(|e| ctx(format!("tensor '{name}': {e}")))?)
@@ -291,7 +278,8 @@ impl Mamba2Engine {
             l.conv_wt = (0..k * cd).map(|i| l.conv_w[(i % cd) * k + i / cd]).collect();
         }
         let norm_f = src.vector("backbone.norm_f.weight", d)?;
-        let lm_head = if !lm.tie_embeddings && src.has("lm_head.weight") { Some(src.matrix(&["lm_head.weight"], lm.vocab_size, d, fmt)?) } else { None };
+        // As MambaLm: tied unless the config unties it, and then lm_head.weight must be there.
+        let lm_head = if lm.tie_embeddings { None } else { Some(src.matrix(&["lm_head.weight"], lm.vocab_size, d, fmt)?) };
         Ok(Self {
             cfg,
             n_layer: lm.n_layer,
@@ -358,16 +346,10 @@ impl Mamba2Engine {
             zx: vec![0.0; batch * c.d_in_proj()],
             xbc: vec![0.0; batch * c.conv_dim()],
             y: vec![0.0; batch * c.d_ssm()],
+            yn: vec![0.0; batch * c.d_ssm()],
             out: vec![0.0; batch * d],
             logits: vec![0.0; batch * self.vocab],
         }
-    }
-
-    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
-        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
-            bail!("token id {t} is outside the vocabulary ({} entries)", self.vocab);
-        }
-        Ok(())
     }
 
     /// One token for each of the state's sequences; the logits land in `ws.logits` (batch, vocab).
@@ -376,7 +358,7 @@ impl Mamba2Engine {
         if b != state.batch || b != ws.batch {
             bail!("step: {b} tokens for a state of {} and a workspace of {} sequences", state.batch, ws.batch);
         }
-        self.check_tokens(tokens)?;
+        crate::lm::check_ids(&[tokens], self.vocab)?;
         let d = self.cfg.d_model;
         for (i, &t) in tokens.iter().enumerate() {
             self.embedding.dequantize_row(t as usize, &mut ws.h[i * d..(i + 1) * d]);
@@ -478,11 +460,12 @@ impl Mamba2Engine {
         // Gate and norm per group of d_ssm / G channels.
         let gs = dssm / g;
         let eps = self.eps_gate();
-        for_rows(par, &mut ws.y, dssm, |bi, y| gate_norm(y, &zx[bi * dip..bi * dip + dssm], l.norm_w.as_deref(), gs, eps, c.norm_before_gate));
+        let y = &ws.y;
+        for_rows(par, &mut ws.yn, dssm, |bi, yn| gate_norm(&y[bi * dssm..(bi + 1) * dssm], &zx[bi * dip..bi * dip + dssm], l.norm_w.as_deref(), gs, eps, c.norm_before_gate, yn));
         if self.batched_bf16(b) {
-            packed(&l.out_bf, &l.out_proj).matmul(&ws.y, b, &mut ws.out);
+            packed(&l.out_bf, &l.out_proj).matmul(&ws.yn, b, &mut ws.out);
         } else {
-            l.out_proj.matvec(&ws.y, b, &mut ws.out);
+            l.out_proj.matvec(&ws.yn, b, &mut ws.out);
         }
         let out = &ws.out;
         for_rows(par, &mut ws.h, d, |bi, hrow| {
@@ -508,7 +491,7 @@ impl Mamba2Engine {
         if seq >= state.batch {
             bail!("prefill: sequence {seq} of a state for {}", state.batch);
         }
-        self.check_tokens(tokens)?;
+        crate::lm::check_ids(&[tokens], self.vocab)?;
         let mut scratch = PrefillScratch::default();
         let mut logits = Vec::new();
         for part in tokens.chunks(PREFILL_BLOCK) {
@@ -535,6 +518,7 @@ impl Mamba2Engine {
         let mut bmat = vec![0f32; t * g * n];
         let mut cmat = vec![0f32; t * g * n];
         let mut y = vec![0f32; t * dssm];
+        let mut yn = vec![0f32; t * dssm];
         let mut out = vec![0f32; t * d];
         let mut ext: Vec<f32> = Vec::with_capacity((t + k - 1) * conv_dim);
         let conv_per_seq = (k - 1) * conv_dim;
@@ -609,19 +593,19 @@ impl Mamba2Engine {
             // y += D·x, then gate and norm.
             let gs = dssm / g;
             let eps = self.eps_gate();
-            y.par_chunks_mut(dssm).enumerate().for_each(|(ti, yr)| {
+            yn.par_chunks_mut(dssm).zip(y.par_chunks_mut(dssm)).enumerate().for_each(|(ti, (yo, yr))| {
                 for hh in 0..h {
                     for pi in 0..p {
                         let dskip = if c.d_has_hdim { l.d[hh * p + pi] } else { l.d[hh] };
                         yr[hh * p + pi] += dskip * xbc[ti * conv_dim + hh * p + pi];
                     }
                 }
-                gate_norm(yr, &zx[ti * dip..ti * dip + dssm], l.norm_w.as_deref(), gs, eps, c.norm_before_gate);
+                gate_norm(yr, &zx[ti * dip..ti * dip + dssm], l.norm_w.as_deref(), gs, eps, c.norm_before_gate, yo);
             });
             if self.bf16_matmul {
-                packed(&l.out_bf, &l.out_proj).matmul(&y, t, &mut out);
+                packed(&l.out_bf, &l.out_proj).matmul(&yn, t, &mut out);
             } else {
-                sc.matmul(&l.out_proj, &y, t, &mut out);
+                sc.matmul(&l.out_proj, &yn, t, &mut out);
             }
             hs.par_chunks_mut(d).zip(out.par_chunks(d)).for_each(|(a, o)| match &l.out_bias {
                 Some(bias) => a.iter_mut().zip(o).zip(bias).for_each(|((a, v), bb)| *a += v + bb),
@@ -694,24 +678,12 @@ impl PrefillScratch {
     }
 }
 
-/// y ← RMSNorm_group(y·SiLU(z))·w (or RMSNorm_group(y)·w·SiLU(z) with `norm_before_gate`; y·SiLU(z)
+/// out = RMSNorm_group(y·SiLU(z))·w (or RMSNorm_group(y)·w·SiLU(z) with `norm_before_gate`; y·SiLU(z)
 /// without a norm weight).
-fn gate_norm(y: &mut [f32], z: &[f32], w: Option<&[f32]>, group: usize, eps: f32, norm_before_gate: bool) {
-    let Some(w) = w else {
-        y.iter_mut().zip(z).for_each(|(v, &zz)| *v *= silu(zz));
-        return;
-    };
-    if !norm_before_gate {
-        y.iter_mut().zip(z).for_each(|(v, &zz)| *v *= silu(zz));
-    }
-    for (gi, (yg, wg)) in y.chunks_exact_mut(group).zip(w.chunks_exact(group)).enumerate() {
-        let r = 1.0 / (dot(yg, yg) / group as f32 + eps).sqrt();
-        for (j, (v, &ww)) in yg.iter_mut().zip(wg).enumerate() {
-            *v *= r * ww;
-            if norm_before_gate {
-                *v *= silu(z[gi * group + j]);
-            }
-        }
+fn gate_norm(y: &[f32], z: &[f32], w: Option<&[f32]>, group: usize, eps: f32, norm_before_gate: bool, out: &mut [f32]) {
+    match w {
+        Some(w) => gated_rms_norm_row(y, Some(z), w, eps, group, norm_before_gate, out),
+        None => out.iter_mut().zip(y).zip(z).for_each(|((o, &v), &zz)| *o = v * silu(zz)),
     }
 }
 
@@ -736,19 +708,13 @@ pub fn quantize_checkpoint(src: &Path, format: Format, out: &Path) -> Result<Qua
     if out.exists() {
         bail!("{}: already exists (choose a new output folder)", out.display());
     }
-    let ty = match format {
-        Format::F32 => GgmlDType::F32,
-        Format::F16 => GgmlDType::F16,
-        Format::Q8_0 => GgmlDType::Q8_0,
-        Format::Q4_0 => GgmlDType::Q4_0,
-    };
     let mut qts = Vec::with_capacity(ck.entries.len());
     let mut sum = QuantizeSummary { tensors: 0, quantized: 0, bytes_in: 0, bytes_out: 0 };
     for e in &ck.entries {
         let stored = ck.tensor(&e.name).expect("listed tensor");
         let t = stored.to_dtype(DType::F32)?;
         let quantize = t.rank() == 2 && format.supports(t.dim(1)?) && e.name.ends_with("weight");
-        let qt = candle_core::quantized::QTensor::quantize(&t, if quantize { ty } else { GgmlDType::F32 })
+        let qt = candle_core::quantized::QTensor::quantize(&t, if quantize { format.ggml() } else { GgmlDType::F32 })
             .map_err(|err| candle_core::Error::Msg(format!("{}: tensor '{}': {err}", src.display(), e.name)))?;
         sum.tensors += 1;
         sum.quantized += quantize as usize;

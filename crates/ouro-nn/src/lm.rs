@@ -187,9 +187,9 @@ pub fn ids_tensor(rows: &[Vec<u32>], dev: &Device) -> Result<Tensor> {
 }
 
 /// Checks ids against the vocabulary, naming the offending id.
-pub fn check_ids(rows: &[Vec<u32>], vocab: usize) -> Result<()> {
+pub fn check_ids<R: AsRef<[u32]>>(rows: &[R], vocab: usize) -> Result<()> {
     for r in rows {
-        if let Some(&bad) = r.iter().find(|&&t| t as usize >= vocab) {
+        if let Some(&bad) = r.as_ref().iter().find(|&&t| t as usize >= vocab) {
             bail!("token id {bad} is outside the vocabulary (size {vocab})");
         }
     }
