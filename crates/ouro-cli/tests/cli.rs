@@ -227,7 +227,23 @@ fn quantize_then_bench_and_generate() {
     // Every other command reads the quantised checkpoint.
     let (ok, stdout, err) = run(ouro().args(["generate", "--model"]).arg(&out).args(["--prompt", "ab", "--tokenizer", "bytes", "--max-new-tokens", "3"]));
     assert!(ok, "{err}");
-    assert!(stdout.starts_with("ab"), "{stdout}");
+    assert!(stdout.starts_with("ab") && err.contains("[cpu engine, q4_0 weights]"), "{stdout} {err}");
+    // Generation through the engine (f32 products) and through the model code agree, greedy, 2 samples.
+    let gen = |extra: &[&str]| {
+        let (ok, stdout, err) = run(ouro()
+            .args(["generate", "--model"])
+            .arg(fixture("lm/mamba2_q"))
+            .args(["--prompt", "hello", "--tokenizer", "bytes", "--max-new-tokens", "8", "--temperature", "0", "--num-samples", "2"])
+            .args(extra));
+        assert!(ok, "{err}");
+        (stdout, err)
+    };
+    let (engine, e_err) = gen(&["--no-bf16"]);
+    let (generic, g_err) = gen(&["--no-engine"]);
+    assert_eq!(engine, generic);
+    assert!(e_err.contains("[cpu engine, f32 weights]") && !g_err.contains("cpu engine"), "{e_err} {g_err}");
+    let (ok, _, err) = run(ouro().args(["generate", "--no-engine", "--weights", "q8_0", "--prompt", "a", "--model"]).arg(fixture("lm/mamba2_q")));
+    assert!(!ok && err.contains("needs the CPU engine"), "{err}");
     // Bad input.
     let (ok, _, err) = run(ouro().args(["quantize", "--model"]).arg(fixture("lm/mamba2_q")).args(["--format", "q5_k", "--out"]).arg(out.join("x")));
     assert!(!ok && err.contains("q5_k"), "{err}");

@@ -108,6 +108,58 @@ impl EngineState {
     pub fn bytes(&self) -> usize {
         4 * (self.conv.len() + self.ssm.len()) + 2 * self.ssm_bf16.len()
     }
+
+    /// Each sequence repeated `n` times in a row (sequence i becomes i·n … i·n + n − 1).
+    pub fn repeat_interleave(&self, n: usize) -> EngineState {
+        fn rep<T: Copy>(v: &[T], batch: usize, n: usize) -> Vec<T> {
+            if v.is_empty() {
+                return Vec::new();
+            }
+            let per = v.len() / batch;
+            v.chunks_exact(per).flat_map(|s| std::iter::repeat_n(s, n).flatten().copied()).collect()
+        }
+        EngineState {
+            batch: self.batch * n,
+            conv: rep(&self.conv, self.batch, n),
+            ssm: rep(&self.ssm, self.batch, n),
+            ssm_bf16: rep(&self.ssm_bf16, self.batch, n),
+        }
+    }
+}
+
+/// Generation through the engine ([`crate::generate::generate_with`]): prefill in blocks, then batched steps.
+pub struct EngineDecoder<'a> {
+    engine: &'a Mamba2Engine,
+    state: Option<(EngineState, Workspace)>,
+}
+
+impl<'a> EngineDecoder<'a> {
+    pub fn new(engine: &'a Mamba2Engine) -> Self {
+        Self { engine, state: None }
+    }
+}
+
+impl crate::generate::Decoder for EngineDecoder<'_> {
+    fn vocab_size(&self) -> usize {
+        self.engine.vocab
+    }
+
+    fn start(&mut self, prompt: &[u32], n: usize) -> Result<Vec<f32>> {
+        let mut st = self.engine.new_state(1);
+        let last = self.engine.prefill(prompt, &mut st, 0)?;
+        self.state = Some((st.repeat_interleave(n), self.engine.workspace(n)));
+        Ok(last)
+    }
+
+    fn step(&mut self, tokens: &[u32]) -> Result<&[f32]> {
+        let Some((st, ws)) = self.state.as_mut() else { bail!("engine decoder: step before start") };
+        self.engine.step(tokens, st, ws)?;
+        Ok(&ws.logits)
+    }
+
+    fn cache_bytes(&self) -> usize {
+        self.state.as_ref().map_or(0, |(s, _)| s.bytes())
+    }
 }
 
 /// Buffers a step reuses (sized for one batch): decoding allocates nothing per token.
@@ -206,6 +258,13 @@ fn read_gguf(file: &Path) -> Result<HashMap<String, Stored>> {
     Ok(out)
 }
 
+/// The one Mamba-2 layer config of a stack of identical Mamba-2 layers without MLPs, if it is one.
+fn pure_mamba2(lm: &MambaLmConfig) -> Option<Mamba2Config> {
+    let Some(LayerKind::Mamba2(cfg)) = lm.layers.first().cloned() else { return None };
+    let pure = lm.layers.iter().all(|l| *l == LayerKind::Mamba2(cfg.clone())) && lm.d_intermediate == 0 && cfg.d_mlp() == 0;
+    pure.then_some(cfg)
+}
+
 impl Mamba2Engine {
     /// Loads a pure Mamba-2 LM (HF `Mamba2ForCausalLM` or `mamba_ssm` layout) from a checkpoint folder.
     /// A folder with a quantised `model.gguf` (written by `ouro quantize`) keeps its stored formats;
@@ -241,13 +300,26 @@ impl Mamba2Engine {
         Self::build(lm, &mut src, format)
     }
 
-    fn build(lm: MambaLmConfig, src: &mut Source, fmt: Format) -> Result<Self> {
-        let Some(LayerKind::Mamba2(cfg)) = lm.layers.first().cloned() else {
-            bail!("{}: the CPU engine runs Mamba-2 language models (this one's first layer is not Mamba-2)", src.path);
+    /// Whether `path` is a checkpoint folder the engine runs: a pure Mamba-2 LM (what [`Self::load`] accepts).
+    pub fn supports(path: &Path) -> bool {
+        let Ok(config) = crate::checkpoint::read_config(path).map_err(|_| ()).and_then(|c| if path.is_dir() { Ok(c) } else { Err(()) }) else {
+            return false;
         };
-        if lm.layers.iter().any(|l| *l != LayerKind::Mamba2(cfg.clone())) || lm.d_intermediate > 0 || cfg.d_mlp() > 0 {
-            bail!("{}: the CPU engine runs pure Mamba-2 stacks (no attention or MLP layers, d_ssm = expand·d_model)", src.path);
+        let Ok(arch) = crate::lm::architecture_of_config(&config) else { return false };
+        if !matches!(arch, "mamba2" | "mamba_ssm") {
+            return false;
         }
+        let vocab = config.get("vocab_size").and_then(|v| v.as_u64()).unwrap_or(1) as usize;
+        MambaLmConfig::from_json(&config, arch, vocab).is_ok_and(|lm| pure_mamba2(&lm).is_some())
+    }
+
+    fn build(lm: MambaLmConfig, src: &mut Source, fmt: Format) -> Result<Self> {
+        if !matches!(lm.layers.first(), Some(LayerKind::Mamba2(_))) {
+            bail!("{}: the CPU engine runs Mamba-2 language models (this one's first layer is not Mamba-2)", src.path);
+        }
+        let Some(cfg) = pure_mamba2(&lm) else {
+            bail!("{}: the CPU engine runs pure Mamba-2 stacks (no attention or MLP layers, d_ssm = expand·d_model)", src.path);
+        };
         cfg.validate()?;
         let (d, h) = (lm.d_model, cfg.nheads());
         let embedding = src.matrix(&["backbone.embeddings.weight", "backbone.embedding.weight"], lm.vocab_size, d, fmt)?;

@@ -1,8 +1,8 @@
 //! Generation: prefill the prompt with the parallel forward, then decode with the recurrent step for a
 //! whole batch of samples at once (the prompt's state is computed once and replicated).
 
-use crate::lm::{check_ids, ids_tensor, LanguageModel};
-use candle_core::{bail, Result, Tensor};
+use crate::lm::{check_ids, ids_tensor, Cache, LanguageModel};
+use candle_core::{bail, DType, Result, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 #[derive(Clone, Debug)]
@@ -96,10 +96,70 @@ pub struct GenerateStats {
     pub cache_bytes: usize,
 }
 
-/// Generates `num_samples` continuations of `prompt` in one batch. `on_token(sample, token)` is called as
-/// each token is produced. Returns the generated ids per sample (stop token included when hit).
+/// What generation needs from a model: run the prompt once, fork its state into a batch of sequences,
+/// then step the whole batch one token at a time.
+pub trait Decoder {
+    fn vocab_size(&self) -> usize;
+    /// Runs `prompt` and leaves `n` sequences continuing it; returns the logits after its last token.
+    fn start(&mut self, prompt: &[u32], n: usize) -> Result<Vec<f32>>;
+    /// One token per sequence; returns the logits (n, vocab), row-major.
+    fn step(&mut self, tokens: &[u32]) -> Result<&[f32]>;
+    /// Bytes of the recurrent cache (state + KV).
+    fn cache_bytes(&self) -> usize;
+}
+
+/// Any [`LanguageModel`] on any device: parallel forward for the prompt, recurrent step after it.
+pub struct ModelDecoder<'a> {
+    model: &'a dyn LanguageModel,
+    cache: Option<Cache>,
+    logits: Vec<f32>,
+}
+
+impl<'a> ModelDecoder<'a> {
+    pub fn new(model: &'a dyn LanguageModel) -> Self {
+        Self { model, cache: None, logits: Vec::new() }
+    }
+}
+
+impl Decoder for ModelDecoder<'_> {
+    fn vocab_size(&self) -> usize {
+        self.model.info().vocab_size
+    }
+
+    fn start(&mut self, prompt: &[u32], n: usize) -> Result<Vec<f32>> {
+        let mut cache = self.model.new_cache(1)?;
+        let logits = self.model.forward(&ids_tensor(&[prompt.to_vec()], self.model.device())?, None, Some(&mut cache))?; // (1, l, V)
+        let last = logits.narrow(1, prompt.len() - 1, 1)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        self.cache = Some(if n > 1 { cache.repeat_interleave(n)? } else { cache });
+        Ok(last)
+    }
+
+    fn step(&mut self, tokens: &[u32]) -> Result<&[f32]> {
+        let Some(cache) = self.cache.as_mut() else { bail!("decoder: step before start") };
+        let logits = self.model.step(&Tensor::new(tokens, self.model.device())?, cache)?; // (n, V)
+        self.logits = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        Ok(&self.logits)
+    }
+
+    fn cache_bytes(&self) -> usize {
+        self.cache.as_ref().map_or(0, |c| c.bytes())
+    }
+}
+
+/// Generates `num_samples` continuations of `prompt` with `model`; see [`generate_with`].
 pub fn generate(
     model: &dyn LanguageModel,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    on_token: impl FnMut(usize, u32) -> Result<()>,
+) -> Result<(Vec<Vec<u32>>, GenerateStats)> {
+    generate_with(&mut ModelDecoder::new(model), prompt, opts, on_token)
+}
+
+/// Generates `num_samples` continuations of `prompt` in one batch. `on_token(sample, token)` is called as
+/// each token is produced. Returns the generated ids per sample (stop token included when hit).
+pub fn generate_with(
+    dec: &mut dyn Decoder,
     prompt: &[u32],
     opts: &GenerateOptions,
     mut on_token: impl FnMut(usize, u32) -> Result<()>,
@@ -110,9 +170,8 @@ pub fn generate(
     if opts.num_samples == 0 {
         bail!("generate: num_samples must be at least 1");
     }
-    let info = model.info();
-    check_ids(&[prompt.to_vec()], info.vocab_size)?;
-    let dev = model.device().clone();
+    let v = dec.vocab_size();
+    check_ids(&[prompt.to_vec()], v)?;
     let mut stats = GenerateStats { prompt_tokens: prompt.len(), ..Default::default() };
     let n = opts.num_samples;
     let mut out = vec![Vec::new(); n];
@@ -120,10 +179,7 @@ pub fn generate(
         return Ok((out, stats));
     }
     let t0 = std::time::Instant::now();
-    let mut cache = model.new_cache(1)?;
-    let logits = model.forward(&ids_tensor(&[prompt.to_vec()], &dev)?, None, Some(&mut cache))?; // (1, l, V)
-    let last: Vec<f32> = logits.narrow(1, prompt.len() - 1, 1)?.flatten_all()?.to_vec1()?;
-    let mut cache = if n > 1 { cache.repeat_interleave(n)? } else { cache };
+    let last = dec.start(prompt, n)?;
     stats.prefill_seconds = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
     let mut sampler = Sampler::new(opts.sampling.clone())?;
@@ -143,12 +199,10 @@ pub fn generate(
         if step + 1 == opts.max_new_tokens || done.iter().all(|&d| d) {
             break;
         }
-        let logits = model.step(&Tensor::new(next.as_slice(), &dev)?, &mut cache)?; // (n, V)
-        let v = info.vocab_size;
-        let flat: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        let flat = dec.step(&next)?;
         next = (0..n).map(|i| sampler.sample(&flat[i * v..(i + 1) * v])).collect();
     }
     stats.decode_seconds = t1.elapsed().as_secs_f64();
-    stats.cache_bytes = cache.bytes();
+    stats.cache_bytes = dec.cache_bytes();
     Ok((out, stats))
 }

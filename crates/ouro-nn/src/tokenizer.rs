@@ -30,30 +30,35 @@ impl Tokenizer {
     /// The tokenizer of a checkpoint: `override_` (a tokenizer.json path, or "bytes"), else the folder's
     /// `tokenizer.json`, else the GGUF vocabulary, else the config's `"tokenizer": "bytes"`.
     pub fn for_checkpoint(ck: &Checkpoint, override_: Option<&str>) -> Result<Self> {
-        let eos_cfg = eos_from_config(&ck.config);
+        match (&ck.gguf_meta, override_) {
+            (Some(meta), None) => Self::from_gguf(meta).map_err(msg(ck.path.display())),
+            _ => Self::for_folder(&ck.path, &ck.config, override_),
+        }
+    }
+
+    /// The tokenizer of a checkpoint folder with this config (`tokenizer.json`, or what the config names).
+    pub fn for_folder(dir: &Path, config: &serde_json::Value, override_: Option<&str>) -> Result<Self> {
+        let eos_cfg = eos_from_config(config);
         match override_ {
             Some("bytes") => return Ok(Tokenizer::Bytes),
             Some("dna") => return Ok(Tokenizer::Dna),
             Some(p) => return Self::from_file(Path::new(p), None, eos_cfg),
             None => {}
         }
-        if let Some(meta) = &ck.gguf_meta {
-            return Self::from_gguf(meta).map_err(msg(ck.path.display()));
-        }
-        let file = ck.path.join("tokenizer.json");
+        let file = dir.join("tokenizer.json");
         if file.exists() {
-            let bos = ck.config.get("bos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
+            let bos = config.get("bos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
             return Self::from_file(&file, bos, eos_cfg);
         }
-        match ck.config.get("tokenizer").and_then(|v| v.as_str()) {
+        match config.get("tokenizer").and_then(|v| v.as_str()) {
             Some("bytes") => return Ok(Tokenizer::Bytes),
             Some("dna") => return Ok(Tokenizer::Dna),
             _ => {}
         }
-        if ck.config.get("rcps").is_some() {
+        if config.get("rcps").is_some() {
             return Ok(Tokenizer::Dna); // Caduceus checkpoints use the DNA character tokenizer
         }
-        bail!("{}: no tokenizer.json (pass --tokenizer FILE, --tokenizer bytes for a byte-level model or --tokenizer dna)", ck.path.display())
+        bail!("{}: no tokenizer.json (pass --tokenizer FILE, --tokenizer bytes for a byte-level model or --tokenizer dna)", dir.display())
     }
 
     pub fn from_file(path: &Path, bos: Option<u32>, eos: Vec<u32>) -> Result<Self> {

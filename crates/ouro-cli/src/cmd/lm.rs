@@ -3,7 +3,9 @@
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use ouro_nn::checkpoint::Checkpoint;
-use ouro_nn::generate::{generate, GenerateOptions, SamplingParams};
+use ouro_nn::engine::{EngineDecoder, Mamba2Engine};
+use ouro_nn::generate::{generate_with, Decoder, GenerateOptions, ModelDecoder, SamplingParams};
+use ouro_kernels::quant::Format;
 use ouro_nn::lm::{check_ids, ids_tensor, load};
 use ouro_nn::tokenizer::{TextStream, Tokenizer};
 use std::io::Write;
@@ -57,6 +59,17 @@ pub struct GenerateArgs {
     /// tokenizer.json to use, or "bytes" (default: the checkpoint's own).
     #[arg(long)]
     tokenizer: Option<String>,
+    /// Weight format of the CPU engine for an f32/f16/bf16 Mamba-2 checkpoint: f32, f16, q8_0, q4_0
+    /// (a quantised checkpoint keeps its own).
+    #[arg(long, default_value = "f32")]
+    weights: String,
+    /// Decode with the generic model code even where the CPU engine applies (pure Mamba-2 on the CPU).
+    #[arg(long)]
+    no_engine: bool,
+    /// Engine: f32 products everywhere (by default the prompt and batches of ≥ 8 samples use bf16
+    /// matmuls where the CPU has AVX-512 BF16).
+    #[arg(long)]
+    no_bf16: bool,
 }
 
 #[derive(clap::Args)]
@@ -102,8 +115,29 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
 }
 
 pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
-    let (ck, model) = open(&a.m)?;
-    let tok = Tokenizer::for_checkpoint(&ck, a.tokenizer.as_deref())?;
+    let fmt = Format::parse(&a.weights).with_context(|| format!("--weights '{}': expected f32, f16, q8_0 or q4_0", a.weights))?;
+    // Pure Mamba-2 on the CPU runs on the inference engine (fused steps, quantised weights); everything
+    // else (and --no-engine) on the generic model code.
+    let dev = crate::device::parse(&a.m.device)?;
+    let use_engine = dev.is_cpu() && !a.no_engine && Mamba2Engine::supports(&a.m.model);
+    let (tok, engine, model) = if use_engine {
+        let config = ouro_nn::checkpoint::read_config(&a.m.model)?;
+        let tok = Tokenizer::for_folder(&a.m.model, &config, a.tokenizer.as_deref())?;
+        let mut engine = Mamba2Engine::load(&a.m.model, fmt).with_context(|| format!("loading {}", a.m.model.display()))?;
+        engine.bf16_matmul &= !a.no_bf16;
+        (tok, Some(engine), None)
+    } else {
+        if fmt != Format::F32 {
+            bail!("--weights {} needs the CPU engine (a pure Mamba-2 checkpoint folder on the CPU, without --no-engine)", a.weights);
+        }
+        let (ck, model) = open(&a.m)?;
+        (Tokenizer::for_checkpoint(&ck, a.tokenizer.as_deref())?, None, Some(model))
+    };
+    let mut dec: Box<dyn Decoder + '_> = match (&engine, &model) {
+        (Some(e), _) => Box::new(EngineDecoder::new(e)),
+        (_, Some(m)) => Box::new(ModelDecoder::new(m.as_ref())),
+        _ => unreachable!("an engine or a model is loaded"),
+    };
     let text = if a.chat { format!("<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n", a.prompt) } else { a.prompt.clone() };
     let prompt = tok.encode(&text)?;
     if prompt.is_empty() {
@@ -127,7 +161,7 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
         write!(out, "{shown_prompt}")?;
         out.flush()?;
     }
-    let (samples, stats) = generate(model.as_ref(), &prompt, &opts, |_, t| {
+    let (samples, stats) = generate_with(dec.as_mut(), &prompt, &opts, |_, t| {
         if stream && !stop.contains(&t) {
             let s = ts.push(&tok, t)?;
             write!(out, "{s}").map_err(candle_core::Error::wrap)?;
@@ -144,7 +178,8 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
         }
     }
     eprintln!(
-        "prompt {} tokens, prefill {:.1} tok/s; generated {} tokens in {} sequences, {:.1} tok/s; cache {:.2} MiB",
+        "{}prompt {} tokens, prefill {:.1} tok/s; generated {} tokens in {} sequences, {:.1} tok/s; cache {:.2} MiB",
+        if use_engine { format!("[cpu engine, {} weights] ", engine.as_ref().map_or("", |e| e.formats().0.name())) } else { String::new() },
         stats.prompt_tokens,
         stats.prompt_tokens as f64 / stats.prefill_seconds.max(1e-9),
         stats.generated_tokens,
