@@ -13,12 +13,15 @@
 //! - [`act`]: softplus and the bounded-gradient square root.
 //! - [`bf16`]: bf16 matrix products on AVX-512 BF16 for prefill and batched decode.
 //! - [`quant`]: f16, Q8_0 and Q4_0 weight matrices (ggml block layouts) and their batched matvec.
+//! - `cuda` (feature `cuda`): CUDA C kernels compiled at run time by NVRTC (the chunked SSD).
 //! - [`cpu`]: the scalar helpers (exp, softplus, dot) and buffer utilities the CPU kernels share.
 
 pub mod act;
 pub mod bf16;
 pub mod conv;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod linear_scan;
 pub mod norm;
 pub mod quant;

@@ -1068,19 +1068,24 @@ impl<'a> SsdInput<'a> {
 
     /// dt after bias, softplus and clamp, f32 (b, l, h).
     pub fn processed_dt(&self) -> Result<Tensor> {
-        let mut dt = self.dt.to_dtype(DType::F32)?;
-        if let Some(bias) = self.dt_bias {
-            dt = dt.broadcast_add(&bias.to_dtype(DType::F32)?)?;
-        }
-        if self.dt_softplus {
-            dt = crate::act::softplus(&dt)?;
-        }
-        let (lo, hi) = self.dt_limit;
-        if lo > 0.0 || hi.is_finite() {
-            dt = dt.clamp(lo as f32, hi as f32)?;
-        }
-        Ok(dt)
+        process_dt(self.dt, self.dt_bias, self.dt_softplus, self.dt_limit)
     }
+}
+
+/// dt after bias, softplus and clamp, f32 (b, l, h), in candle ops.
+fn process_dt(dt: &Tensor, dt_bias: Option<&Tensor>, softplus: bool, dt_limit: (f64, f64)) -> Result<Tensor> {
+    let mut dt = dt.to_dtype(DType::F32)?;
+    if let Some(bias) = dt_bias {
+        dt = dt.broadcast_add(&bias.to_dtype(DType::F32)?)?;
+    }
+    if softplus {
+        dt = crate::act::softplus(&dt)?;
+    }
+    let (lo, hi) = dt_limit;
+    if lo > 0.0 || hi.is_finite() {
+        dt = dt.clamp(lo as f32, hi as f32)?;
+    }
+    Ok(dt)
 }
 
 /// Mamba-2 SSD with every option of `mamba_chunk_scan_combined`. Returns y (b, l, h, p) in x's dtype
@@ -1090,7 +1095,8 @@ pub fn ssd(inp: &SsdInput, algo: Algo) -> Result<(Tensor, Tensor)> {
     if let Algo::Chunked(0) = algo {
         bail!("ssd: chunk size must be positive");
     }
-    let (mut y, sf) = if algo != Algo::Quadratic && inp.x.device().is_cpu() { ssd_fused(inp, &dm, algo)? } else { ssd_reference_path(inp, algo)? };
+    let dev = inp.x.device();
+    let (mut y, sf) = if algo != Algo::Quadratic && (dev.is_cpu() || dev.is_cuda()) { ssd_fused(inp, &dm, algo)? } else { ssd_reference_path(inp, algo)? };
     if let Some(z) = inp.z {
         y = (y * z.to_dtype(DType::F32)?.silu()?)?;
     }
@@ -1163,6 +1169,26 @@ pub fn ssd_xbc(
     expect_dims(a, &[h], "ssd: A")?;
     let f = |t: &Tensor| t.to_dtype(DType::F32);
     let dev = xbc.device();
+    #[cfg(feature = "cuda")]
+    if algo != Algo::Quadratic && seq_idx.is_none() && crate::cuda::ssd::supported(dev, p, n) {
+        // The CUDA kernels read x, B, C from the rows as they are; dt and the decay are prepared here.
+        let dtp = process_dt(dt, dt_bias, dt_softplus, dt_limit)?;
+        let la = dtp.broadcast_mul(&f(a)?.reshape((1, 1, h))?)?;
+        if let Some(s) = initial_states {
+            expect_dims(s, &[b, h, p, n], "ssd: initial_states")?;
+        }
+        let (mut y, sf) = crate::cuda::ssd::scan_xbc(xbc, &dtp, &la, initial_states, crate::cuda::ssd::XbcLayout::mamba2(h, p, g, n))?;
+        if let Some(d) = d {
+            if d.dims() != [h] && d.dims() != [h, p] {
+                bail!("ssd: D must be ({h}) or ({h}, {p}), got shape {:?}", d.dims());
+            }
+            let d = f(d)?;
+            let d = if d.rank() == 1 { d.unsqueeze(1)? } else { d }; // (h, 1) or (h, p)
+            let x = f(&xbc.narrow(2, 0, h * p)?.reshape((b, l, h, p))?)?;
+            y = (y + x.broadcast_mul(&d)?)?;
+        }
+        return Ok((y, sf));
+    }
     if !dev.is_cpu() || algo == Algo::Quadratic {
         // Device-generic path through the separate-input API.
         let x = xbc.narrow(2, 0, h * p)?.reshape((b, l, h, p))?;
@@ -1249,12 +1275,18 @@ pub fn scan(
         }
         None => Tensor::zeros((b, h, p, n), DType::F32, x.device())?,
     };
+    #[cfg(feature = "cuda")]
+    if algo != Algo::Quadratic && seq_idx.is_none() && crate::cuda::ssd::supported(x.device(), p, n) {
+        let xbc = Tensor::cat(&[&x.reshape((b, l, h * p))?, &bm.reshape((b, l, g * n))?, &cm.reshape((b, l, g * n))?], 2)?;
+        let ones = Tensor::ones((b, l, h), DType::F32, x.device())?;
+        return crate::cuda::ssd::scan_xbc(&xbc, &ones, &a, Some(&s0), crate::cuda::ssd::XbcLayout::mamba2(h, p, g, n));
+    }
     match algo {
         Algo::Quadratic => scan_quadratic(&x, &a, &bm, &cm, &s0, &seg),
+        // Other devices, and CUDA where its kernels do not apply (document boundaries, odd sizes): the
+        // quadratic form (exact, O(L²) memory).
+        _ if !x.device().is_cpu() => scan_quadratic(&x, &a, &bm, &cm, &s0, &seg),
         _ => {
-            if !x.device().is_cpu() {
-                bail!("ssd: the {algo:?} kernel runs on the CPU in this build; use Algo::Quadratic on other devices");
-            }
             let xa = to_f32_contig(&Tensor::cat(&[&x, &a.unsqueeze(3)?], 3)?)?;
             let bc = to_f32_contig(&Tensor::cat(&[&bm, &cm], 3)?)?;
             let out = xa.apply_op3(&bc, &s0.contiguous()?, SsdOp { algo, seg, layout: OpLayout::Discrete })?;

@@ -24,6 +24,9 @@ pub enum BenchCmd {
     Ssd(SsdArgs),
     /// The RG-LRU linear recurrence (Hawk/Griffin): parallel (chunked) vs sequential scan, forward.
     Scan(ScanArgs),
+    /// The Mamba-2 SSD layer on a CUDA device (forward, forward+backward) against the measured bandwidth
+    /// and matmul ceilings, beside mamba_ssm's Triton kernels (`--peer`).
+    SsdGpu(crate::cmd::bench_gpu::SsdGpuArgs),
     /// Decode throughput of any model through the candle path (tokens/s at a batch size) and its memory
     /// per sequence; `ouro bench --model` measures the CPU engine.
     Decode(DecodeArgs),
@@ -127,6 +130,7 @@ pub fn run(b: Bench) -> Result<()> {
         Some(BenchCmd::Ssd(a)) => ssd_bench(a),
         Some(BenchCmd::Scan(a)) => scan_bench(a),
         Some(BenchCmd::Decode(a)) => decode_bench(a),
+        Some(BenchCmd::SsdGpu(a)) => crate::cmd::bench_gpu::ssd_gpu(a),
         None => crate::cmd::engine::bench(b.model),
     }
 }

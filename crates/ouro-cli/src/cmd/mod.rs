@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod bench_gpu;
 pub mod engine;
 pub mod doctor;
 pub mod fit;

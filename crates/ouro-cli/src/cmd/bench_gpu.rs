@@ -1,0 +1,273 @@
+//! `ouro bench ssd-gpu`: the Mamba-2 SSD layer on a CUDA device, forward and forward+backward, timed
+//! against the device's measured copy bandwidth and bf16 matmul rate, beside `mamba_ssm`'s Triton
+//! `mamba_chunk_scan_combined` (scripts/bench/ssd_triton.py) run by the same command.
+
+#![cfg_attr(not(feature = "cuda"), allow(dead_code))]
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(clap::Args)]
+pub struct SsdGpuArgs {
+    /// Shapes as batch x len x heads x head_dim x d_state, comma-separated (one group).
+    #[arg(long, value_delimiter = ',', default_value = "8x2048x32x64x128,4x8192x32x64x128,2x32768x32x64x64")]
+    shapes: Vec<String>,
+    /// Storage type of x, B, C (and y): bf16 or f32.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// Timed repetitions (median reported), after two warm-ups.
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    /// Compare each shape's forward output with the CPU implementation first.
+    #[arg(long)]
+    check: bool,
+    /// Run the peer: a Python with torch and triton, and a folder holding the `mamba_ssm` source (its
+    /// Triton ops are imported from there), e.g. `--peer python3 --peer-src peers/mamba`.
+    #[arg(long)]
+    peer: Option<String>,
+    #[arg(long)]
+    peer_src: Option<std::path::PathBuf>,
+    /// One JSON object per shape instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Shape {
+    pub b: usize,
+    pub l: usize,
+    pub h: usize,
+    pub p: usize,
+    pub n: usize,
+}
+
+fn parse_shape(s: &str) -> Result<Shape> {
+    let v: Vec<usize> = s.split('x').map(|t| t.trim().parse::<usize>()).collect::<std::result::Result<_, _>>().with_context(|| format!("--shapes: '{s}' is not BxLxHxPxN"))?;
+    match v[..] {
+        [b, l, h, p, n] if v.iter().all(|&x| x > 0) => Ok(Shape { b, l, h, p, n }),
+        _ => bail!("--shapes: '{s}' is not BxLxHxPxN (five positive integers)"),
+    }
+}
+
+impl Shape {
+    /// The fewest bytes each pass must move: every input read once, every output written once.
+    /// Forward: xBC and dt in, y out. Backward: xBC, dt and dy in, dxBC and ddt out.
+    fn bytes(&self, elem: usize) -> (f64, f64) {
+        let (b, l, h, p, n) = (self.b as f64, self.l as f64, self.h as f64, self.p as f64, self.n as f64);
+        let e = elem as f64;
+        let xbc = b * l * (h * p + 2.0 * n) * e;
+        let dt = b * l * h * 4.0;
+        let y = b * l * h * p * e;
+        (xbc + dt + y, 2.0 * (xbc + dt) + y)
+    }
+
+    /// FLOPs of the chunked algorithm at chunk q (matrix products only; one group): forward per chunk
+    /// C·Bᵀ (2q²n), the masked product (2q²p), C·S_inᵀ and the chunk state (2·2qpn); the backward
+    /// recomputes the states and does about twice the forward's products.
+    fn flops(&self, q: usize) -> (f64, f64) {
+        let (b, l, h, p, n) = (self.b as f64, self.l as f64, self.h as f64, self.p as f64, self.n as f64);
+        let q = q.min(self.l) as f64;
+        let chunks = b * (l / q).ceil();
+        let fwd = chunks * (2.0 * q * q * n + h * (2.0 * q * q * p + 4.0 * q * p * n));
+        let bwd = chunks * h * (2.0 * q * p * n * 5.0 + 2.0 * q * q * n * 3.0 + 2.0 * q * q * p * 2.0);
+        (fwd, fwd + bwd)
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+struct PeerRow {
+    shape: String,
+    fwd_ms: f64,
+    fwd_bwd_ms: f64,
+}
+
+#[derive(Serialize)]
+struct Row {
+    shape: String,
+    dtype: String,
+    chunk: usize,
+    fwd_ms: f64,
+    fwd_bwd_ms: f64,
+    fwd_tb_s: f64,
+    fwd_tflop_s: f64,
+    fwd_floor_ms: f64,
+    fwd_bwd_floor_ms: f64,
+    peer_fwd_ms: Option<f64>,
+    peer_fwd_bwd_ms: Option<f64>,
+    check_rel_err: Option<f32>,
+    bandwidth_tb_s: f64,
+    matmul_tflop_s: f64,
+}
+
+fn run_peer(python: &str, src: &std::path::Path, shapes: &[String], dtype: &str, iters: usize) -> Result<Vec<PeerRow>> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench/ssd_triton.py");
+    let script = if script.exists() { script } else { std::path::PathBuf::from("scripts/bench/ssd_triton.py") };
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .arg("--src")
+        .arg(src)
+        .args(["--shapes", &shapes.join(","), "--dtype", dtype, "--iters", &iters.to_string()])
+        .output()
+        .with_context(|| format!("running the peer {python} {}", script.display()))?;
+    if !out.status.success() {
+        bail!("peer benchmark failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).context("peer output")).collect()
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn ssd_gpu(_: SsdGpuArgs) -> Result<()> {
+    bail!("`ouro bench ssd-gpu` needs a CUDA build of ouro (scripts/build-cuda.sh)")
+}
+
+#[cfg(feature = "cuda")]
+pub fn ssd_gpu(a: SsdGpuArgs) -> Result<()> {
+    use candle_core::{DType, Device, Tensor, Var};
+    use ouro_kernels::ssd::{ssd_xbc, Algo, XbcShape};
+    let dev = crate::device::parse(&a.device)?;
+    if !dev.is_cuda() {
+        bail!("--device: `ouro bench ssd-gpu` runs on a CUDA device");
+    }
+    let dtype = match a.dtype.as_str() {
+        "bf16" => DType::BF16,
+        "f32" => DType::F32,
+        d => bail!("--dtype '{d}': expected bf16 or f32"),
+    };
+    let shapes: Vec<Shape> = a.shapes.iter().map(|s| parse_shape(s)).collect::<Result<_>>()?;
+    let sync = || dev.synchronize();
+    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        for _ in 0..2 {
+            f()?;
+        }
+        sync()?;
+        let mut v = Vec::new();
+        for _ in 0..a.iters.max(1) {
+            let t = std::time::Instant::now();
+            f()?;
+            sync()?;
+            v.push(t.elapsed().as_secs_f64());
+        }
+        v.sort_by(|x, y| x.partial_cmp(y).unwrap());
+        Ok(v[v.len() / 2])
+    };
+    // The two ceilings, measured here: a device-to-device copy (bytes read + written) and a bf16 matmul.
+    let big = Tensor::randn(0f32, 1.0, 1 << 28, &dev)?; // 1 GiB
+    let copy_s = time(&mut || {
+        let _c = big.copy()?;
+        Ok(())
+    })?;
+    let bandwidth = 2.0 * (big.elem_count() * 4) as f64 / copy_s;
+    drop(big);
+    let m = Tensor::randn(0f32, 1.0, (8192, 8192), &dev)?.to_dtype(DType::BF16)?;
+    let mm_s = time(&mut || {
+        let _c = m.matmul(&m)?;
+        Ok(())
+    })?;
+    let peak = 2.0 * 8192f64.powi(3) / mm_s;
+    drop(m);
+    eprintln!("device: copy {:.2} TB/s, bf16 matmul {:.0} TFLOP/s", bandwidth / 1e12, peak / 1e12);
+    let peer: Vec<PeerRow> = match (&a.peer, &a.peer_src) {
+        (Some(py), Some(src)) => run_peer(py, src, &a.shapes, &a.dtype, a.iters)?,
+        (Some(_), None) => bail!("--peer needs --peer-src (the mamba_ssm source folder)"),
+        _ => Vec::new(),
+    };
+    let elem = if dtype == DType::BF16 { 2 } else { 4 };
+    let mut rows = Vec::new();
+    for (s, name) in shapes.iter().zip(&a.shapes) {
+        let Shape { b, l, h, p, n } = *s;
+        let shape = XbcShape { heads: h, head_dim: p, groups: 1, d_state: n };
+        let row = h * p + 2 * n;
+        let xbc = Tensor::randn(0f32, 1.0, (b, l, row), &dev)?.to_dtype(dtype)?;
+        let dt = (Tensor::randn(0f32, 1.0, (b, l, h), &dev)? * 0.5)?;
+        let a_ = (Tensor::rand(1f32, 16.0, h, &dev)?.neg())?;
+        let dt_bias = Tensor::rand(-4f32, -2.0, h, &dev)?;
+        let d = Tensor::ones(h, DType::F32, &dev)?;
+        let algo = Algo::Chunked(256);
+        let fwd = |xbc: &Tensor, dt: &Tensor, a_: &Tensor, dt_bias: &Tensor, d: &Tensor| -> Result<Tensor> {
+            let (y, _) = ssd_xbc(xbc, dt, shape, a_, Some(dt_bias), Some(d), true, (0.0, f64::INFINITY), None, None, algo)?;
+            Ok(y.to_dtype(dtype)?)
+        };
+        let check = if a.check {
+            let y = fwd(&xbc, &dt, &a_, &dt_bias, &d)?;
+            let c = |t: &Tensor| t.to_device(&Device::Cpu);
+            let want = {
+                let (y, _) = ssd_xbc(&c(&xbc)?, &c(&dt)?, shape, &c(&a_)?, Some(&c(&dt_bias)?), Some(&c(&d)?), true, (0.0, f64::INFINITY), None, None, algo)?;
+                y
+            };
+            Some(ouro_kernels::testing::rel_err(&y.to_device(&Device::Cpu)?, &want))
+        } else {
+            None
+        };
+        let fwd_s = time(&mut || {
+            fwd(&xbc, &dt, &a_, &dt_bias, &d)?;
+            Ok(())
+        })?;
+        let dy = Tensor::randn(0f32, 1.0, (b, l, h, p), &dev)?.to_dtype(dtype)?;
+        let vars = [Var::from_tensor(&xbc)?, Var::from_tensor(&dt)?, Var::from_tensor(&a_)?, Var::from_tensor(&dt_bias)?, Var::from_tensor(&d)?];
+        let fb_s = time(&mut || {
+            let y = fwd(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), vars[3].as_tensor(), vars[4].as_tensor())?;
+            let g = (y * &dy)?.sum_all()?.backward()?;
+            if g.get(vars[0].as_tensor()).is_none() {
+                bail!("no gradient for xBC");
+            }
+            Ok(())
+        })?;
+        let q = match &dev {
+            Device::Cuda(cd) => ouro_kernels::cuda::ssd::chunk_for(p, n, ouro_kernels::cuda::max_shared(cd)?).context("the CUDA SSD kernels do not fit these sizes")?,
+            _ => unreachable!("checked above"),
+        };
+        let (bf, bfb) = s.bytes(elem);
+        let (ff, ffb) = s.flops(q);
+        let floor = |bytes: f64, flops: f64| (bytes / bandwidth).max(flops / peak);
+        let pr = peer.iter().find(|r| &r.shape == name);
+        rows.push(Row {
+            shape: name.clone(),
+            dtype: a.dtype.clone(),
+            chunk: q,
+            fwd_ms: fwd_s * 1e3,
+            fwd_bwd_ms: fb_s * 1e3,
+            fwd_tb_s: bf / fwd_s / 1e12,
+            fwd_tflop_s: ff / fwd_s / 1e12,
+            fwd_floor_ms: floor(bf, ff) * 1e3,
+            fwd_bwd_floor_ms: floor(bf + bfb, ffb) * 1e3,
+            peer_fwd_ms: pr.map(|r| r.fwd_ms),
+            peer_fwd_bwd_ms: pr.map(|r| r.fwd_bwd_ms),
+            check_rel_err: check,
+            bandwidth_tb_s: bandwidth / 1e12,
+            matmul_tflop_s: peak / 1e12,
+        });
+    }
+    if a.json {
+        for r in &rows {
+            println!("{}", serde_json::to_string(r)?);
+        }
+        return Ok(());
+    }
+    println!("| shape b×l×h×p×n | chunk | fwd ms | fwd TB/s | fwd TFLOP/s | fwd ÷ floor | fwd+bwd ms | fwd+bwd ÷ floor | Triton fwd ms | Triton fwd+bwd ms | ouro speed-up fwd / fwd+bwd | check |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let peer = match (r.peer_fwd_ms, r.peer_fwd_bwd_ms) {
+            (Some(f), Some(fb)) => (format!("{f:.3}"), format!("{fb:.3}"), format!("{:.2}× / {:.2}×", f / r.fwd_ms, fb / r.fwd_bwd_ms)),
+            _ => ("—".into(), "—".into(), "—".into()),
+        };
+        println!(
+            "| {} | {} | {:.3} | {:.2} | {:.1} | {:.1}× | {:.3} | {:.1}× | {} | {} | {} | {} |",
+            r.shape,
+            r.chunk,
+            r.fwd_ms,
+            r.fwd_tb_s,
+            r.fwd_tflop_s,
+            r.fwd_ms / r.fwd_floor_ms,
+            r.fwd_bwd_ms,
+            r.fwd_bwd_ms / r.fwd_bwd_floor_ms,
+            peer.0,
+            peer.1,
+            peer.2,
+            r.check_rel_err.map_or("—".into(), |e| format!("{e:.1e}"))
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,257 @@
+//! The Mamba-2 chunked SSD on CUDA (kernels in `ssd.cu`): S_t = exp(la_t)·S_{t−1} + dt_t·x_t ⊗ B_t,
+//! y_t = S_t·C_t, read straight from Mamba-2's conv output rows [x | B | C] in f32 or bf16, f32 math.
+//!
+//! Forward: chunk_state → state_passing → chunk_scan. Backward: the first two again (the states entering
+//! each chunk), then chunk_dstate → state_passing_bwd → chunk_bwd. The chunk size is the largest of
+//! 64, 32, 16 whose backward fits in one block's shared memory.
+
+use super::{function, launch, max_shared, module, ptr, ptr_f32, Arg};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::{CudaStorage, WrapErr};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+const SOURCE: &str = include_str!("ssd.cu");
+const NT: u32 = 256;
+
+/// Where x, B and C sit in a row of the `xbc` tensor (b, l, row), and the head/group sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XbcLayout {
+    pub heads: usize,
+    pub head_dim: usize,
+    pub groups: usize,
+    pub d_state: usize,
+    pub x_off: usize,
+    pub b_off: usize,
+    pub c_off: usize,
+}
+
+impl XbcLayout {
+    /// Mamba-2's conv output: [x (heads·head_dim) | B (groups·d_state) | C (groups·d_state)].
+    pub fn mamba2(heads: usize, head_dim: usize, groups: usize, d_state: usize) -> Self {
+        Self { heads, head_dim, groups, d_state, x_off: 0, b_off: heads * head_dim, c_off: heads * head_dim + groups * d_state }
+    }
+}
+
+fn f32s(q: usize, p: usize, n: usize) -> [usize; 4] {
+    let (sp, sn, sq) = (p + 1, n + 1, q + 1);
+    [
+        2 * q + q * sp + q * sn,                                  // chunk_state
+        2 * q + 2 * q * sn + 2 * q * sp + p * sn + q * sq,        // chunk_scan
+        q + q * sp + q * sn,                                      // chunk_dstate
+        6 * q + 2 * q * sp + 2 * q * sn + 2 * p * sn + 2 * q * sq, // chunk_bwd
+    ]
+}
+
+/// Shared-memory bytes of (chunk_state, chunk_scan, chunk_dstate, chunk_bwd) at chunk `q`.
+fn smem(q: usize, p: usize, n: usize) -> [usize; 4] {
+    f32s(q, p, n).map(|f| 4 * f)
+}
+
+/// The chunk size for head_dim `p` and d_state `n` on a device with `max` bytes of shared memory per
+/// block, or None when the kernels do not apply (sizes not multiples of 4, or too large).
+pub fn chunk_for(p: usize, n: usize, max: usize) -> Option<usize> {
+    if p == 0 || n == 0 || p % 4 != 0 || n % 4 != 0 {
+        return None;
+    }
+    [64, 32, 16].into_iter().find(|&q| smem(q, p, n).iter().all(|&s| s + 256 <= max))
+}
+
+/// Whether the CUDA SSD runs for these sizes on `dev`.
+pub fn supported(dev: &candle_core::Device, head_dim: usize, d_state: usize) -> bool {
+    match dev {
+        candle_core::Device::Cuda(d) => max_shared(d).is_ok_and(|m| chunk_for(head_dim, d_state, m).is_some()),
+        _ => false,
+    }
+}
+
+/// The chunked scan on CUDA. `xbc` (b, l, row) f32 or bf16 holds x, B, C per `lay`; `dt`, `la` (b, l, h)
+/// f32; `s0` (b, h, p, n). Returns y (b, l, h, p) and the final states (b, h, p, n), f32.
+/// Differentiable w.r.t. xbc, dt, la and s0.
+pub fn scan_xbc(xbc: &Tensor, dt: &Tensor, la: &Tensor, s0: Option<&Tensor>, lay: XbcLayout) -> Result<(Tensor, Tensor)> {
+    let (b, l, row) = xbc.dims3()?;
+    let XbcLayout { heads: h, head_dim: p, groups: g, d_state: n, .. } = lay;
+    if g == 0 || h % g != 0 {
+        bail!("ssd (cuda): heads ({h}) must be divisible by groups ({g})");
+    }
+    if lay.x_off + h * p > row || lay.b_off + g * n > row || lay.c_off + g * n > row {
+        bail!("ssd (cuda): rows of {row} channels do not hold x, B and C at {lay:?}");
+    }
+    let candle_core::Device::Cuda(cd) = xbc.device() else { bail!("ssd (cuda): xbc is not on a CUDA device") };
+    let Some(q) = chunk_for(p, n, max_shared(cd)?) else { bail!("ssd (cuda): head_dim {p} and d_state {n} do not fit the kernels") };
+    let xbc = match xbc.dtype() {
+        DType::F32 | DType::BF16 => xbc.contiguous()?,
+        _ => xbc.to_dtype(DType::F32)?.contiguous()?,
+    };
+    let mut parts = vec![dt.to_dtype(DType::F32)?.flatten_all()?, la.to_dtype(DType::F32)?.flatten_all()?];
+    if let Some(s) = s0 {
+        parts.push(s.to_dtype(DType::F32)?.flatten_all()?);
+    }
+    let packed = Tensor::cat(&parts, 0)?.contiguous()?;
+    if packed.elem_count() != 2 * b * l * h + if s0.is_some() { b * h * p * n } else { 0 } {
+        bail!("ssd (cuda): dt and la must be ({b}, {l}, {h}) and the initial states ({b}, {h}, {p}, {n})");
+    }
+    let out = xbc.apply_op2(&packed, SsdCuda { lay, q, has_s0: s0.is_some() })?;
+    let ny = b * l * h * p;
+    Ok((out.narrow(0, 0, ny)?.reshape((b, l, h, p))?, out.narrow(0, ny, b * h * p * n)?.reshape((b, h, p, n))?))
+}
+
+#[derive(Clone, Copy)]
+struct SsdCuda {
+    lay: XbcLayout,
+    q: usize,
+    has_s0: bool,
+}
+
+/// Sizes of one call, from the xbc layout.
+struct Sizes {
+    b: usize,
+    l: usize,
+    row: usize,
+    nc: usize,
+}
+
+impl SsdCuda {
+    fn sizes(&self, l1: &Layout) -> Result<Sizes> {
+        let (b, l, row) = l1.shape().dims3()?;
+        Ok(Sizes { b, l, row, nc: l.div_ceil(self.q) })
+    }
+
+    fn module(&self, s: &CudaStorage) -> Result<std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaModule>> {
+        let bf16 = match s.dtype() {
+            DType::BF16 => 1,
+            DType::F32 => 0,
+            d => bail!("ssd (cuda): xbc must be f32 or bf16, got {d:?}"),
+        };
+        let XbcLayout { head_dim: p, d_state: n, .. } = self.lay;
+        module(&s.device, "ssd.cu", SOURCE, &[("T_BF16", bf16), ("P", p as i64), ("N", n as i64), ("Q", self.q as i64)])
+    }
+
+    fn common(&self, z: &Sizes) -> [Arg; 5] {
+        let lay = self.lay;
+        [Arg::I32(z.l as i32), Arg::I32(lay.heads as i32), Arg::I32((lay.heads / lay.groups) as i32), Arg::I32(z.row as i32), Arg::I32(lay.x_off as i32)]
+    }
+}
+
+/// Fills f32 `buf` with NaN when OURO_CUDA_POISON is set (tests: every output element must be written).
+fn poison(m: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaModule>, stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>, p: u64, len: usize) -> Result<()> {
+    if std::env::var_os("OURO_CUDA_POISON").is_some() {
+        let f = function(m, "fill_f32", 0)?;
+        launch(stream, &f, (256, 1, 1), 256, 0, &[Arg::Ptr(p), Arg::F32(f32::NAN), Arg::I64(len as i64)])?;
+    }
+    Ok(())
+}
+
+impl CustomOp2 for SsdCuda {
+    fn name(&self) -> &'static str {
+        "ssd-cuda"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("ssd-cuda: runs on CUDA devices only")
+    }
+
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        let z = self.sizes(l1)?;
+        let XbcLayout { heads: h, head_dim: p, d_state: n, b_off, c_off, .. } = self.lay;
+        let dev = s1.device.clone();
+        let stream = dev.cuda_stream();
+        let m = self.module(s1)?;
+        let (xbc, packed) = (ptr(s1, l1, "ssd xbc")?, ptr(s2, l2, "ssd dt/la")?);
+        let blh = z.b * z.l * h;
+        let (dt, la) = (packed, packed + 4 * blh as u64);
+        let s0 = if self.has_s0 { packed + 8 * blh as u64 } else { 0 };
+        let (ny, ns) = (z.b * z.l * h * p, z.b * h * p * n);
+        let out = unsafe { stream.alloc::<f32>(ny + ns) }.w()?;
+        let states = unsafe { stream.alloc::<f32>(z.b * z.nc * h * p * n) }.w()?;
+        let csum = unsafe { stream.alloc::<f32>(z.b * h * z.nc) }.w()?;
+        let (po, pst, pcs) = (ptr_f32(&out, &stream), ptr_f32(&states, &stream), ptr_f32(&csum, &stream));
+        poison(&m, &stream, po, ny + ns)?;
+        let [sm_state, sm_scan, _, _] = smem(self.q, p, n);
+        let grid = (z.nc as u32, h as u32, z.b as u32);
+        let pass_grid = ((p * n).div_ceil(NT as usize) as u32, h as u32, z.b as u32);
+        let c = self.common(&z);
+        launch(&stream, &function(&m, "ssd_chunk_state", sm_state)?, grid, NT, sm_state, &[
+            &[Arg::Ptr(xbc), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(pst), Arg::Ptr(pcs)][..], &c, &[Arg::I32(b_off as i32), Arg::I32(z.nc as i32)],
+        ].concat())?;
+        launch(&stream, &function(&m, "ssd_state_passing", 0)?, pass_grid, NT, 0, &[
+            Arg::Ptr(pst), Arg::Ptr(pcs), Arg::Ptr(s0), Arg::Ptr(po + 4 * ny as u64), Arg::I32(h as i32), Arg::I32(z.nc as i32),
+        ])?;
+        launch(&stream, &function(&m, "ssd_chunk_scan", sm_scan)?, grid, NT, sm_scan, &[
+            &[Arg::Ptr(xbc), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(pst), Arg::Ptr(po)][..], &c,
+            &[Arg::I32(b_off as i32), Arg::I32(c_off as i32), Arg::I32(z.nc as i32)],
+        ].concat())?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(ny + ns)))
+    }
+
+    fn bwd(&self, t1: &Tensor, t2: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = t1.detach().apply_op3_no_bwd(&t2.detach(), &grad.detach().contiguous()?, &SsdCudaBwd { fwd: *self })?;
+        let n1 = t1.elem_count();
+        let d1 = g.narrow(0, 0, n1)?.reshape(t1.shape())?.to_dtype(t1.dtype())?;
+        let d2 = g.narrow(0, n1, t2.elem_count())?.reshape(t2.shape())?;
+        Ok((Some(d1), Some(d2)))
+    }
+}
+
+/// (xbc, [dt | la | s0], [dy | dsf]) → [dxbc | ddt | dla | ds0], f32.
+struct SsdCudaBwd {
+    fwd: SsdCuda,
+}
+
+impl CustomOp3 for SsdCudaBwd {
+    fn name(&self) -> &'static str {
+        "ssd-cuda-bwd"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("ssd-cuda-bwd: runs on CUDA devices only")
+    }
+
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
+        let f = &self.fwd;
+        let z = f.sizes(l1)?;
+        let XbcLayout { heads: h, head_dim: p, d_state: n, b_off, c_off, .. } = f.lay;
+        let dev = s1.device.clone();
+        let stream = dev.cuda_stream();
+        let m = f.module(s1)?;
+        let (xbc, packed, grads) = (ptr(s1, l1, "ssd xbc")?, ptr(s2, l2, "ssd dt/la")?, ptr(s3, l3, "ssd grads")?);
+        let blh = z.b * z.l * h;
+        let (dt, la) = (packed, packed + 4 * blh as u64);
+        let s0 = if f.has_s0 { packed + 8 * blh as u64 } else { 0 };
+        let (ny, ns, nx) = (z.b * z.l * h * p, z.b * h * p * n, z.b * z.l * z.row);
+        let (dy, dsf) = (grads, grads + 4 * ny as u64);
+        let total = nx + 2 * blh + if f.has_s0 { ns } else { 0 };
+        let out = stream.alloc_zeros::<f32>(total).w()?;
+        let nst = z.b * z.nc * h * p * n;
+        let states = unsafe { stream.alloc::<f32>(nst) }.w()?;
+        let dstates = unsafe { stream.alloc::<f32>(nst) }.w()?;
+        let csum = unsafe { stream.alloc::<f32>(z.b * h * z.nc) }.w()?;
+        let dcsum = stream.alloc_zeros::<f32>(z.b * h * z.nc).w()?;
+        let po = ptr_f32(&out, &stream);
+        let (pst, pdst, pcs, pdcs) = (ptr_f32(&states, &stream), ptr_f32(&dstates, &stream), ptr_f32(&csum, &stream), ptr_f32(&dcsum, &stream));
+        // Poison what the kernels overwrite without accumulating (ddt, dla, ds0).
+        poison(&m, &stream, po + 4 * nx as u64, total - nx)?;
+        let (pdx, pddt, pdla) = (po, po + 4 * nx as u64, po + 4 * (nx + blh) as u64);
+        let pds0 = if f.has_s0 { po + 4 * (nx + 2 * blh) as u64 } else { 0 };
+        let [sm_state, _, sm_dstate, sm_bwd] = smem(f.q, p, n);
+        let grid = (z.nc as u32, h as u32, z.b as u32);
+        let pass_grid = ((p * n).div_ceil(NT as usize) as u32, h as u32, z.b as u32);
+        let c = f.common(&z);
+        let (hi, hpg, nci) = (Arg::I32(h as i32), Arg::I32((h / f.lay.groups) as i32), Arg::I32(z.nc as i32));
+        launch(&stream, &function(&m, "ssd_chunk_state", sm_state)?, grid, NT, sm_state, &[
+            &[Arg::Ptr(xbc), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(pst), Arg::Ptr(pcs)][..], &c, &[Arg::I32(b_off as i32), nci],
+        ].concat())?;
+        launch(&stream, &function(&m, "ssd_state_passing", 0)?, pass_grid, NT, 0, &[Arg::Ptr(pst), Arg::Ptr(pcs), Arg::Ptr(s0), Arg::Ptr(0), hi, nci])?;
+        launch(&stream, &function(&m, "ssd_chunk_dstate", sm_dstate)?, grid, NT, sm_dstate, &[
+            Arg::Ptr(xbc), Arg::Ptr(la), Arg::Ptr(dy), Arg::Ptr(pdst), Arg::I32(z.l as i32), hi, hpg, Arg::I32(z.row as i32), Arg::I32(c_off as i32), nci,
+        ])?;
+        launch(&stream, &function(&m, "ssd_state_passing_bwd", 0)?, pass_grid, NT, 0, &[
+            Arg::Ptr(pdst), Arg::Ptr(pst), Arg::Ptr(pcs), Arg::Ptr(dsf), Arg::Ptr(pdcs), Arg::Ptr(pds0), hi, nci,
+        ])?;
+        launch(&stream, &function(&m, "ssd_chunk_bwd", sm_bwd)?, grid, NT, sm_bwd, &[
+            &[Arg::Ptr(xbc), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(pst), Arg::Ptr(pdst), Arg::Ptr(pdcs), Arg::Ptr(dy), Arg::Ptr(pdx), Arg::Ptr(pddt), Arg::Ptr(pdla)][..],
+            &c,
+            &[Arg::I32(b_off as i32), Arg::I32(c_off as i32), nci],
+        ].concat())?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(total)))
+    }
+}
