@@ -19,5 +19,8 @@ pub fn parse(spec: &str) -> Result<Device> {
     if !cfg!(feature = "cuda") {
         bail!("device '{spec}' needs a CUDA build of ouro (cargo build --release --features cuda; see scripts/build-cuda.sh)");
     }
-    Ok(Device::new_cuda(ordinal)?)
+    let dev = Device::new_cuda(ordinal)?;
+    #[cfg(feature = "cuda")]
+    ouro_kernels::cuda::keep_pool(&dev)?;
+    Ok(dev)
 }

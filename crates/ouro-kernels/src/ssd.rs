@@ -1170,24 +1170,14 @@ pub fn ssd_xbc(
     let f = |t: &Tensor| t.to_dtype(DType::F32);
     let dev = xbc.device();
     #[cfg(feature = "cuda")]
-    if algo != Algo::Quadratic && seq_idx.is_none() && crate::cuda::ssd::supported(dev, p, n) {
+    if algo != Algo::Quadratic && seq_idx.is_none() && crate::cuda::ssd::supported(dev, xbc.dtype(), p, n) {
         // The CUDA kernels read x, B, C from the rows as they are; dt and the decay are prepared here.
         let dtp = process_dt(dt, dt_bias, dt_softplus, dt_limit)?;
         let la = dtp.broadcast_mul(&f(a)?.reshape((1, 1, h))?)?;
         if let Some(s) = initial_states {
             expect_dims(s, &[b, h, p, n], "ssd: initial_states")?;
         }
-        let (mut y, sf) = crate::cuda::ssd::scan_xbc(xbc, &dtp, &la, initial_states, crate::cuda::ssd::XbcLayout::mamba2(h, p, g, n))?;
-        if let Some(d) = d {
-            if d.dims() != [h] && d.dims() != [h, p] {
-                bail!("ssd: D must be ({h}) or ({h}, {p}), got shape {:?}", d.dims());
-            }
-            let d = f(d)?;
-            let d = if d.rank() == 1 { d.unsqueeze(1)? } else { d }; // (h, 1) or (h, p)
-            let x = f(&xbc.narrow(2, 0, h * p)?.reshape((b, l, h, p))?)?;
-            y = (y + x.broadcast_mul(&d)?)?;
-        }
-        return Ok((y, sf));
+        return crate::cuda::ssd::scan_xbc(xbc, &dtp, &la, d, initial_states, crate::cuda::ssd::XbcLayout::mamba2(h, p, g, n));
     }
     if !dev.is_cpu() || algo == Algo::Quadratic {
         // Device-generic path through the separate-input API.
@@ -1276,10 +1266,10 @@ pub fn scan(
         None => Tensor::zeros((b, h, p, n), DType::F32, x.device())?,
     };
     #[cfg(feature = "cuda")]
-    if algo != Algo::Quadratic && seq_idx.is_none() && crate::cuda::ssd::supported(x.device(), p, n) {
+    if algo != Algo::Quadratic && seq_idx.is_none() && crate::cuda::ssd::supported(x.device(), DType::F32, p, n) {
         let xbc = Tensor::cat(&[&x.reshape((b, l, h * p))?, &bm.reshape((b, l, g * n))?, &cm.reshape((b, l, g * n))?], 2)?;
         let ones = Tensor::ones((b, l, h), DType::F32, x.device())?;
-        return crate::cuda::ssd::scan_xbc(&xbc, &ones, &a, Some(&s0), crate::cuda::ssd::XbcLayout::mamba2(h, p, g, n));
+        return crate::cuda::ssd::scan_xbc(&xbc, &ones, &a, None, Some(&s0), crate::cuda::ssd::XbcLayout::mamba2(h, p, g, n));
     }
     match algo {
         Algo::Quadratic => scan_quadratic(&x, &a, &bm, &cm, &s0, &seg),

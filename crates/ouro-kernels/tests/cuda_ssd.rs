@@ -93,7 +93,13 @@ fn f32_no_initial_state_single_chunk() {
 
 #[test]
 fn bf16_inputs() {
-    // xbc in bf16 on both devices (the CPU computes on the same rounded values, in f32): only the
-    // GPU's f32 arithmetic order differs, so the f32 tolerance would hold; the bf16 one is asked.
+    // xbc in bf16 on both devices (the CPU computes on the same rounded values, in f32); the GPU's
+    // tensor-core forward also rounds its intermediate products' operands to bf16.
     check(Case { b: 2, l: 257, h: 8, p: 64, g: 2, n: 64, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: false }, DType::BF16, 1e-2);
+}
+
+#[test]
+fn bf16_mamba2_sizes() {
+    // The tensor-core forward (chunk 64, bf16 tiles): products of bf16-rounded operands, f32 sums.
+    check(Case { b: 2, l: 300, h: 4, p: 64, g: 1, n: 128, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: true }, DType::BF16, 1e-2);
 }

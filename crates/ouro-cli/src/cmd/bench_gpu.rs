@@ -89,6 +89,8 @@ struct Row {
     dtype: String,
     chunk: usize,
     fwd_ms: f64,
+    /// the scan kernels alone (no dt preparation, D skip or dtype conversion)
+    fwd_kernels_ms: f64,
     fwd_bwd_ms: f64,
     fwd_tb_s: f64,
     fwd_tflop_s: f64,
@@ -154,20 +156,15 @@ pub fn ssd_gpu(a: SsdGpuArgs) -> Result<()> {
         Ok(v[v.len() / 2])
     };
     // The two ceilings, measured here: a device-to-device copy (bytes read + written) and a bf16 matmul.
-    let big = Tensor::randn(0f32, 1.0, 1 << 28, &dev)?; // 1 GiB
-    let copy_s = time(&mut || {
-        let _c = big.copy()?;
-        Ok(())
-    })?;
-    let bandwidth = 2.0 * (big.elem_count() * 4) as f64 / copy_s;
-    drop(big);
+    let bandwidth = ouro_kernels::cuda::copy_bandwidth(&dev, 2 << 30, 20)?;
     let m = Tensor::randn(0f32, 1.0, (8192, 8192), &dev)?.to_dtype(DType::BF16)?;
+    let mut out = m.matmul(&m)?;
     let mm_s = time(&mut || {
-        let _c = m.matmul(&m)?;
+        out = m.matmul(&m)?;
         Ok(())
     })?;
     let peak = 2.0 * 8192f64.powi(3) / mm_s;
-    drop(m);
+    drop((m, out));
     eprintln!("device: copy {:.2} TB/s, bf16 matmul {:.0} TFLOP/s", bandwidth / 1e12, peak / 1e12);
     let peer: Vec<PeerRow> = match (&a.peer, &a.peer_src) {
         (Some(py), Some(src)) => run_peer(py, src, &a.shapes, &a.dtype, a.iters)?,
@@ -205,20 +202,36 @@ pub fn ssd_gpu(a: SsdGpuArgs) -> Result<()> {
             fwd(&xbc, &dt, &a_, &dt_bias, &d)?;
             Ok(())
         })?;
+        // The scan kernels alone (dt and the decay prepared outside the timing; y in f32).
+        let dtp = ouro_kernels::act::softplus(&dt.broadcast_add(&dt_bias)?)?;
+        let la = dtp.broadcast_mul(&a_.reshape((1, 1, h))?)?;
+        let lay = ouro_kernels::cuda::ssd::XbcLayout::mamba2(h, p, 1, n);
+        let kernel_s = time(&mut || {
+            ouro_kernels::cuda::ssd::scan_xbc(&xbc, &dtp, &la, Some(&d), None, lay)?;
+            Ok(())
+        })?;
         let dy = Tensor::randn(0f32, 1.0, (b, l, h, p), &dev)?.to_dtype(dtype)?;
         let vars = [Var::from_tensor(&xbc)?, Var::from_tensor(&dt)?, Var::from_tensor(&a_)?, Var::from_tensor(&dt_bias)?, Var::from_tensor(&d)?];
         let fb_s = time(&mut || {
             let y = fwd(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), vars[3].as_tensor(), vars[4].as_tensor())?;
-            let g = (y * &dy)?.sum_all()?.backward()?;
+            // Σ y·dy has gradient dy (the peer calls y.backward(dy)); summed in stages, since one
+            // all-element reduction runs in a single block on candle's CUDA backend.
+            let g = (y * &dy)?.sum(3)?.sum(2)?.sum_all()?.backward()?;
             if g.get(vars[0].as_tensor()).is_none() {
                 bail!("no gradient for xBC");
             }
             Ok(())
         })?;
-        let q = match &dev {
-            Device::Cuda(cd) => ouro_kernels::cuda::ssd::chunk_for(p, n, ouro_kernels::cuda::max_shared(cd)?).context("the CUDA SSD kernels do not fit these sizes")?,
-            _ => unreachable!("checked above"),
-        };
+        if std::env::var_os("OURO_CUDA_PROFILE").is_some() {
+            ouro_kernels::cuda::profile(true);
+            let y = fwd(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), vars[3].as_tensor(), vars[4].as_tensor())?;
+            (y * &dy)?.sum(3)?.sum(2)?.sum_all()?.backward()?;
+            sync()?;
+            for (k, secs, calls) in ouro_kernels::cuda::profile(false) {
+                eprintln!("  {name} {k}: {:.3} ms ({calls} launches)", secs * 1e3);
+            }
+        }
+        let (q, _) = ouro_kernels::cuda::ssd::plan(&dev, dtype, p, n).context("the CUDA SSD kernels do not fit these sizes")?;
         let (bf, bfb) = s.bytes(elem);
         let (ff, ffb) = s.flops(q);
         let floor = |bytes: f64, flops: f64| (bytes / bandwidth).max(flops / peak);
@@ -228,6 +241,7 @@ pub fn ssd_gpu(a: SsdGpuArgs) -> Result<()> {
             dtype: a.dtype.clone(),
             chunk: q,
             fwd_ms: fwd_s * 1e3,
+            fwd_kernels_ms: kernel_s * 1e3,
             fwd_bwd_ms: fb_s * 1e3,
             fwd_tb_s: bf / fwd_s / 1e12,
             fwd_tflop_s: ff / fwd_s / 1e12,
@@ -246,7 +260,7 @@ pub fn ssd_gpu(a: SsdGpuArgs) -> Result<()> {
         }
         return Ok(());
     }
-    println!("| shape b×l×h×p×n | chunk | fwd ms | fwd TB/s | fwd TFLOP/s | fwd ÷ floor | fwd+bwd ms | fwd+bwd ÷ floor | Triton fwd ms | Triton fwd+bwd ms | ouro speed-up fwd / fwd+bwd | check |");
+    println!("| shape b×l×h×p×n | chunk | fwd ms (kernels alone) | fwd TB/s | fwd TFLOP/s | fwd ÷ floor | fwd+bwd ms | fwd+bwd ÷ floor | Triton fwd ms | Triton fwd+bwd ms | ouro speed-up fwd / fwd+bwd | check |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         let peer = match (r.peer_fwd_ms, r.peer_fwd_bwd_ms) {
@@ -254,10 +268,11 @@ pub fn ssd_gpu(a: SsdGpuArgs) -> Result<()> {
             _ => ("—".into(), "—".into(), "—".into()),
         };
         println!(
-            "| {} | {} | {:.3} | {:.2} | {:.1} | {:.1}× | {:.3} | {:.1}× | {} | {} | {} | {} |",
+            "| {} | {} | {:.3} ({:.3}) | {:.2} | {:.1} | {:.1}× | {:.3} | {:.1}× | {} | {} | {} | {} |",
             r.shape,
             r.chunk,
             r.fwd_ms,
+            r.fwd_kernels_ms,
             r.fwd_tb_s,
             r.fwd_tflop_s,
             r.fwd_ms / r.fwd_floor_ms,

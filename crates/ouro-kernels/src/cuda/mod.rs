@@ -41,6 +41,7 @@ pub(crate) fn module(dev: &CudaDevice, name: &'static str, source: &str, defines
 /// A kernel of `m` whose dynamic shared memory may reach `smem` bytes.
 pub(crate) fn function(m: &Arc<CudaModule>, name: &str, smem: usize) -> Result<CudaFunction> {
     let f = m.load_function(name).map_err(|e| candle_core::Error::Msg(format!("kernel {name}: {e}")))?;
+    KERNEL_NAME.with(|n| *n.borrow_mut() = name.to_string());
     if smem > 48 * 1024 {
         f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
             .map_err(|e| candle_core::Error::Msg(format!("kernel {name}: {smem} bytes of shared memory: {e}")))?;
@@ -67,8 +68,47 @@ pub(crate) enum Arg {
     I64(i64),
 }
 
+/// Per-kernel time (seconds, launches) while profiling is on ([`profile`]).
+fn profile_table() -> &'static Mutex<Option<HashMap<String, (f64, usize)>>> {
+    static P: OnceLock<Mutex<Option<HashMap<String, (f64, usize)>>>> = OnceLock::new();
+    P.get_or_init(Default::default)
+}
+
+/// Turns per-kernel timing on (every launch synchronises: for diagnosis, not for speed) or off; off
+/// returns what was timed, as (kernel, seconds, launches), slowest first.
+pub fn profile(on: bool) -> Vec<(String, f64, usize)> {
+    let mut t = profile_table().lock().unwrap();
+    let old = std::mem::replace(&mut *t, on.then(HashMap::new));
+    let mut v: Vec<(String, f64, usize)> = old.unwrap_or_default().into_iter().map(|(k, (s, n))| (k, s, n)).collect();
+    v.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
+    v
+}
+
 /// Launches `f` on `stream` with `args` in order.
 pub(crate) fn launch(stream: &Arc<CudaStream>, f: &CudaFunction, grid: (u32, u32, u32), block: u32, smem: usize, args: &[Arg]) -> Result<()> {
+    let profiling = profile_table().lock().unwrap().is_some();
+    if profiling {
+        stream.synchronize().map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+        let t = std::time::Instant::now();
+        launch_now(stream, f, grid, block, smem, args)?;
+        stream.synchronize().map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+        let name = KERNEL_NAME.with(|n| n.borrow().clone());
+        if let Some(m) = profile_table().lock().unwrap().as_mut() {
+            let e = m.entry(name).or_insert((0.0, 0));
+            e.0 += t.elapsed().as_secs_f64();
+            e.1 += 1;
+        }
+        return Ok(());
+    }
+    launch_now(stream, f, grid, block, smem, args)
+}
+
+thread_local! {
+    /// The name of the kernel [`function`] last looked up on this thread (for the profile).
+    static KERNEL_NAME: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+fn launch_now(stream: &Arc<CudaStream>, f: &CudaFunction, grid: (u32, u32, u32), block: u32, smem: usize, args: &[Arg]) -> Result<()> {
     let mut b = stream.launch_builder(f);
     for a in args {
         match a {
@@ -101,4 +141,61 @@ pub(crate) fn ptr(s: &CudaStorage, layout: &Layout, what: &str) -> Result<u64> {
 /// The device address of an f32 buffer.
 pub(crate) fn ptr_f32(v: &candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>, stream: &Arc<CudaStream>) -> u64 {
     v.device_ptr(stream).0
+}
+
+const PROBE: &str = r#"
+extern "C" __global__ void copy_f4(const float4* __restrict__ src, float4* __restrict__ dst, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) dst[i] = src[i];
+}
+"#;
+
+/// The device's copy bandwidth in bytes/s (read + written), measured with a float4 copy kernel over
+/// `bytes` (median of `iters` timed copies after a warm-up).
+pub fn copy_bandwidth(dev: &candle_core::Device, bytes: usize, iters: usize) -> Result<f64> {
+    let candle_core::Device::Cuda(d) = dev else { bail!("copy_bandwidth: not a CUDA device") };
+    let m = module(d, "probe", PROBE, &[])?;
+    let f = function(&m, "copy_f4", 0)?;
+    let stream = d.cuda_stream();
+    let n4 = bytes / 16;
+    let src = stream.alloc_zeros::<f32>(n4 * 4).map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+    let dst = stream.alloc_zeros::<f32>(n4 * 4).map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+    let (ps, pd) = (ptr_f32(&src, &stream), ptr_f32(&dst, &stream));
+    let sms = stream.context().attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+    let mut times = Vec::new();
+    for i in 0..=iters.max(1) {
+        let t = std::time::Instant::now();
+        launch(&stream, &f, (sms as u32 * 8, 1, 1), 256, 0, &[Arg::Ptr(ps), Arg::Ptr(pd), Arg::I64(n4 as i64)])?;
+        stream.synchronize().map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Ok(2.0 * (n4 * 16) as f64 / times[times.len() / 2])
+}
+
+/// Keeps freed device memory in the default pool of `dev`'s device instead of returning it at every
+/// synchronisation (the pool's release threshold set to the maximum). candle allocates each tensor
+/// with cuMemAllocAsync; with the default threshold of 0, every step would map its memory anew.
+pub fn keep_pool(dev: &candle_core::Device) -> Result<()> {
+    let candle_core::Device::Cuda(d) = dev else { return Ok(()) };
+    let ordinal = d.cuda_stream().context().ordinal();
+    unsafe {
+        let mut cu_dev: sys::CUdevice = 0;
+        let r = sys::cuDeviceGet(&mut cu_dev, ordinal as i32);
+        if r != sys::CUresult::CUDA_SUCCESS {
+            bail!("cuDeviceGet({ordinal}): {r:?}");
+        }
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let r = sys::cuDeviceGetDefaultMemPool(&mut pool, cu_dev);
+        if r != sys::CUresult::CUDA_SUCCESS {
+            bail!("cuDeviceGetDefaultMemPool: {r:?}");
+        }
+        let mut threshold: u64 = u64::MAX;
+        let r = sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut threshold as *mut u64 as *mut std::ffi::c_void);
+        if r != sys::CUresult::CUDA_SUCCESS {
+            bail!("cuMemPoolSetAttribute: {r:?}");
+        }
+    }
+    Ok(())
 }

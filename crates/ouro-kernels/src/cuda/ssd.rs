@@ -47,6 +47,28 @@ fn smem(q: usize, p: usize, n: usize) -> [usize; 4] {
     f32s(q, p, n).map(|f| 4 * f)
 }
 
+/// The chunk of the bf16 tensor-core kernels.
+const MMA_CHUNK: usize = 64;
+
+/// Shared-memory bytes of (chunk_state_mma, chunk_scan_mma, chunk_dstate_mma, chunk_bwd_mma): f32
+/// vectors and bf16 tiles with rows padded by 8.
+fn smem_mma(p: usize, n: usize) -> [usize; 4] {
+    let q = MMA_CHUNK;
+    let (sk, sn, sp) = (q + 8, n + 8, p + 8);
+    [
+        8 * q + 2 * (p * sk + n * sk),
+        8 * q + 2 * (2 * q * sn + p * sn + p * sk),
+        8 * q + 2 * (p * sk + n * sk),
+        24 * q + 4 * p + 2 * (2 * q * sn + p * sn + 2 * n * sk + 2 * n * sp + 2 * q * sp + p * sk + 2 * q * sk),
+    ]
+}
+
+/// Whether bf16 storage of these sizes runs on the tensor-core kernels (chunk 64) on a device with
+/// `max` bytes of shared memory per block.
+fn mma_fits(p: usize, n: usize, max: usize) -> bool {
+    p % 16 == 0 && n % 16 == 0 && smem_mma(p, n).iter().all(|&s| s + 256 <= max)
+}
+
 /// The chunk size for head_dim `p` and d_state `n` on a device with `max` bytes of shared memory per
 /// block, or None when the kernels do not apply (sizes not multiples of 4, or too large).
 pub fn chunk_for(p: usize, n: usize, max: usize) -> Option<usize> {
@@ -56,18 +78,33 @@ pub fn chunk_for(p: usize, n: usize, max: usize) -> Option<usize> {
     [64, 32, 16].into_iter().find(|&q| smem(q, p, n).iter().all(|&s| s + 256 <= max))
 }
 
-/// Whether the CUDA SSD runs for these sizes on `dev`.
-pub fn supported(dev: &candle_core::Device, head_dim: usize, d_state: usize) -> bool {
+/// The chunk size and kernel variant (tensor cores or not) for xbc in `dtype` on `dev`, or None where
+/// the CUDA SSD does not run.
+pub fn plan(dev: &candle_core::Device, dtype: DType, head_dim: usize, d_state: usize) -> Option<(usize, bool)> {
+    let candle_core::Device::Cuda(d) = dev else { return None };
+    let max = max_shared(d).ok()?;
+    if dtype == DType::BF16 && mma_fits(head_dim, d_state, max) {
+        return Some((MMA_CHUNK, true));
+    }
+    chunk_for(head_dim, d_state, max).map(|q| (q, false))
+}
+
+fn max_shared_of(dev: &candle_core::Device) -> Result<usize> {
     match dev {
-        candle_core::Device::Cuda(d) => max_shared(d).is_ok_and(|m| chunk_for(head_dim, d_state, m).is_some()),
-        _ => false,
+        candle_core::Device::Cuda(d) => max_shared(d),
+        _ => bail!("not a CUDA device"),
     }
 }
 
+/// Whether the CUDA SSD runs for xbc in `dtype` with these sizes on `dev`.
+pub fn supported(dev: &candle_core::Device, dtype: DType, head_dim: usize, d_state: usize) -> bool {
+    plan(dev, dtype, head_dim, d_state).is_some()
+}
+
 /// The chunked scan on CUDA. `xbc` (b, l, row) f32 or bf16 holds x, B, C per `lay`; `dt`, `la` (b, l, h)
-/// f32; `s0` (b, h, p, n). Returns y (b, l, h, p) and the final states (b, h, p, n), f32.
-/// Differentiable w.r.t. xbc, dt, la and s0.
-pub fn scan_xbc(xbc: &Tensor, dt: &Tensor, la: &Tensor, s0: Option<&Tensor>, lay: XbcLayout) -> Result<(Tensor, Tensor)> {
+/// f32; the skip `d` (h) or (h, p) adds D·x to y; `s0` (b, h, p, n). Returns y (b, l, h, p) and the final
+/// states (b, h, p, n), f32. Differentiable w.r.t. xbc, dt, la, d and s0.
+pub fn scan_xbc(xbc: &Tensor, dt: &Tensor, la: &Tensor, d: Option<&Tensor>, s0: Option<&Tensor>, lay: XbcLayout) -> Result<(Tensor, Tensor)> {
     let (b, l, row) = xbc.dims3()?;
     let XbcLayout { heads: h, head_dim: p, groups: g, d_state: n, .. } = lay;
     if g == 0 || h % g != 0 {
@@ -76,21 +113,38 @@ pub fn scan_xbc(xbc: &Tensor, dt: &Tensor, la: &Tensor, s0: Option<&Tensor>, lay
     if lay.x_off + h * p > row || lay.b_off + g * n > row || lay.c_off + g * n > row {
         bail!("ssd (cuda): rows of {row} channels do not hold x, B and C at {lay:?}");
     }
-    let candle_core::Device::Cuda(cd) = xbc.device() else { bail!("ssd (cuda): xbc is not on a CUDA device") };
-    let Some(q) = chunk_for(p, n, max_shared(cd)?) else { bail!("ssd (cuda): head_dim {p} and d_state {n} do not fit the kernels") };
+    if !xbc.device().is_cuda() {
+        bail!("ssd (cuda): xbc is not on a CUDA device");
+    }
     let xbc = match xbc.dtype() {
         DType::F32 | DType::BF16 => xbc.contiguous()?,
         _ => xbc.to_dtype(DType::F32)?.contiguous()?,
     };
-    let mut parts = vec![dt.to_dtype(DType::F32)?.flatten_all()?, la.to_dtype(DType::F32)?.flatten_all()?];
+    let Some((q, mma)) = plan(xbc.device(), xbc.dtype(), p, n) else { bail!("ssd (cuda): head_dim {p} and d_state {n} do not fit the kernels") };
+    // The tensor-core kernels load rows 16 bytes at a time: row width and offsets multiples of 8.
+    let aligned = [row, lay.x_off, lay.b_off, lay.c_off].iter().all(|v| v % 8 == 0);
+    let (q, mma) = match (mma && aligned, chunk_for(p, n, max_shared_of(xbc.device())?)) {
+        (true, _) => (q, true),
+        (false, Some(q)) => (q, false),
+        (false, None) => bail!("ssd (cuda): head_dim {p} and d_state {n} do not fit the kernels"),
+    };
+    let xbc = if mma && xbc.layout().start_offset() % 8 != 0 { xbc.copy()? } else { xbc };
+    // D as (h, p) f32 (zeros without a skip); its gradient flows back through the broadcast.
+    let d = match d {
+        Some(d) if d.dims() == [h] => d.to_dtype(DType::F32)?.reshape((h, 1))?.broadcast_as((h, p))?,
+        Some(d) if d.dims() == [h, p] => d.to_dtype(DType::F32)?,
+        Some(d) => bail!("ssd (cuda): D must be ({h}) or ({h}, {p}), got shape {:?}", d.dims()),
+        None => Tensor::zeros((h, p), DType::F32, xbc.device())?,
+    };
+    let mut parts = vec![dt.to_dtype(DType::F32)?.flatten_all()?, la.to_dtype(DType::F32)?.flatten_all()?, d.flatten_all()?];
     if let Some(s) = s0 {
         parts.push(s.to_dtype(DType::F32)?.flatten_all()?);
     }
     let packed = Tensor::cat(&parts, 0)?.contiguous()?;
-    if packed.elem_count() != 2 * b * l * h + if s0.is_some() { b * h * p * n } else { 0 } {
+    if packed.elem_count() != 2 * b * l * h + h * p + if s0.is_some() { b * h * p * n } else { 0 } {
         bail!("ssd (cuda): dt and la must be ({b}, {l}, {h}) and the initial states ({b}, {h}, {p}, {n})");
     }
-    let out = xbc.apply_op2(&packed, SsdCuda { lay, q, has_s0: s0.is_some() })?;
+    let out = xbc.apply_op2(&packed, SsdCuda { lay, q, has_s0: s0.is_some(), mma })?;
     let ny = b * l * h * p;
     Ok((out.narrow(0, 0, ny)?.reshape((b, l, h, p))?, out.narrow(0, ny, b * h * p * n)?.reshape((b, h, p, n))?))
 }
@@ -100,6 +154,18 @@ struct SsdCuda {
     lay: XbcLayout,
     q: usize,
     has_s0: bool,
+    /// bf16 tensor-core kernels (q = 64) instead of the f32 ones.
+    mma: bool,
+}
+
+/// (chunk_state, chunk_scan, chunk_dstate, chunk_bwd) of one variant.
+struct Kernels {
+    state: &'static str,
+    scan: &'static str,
+    dstate: &'static str,
+    bwd: &'static str,
+    threads: u32,
+    smem: [usize; 4],
 }
 
 /// Sizes of one call, from the xbc layout.
@@ -124,6 +190,16 @@ impl SsdCuda {
         };
         let XbcLayout { head_dim: p, d_state: n, .. } = self.lay;
         module(&s.device, "ssd.cu", SOURCE, &[("T_BF16", bf16), ("P", p as i64), ("N", n as i64), ("Q", self.q as i64)])
+    }
+
+    /// The kernel names, threads per block and shared memory of this call's variant.
+    fn kernels(&self) -> Kernels {
+        let XbcLayout { head_dim: p, d_state: n, .. } = self.lay;
+        if self.mma {
+            Kernels { state: "ssd_chunk_state_mma", scan: "ssd_chunk_scan_mma", dstate: "ssd_chunk_dstate_mma", bwd: "ssd_chunk_bwd_mma", threads: 128, smem: smem_mma(p, n) }
+        } else {
+            Kernels { state: "ssd_chunk_state", scan: "ssd_chunk_scan", dstate: "ssd_chunk_dstate", bwd: "ssd_chunk_bwd", threads: NT, smem: smem(self.q, p, n) }
+        }
     }
 
     fn common(&self, z: &Sizes) -> [Arg; 5] {
@@ -158,27 +234,28 @@ impl CustomOp2 for SsdCuda {
         let m = self.module(s1)?;
         let (xbc, packed) = (ptr(s1, l1, "ssd xbc")?, ptr(s2, l2, "ssd dt/la")?);
         let blh = z.b * z.l * h;
-        let (dt, la) = (packed, packed + 4 * blh as u64);
-        let s0 = if self.has_s0 { packed + 8 * blh as u64 } else { 0 };
+        let (dt, la, dskip) = (packed, packed + 4 * blh as u64, packed + 8 * blh as u64);
+        let s0 = if self.has_s0 { packed + 4 * (2 * blh + h * p) as u64 } else { 0 };
         let (ny, ns) = (z.b * z.l * h * p, z.b * h * p * n);
         let out = unsafe { stream.alloc::<f32>(ny + ns) }.w()?;
         let states = unsafe { stream.alloc::<f32>(z.b * z.nc * h * p * n) }.w()?;
         let csum = unsafe { stream.alloc::<f32>(z.b * h * z.nc) }.w()?;
         let (po, pst, pcs) = (ptr_f32(&out, &stream), ptr_f32(&states, &stream), ptr_f32(&csum, &stream));
         poison(&m, &stream, po, ny + ns)?;
-        let [sm_state, sm_scan, _, _] = smem(self.q, p, n);
+        let k = self.kernels();
+        let (k_state, k_scan, threads, sm_state, sm_scan) = (k.state, k.scan, k.threads, k.smem[0], k.smem[1]);
         let grid = (z.nc as u32, h as u32, z.b as u32);
-        let pass_grid = ((p * n).div_ceil(NT as usize) as u32, h as u32, z.b as u32);
+        let pass_grid = ((p * n).div_ceil(4 * NT as usize) as u32, h as u32, z.b as u32);
         let c = self.common(&z);
-        launch(&stream, &function(&m, "ssd_chunk_state", sm_state)?, grid, NT, sm_state, &[
+        launch(&stream, &function(&m, k_state, sm_state)?, grid, threads, sm_state, &[
             &[Arg::Ptr(xbc), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(pst), Arg::Ptr(pcs)][..], &c, &[Arg::I32(b_off as i32), Arg::I32(z.nc as i32)],
         ].concat())?;
         launch(&stream, &function(&m, "ssd_state_passing", 0)?, pass_grid, NT, 0, &[
             Arg::Ptr(pst), Arg::Ptr(pcs), Arg::Ptr(s0), Arg::Ptr(po + 4 * ny as u64), Arg::I32(h as i32), Arg::I32(z.nc as i32),
         ])?;
-        launch(&stream, &function(&m, "ssd_chunk_scan", sm_scan)?, grid, NT, sm_scan, &[
+        launch(&stream, &function(&m, k_scan, sm_scan)?, grid, threads, sm_scan, &[
             &[Arg::Ptr(xbc), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(pst), Arg::Ptr(po)][..], &c,
-            &[Arg::I32(b_off as i32), Arg::I32(c_off as i32), Arg::I32(z.nc as i32)],
+            &[Arg::I32(b_off as i32), Arg::I32(c_off as i32), Arg::I32(z.nc as i32), Arg::Ptr(dskip)],
         ].concat())?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(ny + ns)))
     }
@@ -192,7 +269,7 @@ impl CustomOp2 for SsdCuda {
     }
 }
 
-/// (xbc, [dt | la | s0], [dy | dsf]) → [dxbc | ddt | dla | ds0], f32.
+/// (xbc, [dt | la | D | s0], [dy | dsf]) → [dxbc | ddt | dla | dD | ds0], f32.
 struct SsdCudaBwd {
     fwd: SsdCuda,
 }
@@ -215,11 +292,11 @@ impl CustomOp3 for SsdCudaBwd {
         let m = f.module(s1)?;
         let (xbc, packed, grads) = (ptr(s1, l1, "ssd xbc")?, ptr(s2, l2, "ssd dt/la")?, ptr(s3, l3, "ssd grads")?);
         let blh = z.b * z.l * h;
-        let (dt, la) = (packed, packed + 4 * blh as u64);
-        let s0 = if f.has_s0 { packed + 8 * blh as u64 } else { 0 };
+        let (dt, la, dskip) = (packed, packed + 4 * blh as u64, packed + 8 * blh as u64);
+        let s0 = if f.has_s0 { packed + 4 * (2 * blh + h * p) as u64 } else { 0 };
         let (ny, ns, nx) = (z.b * z.l * h * p, z.b * h * p * n, z.b * z.l * z.row);
         let (dy, dsf) = (grads, grads + 4 * ny as u64);
-        let total = nx + 2 * blh + if f.has_s0 { ns } else { 0 };
+        let total = nx + 2 * blh + h * p + if f.has_s0 { ns } else { 0 };
         let out = stream.alloc_zeros::<f32>(total).w()?;
         let nst = z.b * z.nc * h * p * n;
         let states = unsafe { stream.alloc::<f32>(nst) }.w()?;
@@ -229,29 +306,56 @@ impl CustomOp3 for SsdCudaBwd {
         let po = ptr_f32(&out, &stream);
         let (pst, pdst, pcs, pdcs) = (ptr_f32(&states, &stream), ptr_f32(&dstates, &stream), ptr_f32(&csum, &stream), ptr_f32(&dcsum, &stream));
         // Poison what the kernels overwrite without accumulating (ddt, dla, ds0).
-        poison(&m, &stream, po + 4 * nx as u64, total - nx)?;
-        let (pdx, pddt, pdla) = (po, po + 4 * nx as u64, po + 4 * (nx + blh) as u64);
-        let pds0 = if f.has_s0 { po + 4 * (nx + 2 * blh) as u64 } else { 0 };
-        let [sm_state, _, sm_dstate, sm_bwd] = smem(f.q, p, n);
+        let (pdx, pddt, pdla, pdd) = (po, po + 4 * nx as u64, po + 4 * (nx + blh) as u64, po + 4 * (nx + 2 * blh) as u64);
+        let pds0 = if f.has_s0 { po + 4 * (nx + 2 * blh + h * p) as u64 } else { 0 };
+        poison(&m, &stream, pddt, 2 * blh)?;
+        if f.has_s0 {
+            poison(&m, &stream, pds0, ns)?;
+        }
+        let k = f.kernels();
+        let ([sm_state, _, sm_dstate, sm_bwd], nt) = (k.smem, k.threads);
         let grid = (z.nc as u32, h as u32, z.b as u32);
-        let pass_grid = ((p * n).div_ceil(NT as usize) as u32, h as u32, z.b as u32);
+        let pass_grid = ((p * n).div_ceil(4 * NT as usize) as u32, h as u32, z.b as u32);
         let c = f.common(&z);
         let (hi, hpg, nci) = (Arg::I32(h as i32), Arg::I32((h / f.lay.groups) as i32), Arg::I32(z.nc as i32));
-        launch(&stream, &function(&m, "ssd_chunk_state", sm_state)?, grid, NT, sm_state, &[
+        launch(&stream, &function(&m, k.state, sm_state)?, grid, nt, sm_state, &[
             &[Arg::Ptr(xbc), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(pst), Arg::Ptr(pcs)][..], &c, &[Arg::I32(b_off as i32), nci],
         ].concat())?;
         launch(&stream, &function(&m, "ssd_state_passing", 0)?, pass_grid, NT, 0, &[Arg::Ptr(pst), Arg::Ptr(pcs), Arg::Ptr(s0), Arg::Ptr(0), hi, nci])?;
-        launch(&stream, &function(&m, "ssd_chunk_dstate", sm_dstate)?, grid, NT, sm_dstate, &[
+        launch(&stream, &function(&m, k.dstate, sm_dstate)?, grid, nt, sm_dstate, &[
             Arg::Ptr(xbc), Arg::Ptr(la), Arg::Ptr(dy), Arg::Ptr(pdst), Arg::I32(z.l as i32), hi, hpg, Arg::I32(z.row as i32), Arg::I32(c_off as i32), nci,
         ])?;
         launch(&stream, &function(&m, "ssd_state_passing_bwd", 0)?, pass_grid, NT, 0, &[
             Arg::Ptr(pdst), Arg::Ptr(pst), Arg::Ptr(pcs), Arg::Ptr(dsf), Arg::Ptr(pdcs), Arg::Ptr(pds0), hi, nci,
         ])?;
-        launch(&stream, &function(&m, "ssd_chunk_bwd", sm_bwd)?, grid, NT, sm_bwd, &[
+        // Tensor-core path: B and C gradients per head into partials, then summed per group (plain
+        // stores instead of atomics contended by every head of a group; OURO_SSD_ATOMICS=1 for atomics).
+        let part = if f.mma && std::env::var_os("OURO_SSD_ATOMICS").is_none() { Some(unsafe { stream.alloc::<f32>(z.b * z.l * h * 2 * n) }.w()?) } else { None };
+        let ppart = part.as_ref().map_or(0, |v| ptr_f32(v, &stream));
+        let mut args = [
             &[Arg::Ptr(xbc), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(pst), Arg::Ptr(pdst), Arg::Ptr(pdcs), Arg::Ptr(dy), Arg::Ptr(pdx), Arg::Ptr(pddt), Arg::Ptr(pdla)][..],
             &c,
             &[Arg::I32(b_off as i32), Arg::I32(c_off as i32), nci],
-        ].concat())?;
+        ]
+        .concat();
+        // The tensor-core kernel writes dD per chunk (reduced below); the f32 one adds into pdd.
+        let dd_part = if f.mma { Some(unsafe { stream.alloc::<f32>(z.b * z.nc * h * p) }.w()?) } else { None };
+        if f.mma {
+            args.push(Arg::Ptr(ppart));
+        }
+        args.extend([Arg::Ptr(dskip), Arg::Ptr(dd_part.as_ref().map_or(pdd, |v| ptr_f32(v, &stream)))]);
+        launch(&stream, &function(&m, k.bwd, sm_bwd)?, grid, nt, sm_bwd, &args)?;
+        if let Some(dp) = &dd_part {
+            launch(&stream, &function(&m, "ssd_reduce_dd", 0)?, ((h * p).div_ceil(256) as u32, 1, 1), 256, 0, &[
+                Arg::Ptr(ptr_f32(dp, &stream)), Arg::Ptr(pdd), Arg::I32((z.b * z.nc) as i32), Arg::I32((h * p) as i32),
+            ])?;
+        }
+        if part.is_some() {
+            let blocks = ((z.b * z.l * f.lay.groups * 2 * n).div_ceil(256)).min(65535) as u32;
+            launch(&stream, &function(&m, "ssd_reduce_heads", 0)?, (blocks, 1, 1), 256, 0, &[
+                Arg::Ptr(ppart), Arg::Ptr(pdx), Arg::I64((z.b * z.l) as i64), hi, hpg, Arg::I32(z.row as i32), Arg::I32(b_off as i32), Arg::I32(c_off as i32),
+            ])?;
+        }
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(total)))
     }
 }
