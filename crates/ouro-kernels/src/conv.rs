@@ -235,6 +235,30 @@ fn weight_2d(w: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// The conv in candle ops (any device, differentiable through candle): k shifted multiply-adds over the
+/// padded input xs (b, k−1+l, c) and weight (c, k); with document boundaries, each tap is masked where
+/// its input lies in another document than the output (as [`conv_fwd`]).
+fn conv_taps(xs: &Tensor, w: &Tensor, seg: &Segments, (b, l, c): (usize, usize, usize)) -> Result<Tensor> {
+    let k = w.dim(1)?;
+    let mask = if seg.is_none() {
+        None
+    } else {
+        let v: Vec<f32> = (0..k)
+            .flat_map(|s| (0..b).flat_map(move |bi| (0..l).map(move |t| (seg_ext(seg, bi, l, k, t + s) == seg.id(bi, l, t)) as u8 as f32)))
+            .collect();
+        Some(Tensor::from_vec(v, (k, b, l, 1), xs.device())?)
+    };
+    let mut acc = Tensor::zeros((b, l, c), DType::F32, xs.device())?;
+    for s in 0..k {
+        let mut term = xs.narrow(1, s, l)?.broadcast_mul(&w.narrow(1, s, 1)?.squeeze(1)?)?;
+        if let Some(m) = &mask {
+            term = term.broadcast_mul(&m.get(s)?)?;
+        }
+        acc = (acc + term)?;
+    }
+    Ok(acc)
+}
+
 /// Causal depthwise conv1d. x (b, l, c); weight (c, 1, k) or (c, k); bias (c); `state` (b, k−1, c) holds the
 /// inputs before x (zeros when absent); `seq_idx` (b, l). Returns y (b, l, c) in f32 (no activation).
 pub fn causal_conv1d(
@@ -276,17 +300,7 @@ pub fn causal_conv1d(
         };
         return xs.contiguous()?.apply_op2(&wb, ConvOp { seg, bias: has_bias });
     }
-    let y = {
-        if !seg.is_none() {
-            bail!("conv1d: seq_idx is only supported on the CPU path for now");
-        }
-        // Device-generic: k shifted multiply-adds.
-        let mut acc = Tensor::zeros((b, l, c), DType::F32, x.device())?;
-        for s in 0..k {
-            acc = (acc + xs.narrow(1, s, l)?.broadcast_mul(&w.narrow(1, s, 1)?.squeeze(1)?)?)?;
-        }
-        acc
-    };
+    let y = conv_taps(&xs, &w, &seg, (b, l, c))?;
     match bias {
         Some(bias) => {
             expect_dims(bias, &[c], "conv1d: bias")?;
@@ -341,4 +355,35 @@ pub fn causal_conv1d_step(state: &Tensor, x: &Tensor, weight: &Tensor, bias: Opt
     }
     let new_state = window.narrow(1, 1, k - 1)?;
     Ok((y, new_state))
+}
+
+#[cfg(test)]
+mod taps_tests {
+    use super::*;
+    use crate::testing::{rel_err, Gen};
+
+    /// The device-generic path (used on CUDA) equals the CPU kernel, with document boundaries and a
+    /// carried state, forward and gradients.
+    #[test]
+    fn candle_ops_path_matches_the_cpu_kernel_with_documents() {
+        let (b, l, c, k) = (2, 13, 5, 4);
+        let mut r = Gen::new(3);
+        let x = candle_core::Var::from_tensor(&r.normal(&[b, l, c], 1.0)).unwrap();
+        let w = candle_core::Var::from_tensor(&r.normal(&[c, k], 1.0)).unwrap();
+        let st = r.normal(&[b, k - 1, c], 1.0);
+        let ids: Vec<u32> = (0..b * l).map(|i| [0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 3, 3, 3][i % l] + (i / l) as u32).collect();
+        let seq_idx = Tensor::from_vec(ids, (b, l), &candle_core::Device::Cpu).unwrap();
+        let dy = r.normal(&[b, l, c], 1.0);
+        let want = causal_conv1d(&x, &w, None, Some(&st), Some(&seq_idx)).unwrap();
+        let xs = Tensor::cat(&[&st, x.as_tensor()], 1).unwrap();
+        let seg = Segments::from_tensor(Some(&seq_idx), b, l).unwrap();
+        let got = conv_taps(&xs, &w, &seg, (b, l, c)).unwrap();
+        assert!(rel_err(&got, &want) < 1e-6, "{}", rel_err(&got, &want));
+        let gw = (want * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        let gg = (got * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &w] {
+            let e = rel_err(gg.get(v.as_tensor()).unwrap(), gw.get(v.as_tensor()).unwrap());
+            assert!(e < 1e-5, "gradient {e}");
+        }
+    }
 }
