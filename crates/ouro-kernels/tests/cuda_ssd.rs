@@ -26,6 +26,7 @@ struct Case {
     dt_limit: (f64, f64),
     init: bool,
     d_per_channel: bool,
+    with_d: bool,
 }
 
 /// (y, final state, grads of xbc, dt, A, dt_bias, D, initial state) of `ssd_xbc` on `dev` with xbc in `dtype`.
@@ -45,15 +46,17 @@ fn run(c: &Case, seed: u64, dev: &Device, dtype: DType) -> Vec<Tensor> {
     let v = |t: &Tensor| Var::from_tensor(&t.to_device(dev).unwrap()).unwrap();
     let (xbc, dt, a, dt_bias, d, s0) = (v(&xbc), v(&dt), v(&a), v(&dt_bias), v(&d), v(&s0));
     let algo = Algo::Chunked(CPU_CHUNK);
-    let (y, sf) = ssd_xbc(&xbc, &dt, shape, &a, Some(&dt_bias), Some(&d), true, c.dt_limit, c.init.then_some(s0.as_tensor()), None, algo).unwrap();
+    let d_arg = c.with_d.then_some(d.as_tensor());
+    let (y, sf) = ssd_xbc(&xbc, &dt, shape, &a, Some(&dt_bias), d_arg, true, c.dt_limit, c.init.then_some(s0.as_tensor()), None, algo).unwrap();
     let loss = ((y.broadcast_mul(&wy.to_device(dev).unwrap()).unwrap().sum_all().unwrap())
         + sf.broadcast_mul(&ws.to_device(dev).unwrap()).unwrap().sum_all().unwrap())
     .unwrap();
     let grads = loss.backward().unwrap();
     let mut out = vec![y, sf];
-    for t in [&xbc, &dt, &a, &dt_bias, &d] {
+    for t in [&xbc, &dt, &a, &dt_bias] {
         out.push(grads.get(t.as_tensor()).expect("gradient").clone());
     }
+    out.push(if c.with_d { grads.get(d.as_tensor()).expect("gradient").clone() } else { Tensor::zeros(1, DType::F32, dev).unwrap() });
     if c.init {
         out.push(grads.get(s0.as_tensor()).expect("gradient").clone());
     }
@@ -62,9 +65,15 @@ fn run(c: &Case, seed: u64, dev: &Device, dtype: DType) -> Vec<Tensor> {
 
 const NAMES: [&str; 8] = ["y", "final state", "d xbc", "d dt", "d A", "d dt_bias", "d D", "d initial state"];
 
+/// Every kernel output poisoned with NaN before the kernels run (set once: tests run in threads).
+fn poison_outputs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| std::env::set_var("OURO_CUDA_POISON", "1"));
+}
+
 fn check(c: Case, dtype: DType, tol: f32) {
     let Some(dev) = cuda() else { return };
-    std::env::set_var("OURO_CUDA_POISON", "1");
+    poison_outputs();
     for seed in [1, 2] {
         let want = run(&c, seed, &Device::Cpu, dtype);
         let got = run(&c, seed, &dev, dtype);
@@ -78,28 +87,78 @@ fn check(c: Case, dtype: DType, tol: f32) {
 
 #[test]
 fn f32_small_heads_groups_partial_chunk() {
-    check(Case { b: 2, l: 200, h: 4, p: 16, g: 2, n: 32, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: false }, DType::F32, 1e-4);
+    check(Case { b: 2, l: 200, h: 4, p: 16, g: 2, n: 32, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: false, with_d: true }, DType::F32, 1e-4);
 }
 
 #[test]
 fn f32_mamba2_sizes_dt_limit() {
-    check(Case { b: 2, l: 300, h: 4, p: 64, g: 1, n: 128, dt_limit: (0.001, 0.1), init: true, d_per_channel: true }, DType::F32, 1e-4);
+    check(Case { b: 2, l: 300, h: 4, p: 64, g: 1, n: 128, dt_limit: (0.001, 0.1), init: true, d_per_channel: true, with_d: true }, DType::F32, 1e-4);
 }
 
 #[test]
 fn f32_no_initial_state_single_chunk() {
-    check(Case { b: 3, l: 17, h: 2, p: 8, g: 1, n: 16, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false }, DType::F32, 1e-4);
+    check(Case { b: 3, l: 17, h: 2, p: 8, g: 1, n: 16, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true }, DType::F32, 1e-4);
 }
 
 #[test]
 fn bf16_inputs() {
     // xbc in bf16 on both devices (the CPU computes on the same rounded values, in f32); the GPU's
     // tensor-core forward also rounds its intermediate products' operands to bf16.
-    check(Case { b: 2, l: 257, h: 8, p: 64, g: 2, n: 64, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: false }, DType::BF16, 1e-2);
+    check(Case { b: 2, l: 257, h: 8, p: 64, g: 2, n: 64, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: false, with_d: true }, DType::BF16, 1e-2);
 }
 
 #[test]
 fn bf16_mamba2_sizes() {
     // The tensor-core forward (chunk 64, bf16 tiles): products of bf16-rounded operands, f32 sums.
-    check(Case { b: 2, l: 300, h: 4, p: 64, g: 1, n: 128, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: true }, DType::BF16, 1e-2);
+    check(Case { b: 2, l: 300, h: 4, p: 64, g: 1, n: 128, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: true, with_d: true }, DType::BF16, 1e-2);
+}
+
+#[test]
+fn bf16_short_and_whole_chunks_no_skip_no_state_groups_equal_heads() {
+    // One partial chunk (l < 64), whole chunks (l = 128), no D, no initial state, one head per group.
+    for l in [37, 128] {
+        check(Case { b: 2, l, h: 4, p: 32, g: 4, n: 32, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: false }, DType::BF16, 1e-2);
+    }
+}
+
+#[test]
+fn bf16_on_the_f32_kernels() {
+    // head_dim 12 is not a multiple of 16: bf16 storage on the f32 kernels.
+    check(Case { b: 2, l: 90, h: 3, p: 12, g: 1, n: 20, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: false, with_d: true }, DType::BF16, 1e-2);
+}
+
+#[test]
+fn bf16_group_partials_with_atomics() {
+    // The B/C gradients summed by atomics instead of per-head partials (OURO_SSD_ATOMICS) agree.
+    let Some(_) = cuda() else { return };
+    let c = || Case { b: 1, l: 100, h: 4, p: 16, g: 2, n: 16, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: false, with_d: true };
+    let dev = Device::new_cuda(0).unwrap();
+    let partials = run(&c(), 7, &dev, DType::BF16);
+    std::env::set_var("OURO_SSD_ATOMICS", "1");
+    let atomics = run(&c(), 7, &dev, DType::BF16);
+    std::env::remove_var("OURO_SSD_ATOMICS");
+    for (i, (a, b)) in atomics.iter().zip(&partials).enumerate() {
+        assert!(rel_err(a, b) < 1e-5, "{}: {}", NAMES[i], rel_err(a, b));
+    }
+}
+
+#[test]
+fn discrete_scan_entry_matches_the_cpu() {
+    // ssd::scan (the discretised inputs of Llamba and Hydra) routes to the same kernels on CUDA.
+    let Some(dev) = cuda() else { return };
+    poison_outputs();
+    let (b, l, h, p, g, n) = (2, 150, 4, 16, 2, 32);
+    let mut r = Gen::new(11);
+    let x = r.normal(&[b, l, h, p], 1.0);
+    let a = r.uniform(&[b, l, h], -0.5, -0.01);
+    let bm = r.normal(&[b, l, g, n], 1.0);
+    let cm = r.normal(&[b, l, g, n], 1.0);
+    let s0 = r.normal(&[b, h, p, n], 1.0);
+    let run = |dev: &Device| {
+        let t = |v: &Tensor| v.to_device(dev).unwrap();
+        let (y, sf) = ouro_kernels::ssd::scan(&t(&x), &t(&a), &t(&bm), &t(&cm), Some(&t(&s0)), None, Algo::Chunked(CPU_CHUNK)).unwrap();
+        (y.to_device(&Device::Cpu).unwrap(), sf.to_device(&Device::Cpu).unwrap())
+    };
+    let (want, got) = (run(&Device::Cpu), run(&dev));
+    assert!(rel_err(&got.0, &want.0) < 1e-4 && rel_err(&got.1, &want.1) < 1e-4, "{} {}", rel_err(&got.0, &want.0), rel_err(&got.1, &want.1));
 }

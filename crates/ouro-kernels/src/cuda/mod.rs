@@ -123,7 +123,9 @@ fn launch_now(stream: &Arc<CudaStream>, f: &CudaFunction, grid: (u32, u32, u32),
     Ok(())
 }
 
-/// The device address of a storage's first element under `layout` (which must be contiguous).
+/// The device address of a storage's first element under `layout` (which must be contiguous). The
+/// kernels run on candle's one stream, in order with candle's own work, so cudarc's per-slice stream
+/// events (which the returned guard would record) are not needed.
 pub(crate) fn ptr(s: &CudaStorage, layout: &Layout, what: &str) -> Result<u64> {
     if !layout.is_contiguous() {
         bail!("{what}: the CUDA kernels take contiguous tensors");

@@ -376,10 +376,10 @@ extern "C" __global__ void __launch_bounds__(NT) ssd_chunk_bwd(const T* xbc, con
 }
 
 // ---------------------------------------------------------------------------------------------------
-// bf16 tensor-core forward (mma.sync m16n8k16, f32 accumulation): Q = 64, P and N multiples of 16, 128
-// threads (4 warps). Shared tiles are bf16 with rows padded by 8 elements (conflict-free fragment loads).
+// bf16 tensor-core kernels (mma.sync m16n8k16, f32 accumulation; sm_80 and newer): Q = 64, P and N
+// multiples of 16, 128 threads (4 warps). Shared tiles are bf16 with rows padded by 8 elements (conflict-free fragment loads).
 // ---------------------------------------------------------------------------------------------------
-#if T_BF16
+#if T_BF16 && P % 16 == 0 && N % 16 == 0 && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800)
 #define MQ 64
 #define PADK 8
 typedef unsigned short bf;
@@ -938,11 +938,14 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc
         for (int pt = 0; pt < P / 8; ++pt) {
             const int p = pt * 8 + 2 * tq;
             const float d0 = D[h * P + p], d1 = D[h * P + p + 1];
-            if (ja < nq) *reinterpret_cast<float2*>(dxbc + (r0 + ja) * ROW + X_OFF + h * P + p) = make_float2(acc[pt][0] + sca * st2[pt][0] + d0 * f(dys, ja, p), acc[pt][1] + sca * st2[pt][1] + d1 * f(dys, ja, p + 1));
-            if (jb < nq) *reinterpret_cast<float2*>(dxbc + (r0 + jb) * ROW + X_OFF + h * P + p) = make_float2(acc[pt][2] + scb * st2[pt][2] + d0 * f(dys, jb, p), acc[pt][3] + scb * st2[pt][3] + d1 * f(dys, jb, p + 1));
-            // dD over the skip y += D·x: this warp's rows, summed over the 8 row groups of the warp.
-            float s0 = f(xs, ja, p) * f(dys, ja, p) + f(xs, jb, p) * f(dys, jb, p);
-            float s1 = f(xs, ja, p + 1) * f(dys, ja, p + 1) + f(xs, jb, p + 1) * f(dys, jb, p + 1);
+            // The skip y += D·x, with dy in f32 from memory (rows past the chunk's end read as zero).
+            const float2 dya = ja < nq ? *reinterpret_cast<const float2*>(dy + ((r0 + ja) * H + h) * P + p) : make_float2(0.f, 0.f);
+            const float2 dyb = jb < nq ? *reinterpret_cast<const float2*>(dy + ((r0 + jb) * H + h) * P + p) : make_float2(0.f, 0.f);
+            if (ja < nq) *reinterpret_cast<float2*>(dxbc + (r0 + ja) * ROW + X_OFF + h * P + p) = make_float2(acc[pt][0] + sca * st2[pt][0] + d0 * dya.x, acc[pt][1] + sca * st2[pt][1] + d1 * dya.y);
+            if (jb < nq) *reinterpret_cast<float2*>(dxbc + (r0 + jb) * ROW + X_OFF + h * P + p) = make_float2(acc[pt][2] + scb * st2[pt][2] + d0 * dyb.x, acc[pt][3] + scb * st2[pt][3] + d1 * dyb.y);
+            // dD: this warp's rows, summed over the 8 row groups of the warp.
+            float s0 = f(xs, ja, p) * dya.x + f(xs, jb, p) * dyb.x;
+            float s1 = f(xs, ja, p + 1) * dya.y + f(xs, jb, p + 1) * dyb.y;
 #pragma unroll
             for (int o = 4; o < 32; o <<= 1) {
                 s0 += __shfl_xor_sync(0xffffffffu, s0, o);

@@ -64,9 +64,9 @@ fn smem_mma(p: usize, n: usize) -> [usize; 4] {
 }
 
 /// Whether bf16 storage of these sizes runs on the tensor-core kernels (chunk 64) on a device with
-/// `max` bytes of shared memory per block.
-fn mma_fits(p: usize, n: usize, max: usize) -> bool {
-    p % 16 == 0 && n % 16 == 0 && smem_mma(p, n).iter().all(|&s| s + 256 <= max)
+/// `max` bytes of shared memory per block and compute capability `cc` (bf16 mma needs 8.0).
+fn mma_fits(p: usize, n: usize, max: usize, cc: (i32, i32)) -> bool {
+    cc.0 >= 8 && p % 16 == 0 && n % 16 == 0 && smem_mma(p, n).iter().all(|&s| s + 256 <= max)
 }
 
 /// The chunk size for head_dim `p` and d_state `n` on a device with `max` bytes of shared memory per
@@ -83,7 +83,8 @@ pub fn chunk_for(p: usize, n: usize, max: usize) -> Option<usize> {
 pub fn plan(dev: &candle_core::Device, dtype: DType, head_dim: usize, d_state: usize) -> Option<(usize, bool)> {
     let candle_core::Device::Cuda(d) = dev else { return None };
     let max = max_shared(d).ok()?;
-    if dtype == DType::BF16 && mma_fits(head_dim, d_state, max) {
+    let cc = d.cuda_stream().context().compute_capability().ok()?;
+    if dtype == DType::BF16 && mma_fits(head_dim, d_state, max, cc) {
         return Some((MMA_CHUNK, true));
     }
     chunk_for(head_dim, d_state, max).map(|q| (q, false))
@@ -136,6 +137,16 @@ pub fn scan_xbc(xbc: &Tensor, dt: &Tensor, la: &Tensor, d: Option<&Tensor>, s0: 
         Some(d) => bail!("ssd (cuda): D must be ({h}) or ({h}, {p}), got shape {:?}", d.dims()),
         None => Tensor::zeros((h, p), DType::F32, xbc.device())?,
     };
+    for (t, what) in [(dt, "dt"), (la, "la")] {
+        if t.dims() != [b, l, h] {
+            bail!("ssd (cuda): {what} must be ({b}, {l}, {h}), got shape {:?}", t.dims());
+        }
+    }
+    if let Some(s) = s0 {
+        if s.dims() != [b, h, p, n] {
+            bail!("ssd (cuda): the initial states must be ({b}, {h}, {p}, {n}), got shape {:?}", s.dims());
+        }
+    }
     let mut parts = vec![dt.to_dtype(DType::F32)?.flatten_all()?, la.to_dtype(DType::F32)?.flatten_all()?, d.flatten_all()?];
     if let Some(s) = s0 {
         parts.push(s.to_dtype(DType::F32)?.flatten_all()?);
@@ -261,7 +272,10 @@ impl CustomOp2 for SsdCuda {
     }
 
     fn bwd(&self, t1: &Tensor, t2: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = t1.detach().apply_op3_no_bwd(&t2.detach(), &grad.detach().contiguous()?, &SsdCudaBwd { fwd: *self })?;
+        // The tensor-core backward reads dy 16 bytes at a time.
+        let grad = grad.detach().contiguous()?;
+        let grad = if self.mma && grad.layout().start_offset() % 4 != 0 { grad.copy()? } else { grad };
+        let g = t1.detach().apply_op3_no_bwd(&t2.detach(), &grad, &SsdCudaBwd { fwd: *self })?;
         let n1 = t1.elem_count();
         let d1 = g.narrow(0, 0, n1)?.reshape(t1.shape())?.to_dtype(t1.dtype())?;
         let d2 = g.narrow(0, n1, t2.elem_count())?.reshape(t2.shape())?;
