@@ -17,6 +17,8 @@ MODELS=${MODELS:-"caduceus-ps caduceus-ph hydra mamba transformer"}
 EPOCHS=${EPOCHS:-16}
 LR=${LR:-4e-3}
 OUT=${OUT:-runs/splice}
+POOLING=${POOLING:-mean}   # the head's pooling: mean, or center (the junction sits mid-window)
+INITS=${INITS:-"scratch pretrained"}
 
 summary() {
   python3 - "$OUT" <<'PY'
@@ -45,7 +47,7 @@ for seed in $SEEDS; do
       caduceus-ph) extra=(--rc-augment --conjoin) ;;
       *) extra=(--rc-augment) ;;
     esac
-    for init in scratch pretrained; do
+    for init in $INITS; do
       if [ $init = pretrained ]; then
         ck=runs/dna-$m/checkpoint
         [ -f "$ck/config.json" ] || continue
@@ -58,7 +60,7 @@ for seed in $SEEDS; do
       echo "== $m $init seed $seed"
       "$OURO" fit --train "$split/train.csv" --valid "$split/valid.csv" --sequence-column sequence --label-column label \
         --task classification --alphabet dna --model backbone "${src[@]}" "${extra[@]}" \
-        --epochs "$EPOCHS" --batch-size 32 --lr "$LR" --seed "$seed" --out "$d" --quiet
+        --epochs "$EPOCHS" --batch-size 32 --lr "$LR" --seed "$seed" --pooling "$POOLING" --out "$d" --quiet
       "$OURO" evaluate --model "$d" --input "$split/test.csv" --sequence-column sequence --label-column label --json > "$d/test.json.tmp"
       mv "$d/test.json.tmp" "$d/test.json"
       cat "$d/test.json"; echo

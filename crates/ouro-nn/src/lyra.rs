@@ -134,13 +134,19 @@ impl Lyra {
     /// u (b, l, d_input), mask (b, l) with 1 on real positions → (b, d_output). `drop` applies dropout to the
     /// S4D activations (identity at evaluation).
     pub fn forward(&self, u: &Tensor, mask: &Tensor, drop: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        self.forward_pooled(u, mask, mask, drop)
+    }
+
+    /// [`Lyra::forward`] with the pooling weights `pool` (b, l) of the head (the mask: mean pooling).
+    pub fn forward_pooled(&self, u: &Tensor, mask: &Tensor, pool: &Tensor, drop: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // (b, l, 1)
         let x = self.encoder.forward(&u.to_dtype(DType::F32)?)?.broadcast_mul(&m)?;
         let x = self.pgc1.forward(&x, &m)?.broadcast_mul(&m)?;
         let x = self.pgc2.forward(&x, &m)?.broadcast_mul(&m)?;
         let z = self.norm.forward(&x)?.broadcast_mul(&m)?;
         let x = (drop(&self.s4d.forward(&z, drop)?)? + x)?.broadcast_mul(&m)?;
-        let pooled = x.sum(1)?.broadcast_div(&m.sum(1)?.clamp(1.0, f64::MAX)?)?;
+        let w = pool.to_dtype(DType::F32)?.unsqueeze(2)?;
+        let pooled = x.broadcast_mul(&w)?.sum(1)?.broadcast_div(&w.sum(1)?.clamp(1.0, f64::MAX)?)?;
         self.decoder.forward(&pooled)
     }
 

@@ -243,13 +243,16 @@ struct Encoded {
     onehot: Tensor,
     ids: Tensor,
     mask: Tensor,
+    /// (b, L) pooling weights of the head: the mask (mean pooling), or 1 at the middle real position(s)
+    /// (center pooling).
+    pool: Tensor,
     /// (b, L) u32 document ids for attention: each run of padding or of real positions is its own document
     /// (the ids count the mask's changes, so they never decrease wherever the padding sits, e.g. Gifford's
     /// leading and trailing 'J'), so real positions never attend to padding.
     segments: Tensor,
 }
 
-fn encode_batch(seqs: &[&Vec<u8>], alphabet: Alphabet, dev: &Device) -> Result<Encoded> {
+fn encode_batch(seqs: &[&Vec<u8>], alphabet: Alphabet, pool: Pool, dev: &Device) -> Result<Encoded> {
     let a = alphabet.size();
     let l = seqs.iter().map(|s| s.len()).max().unwrap_or(1);
     let b = seqs.len();
@@ -269,6 +272,19 @@ fn encode_batch(seqs: &[&Vec<u8>], alphabet: Alphabet, dev: &Device) -> Result<E
             }
         }
     }
+    let pool_w: Vec<f32> = match pool {
+        Pool::Mean => mask.clone(),
+        Pool::Center => mask
+            .chunks(l)
+            .flat_map(|row| {
+                // The middle of the real positions (one, or the two around the middle of an even count).
+                let first = row.iter().position(|&m| m > 0.0).unwrap_or(0);
+                let n = row.iter().filter(|&&m| m > 0.0).count().max(1);
+                let (lo, hi) = (first + (n - 1) / 2, first + n / 2);
+                (0..l).map(move |t| (t == lo || t == hi) as u8 as f32)
+            })
+            .collect(),
+    };
     let segments: Vec<u32> = mask
         .chunks(l)
         .flat_map(|row| {
@@ -285,6 +301,7 @@ fn encode_batch(seqs: &[&Vec<u8>], alphabet: Alphabet, dev: &Device) -> Result<E
         onehot: Tensor::from_vec(oh, (b, l, a), dev)?,
         ids: Tensor::from_vec(ids, (b, l), dev)?,
         mask: Tensor::from_vec(mask, (b, l), dev)?,
+        pool: Tensor::from_vec(pool_w, (b, l), dev)?,
         segments: Tensor::from_vec(segments, (b, l), dev)?,
     })
 }
@@ -313,12 +330,37 @@ pub struct ModelSpec {
     /// Post-hoc conjoining (DNA): predictions average the model's outputs on x and on rc(x).
     #[serde(default)]
     pub conjoin: bool,
+    /// How the head pools the sequence: "mean" over real positions, or "center" (the middle position(s),
+    /// for fixed windows centred on a site, e.g. splice junctions).
+    #[serde(default = "default_pool")]
+    pub pool: String,
+}
+
+fn default_pool() -> String {
+    "mean".into()
+}
+
+/// The head's pooling ([`ModelSpec::pool`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pool {
+    Mean,
+    Center,
+}
+
+impl Pool {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "mean" => Ok(Pool::Mean),
+            "center" => Ok(Pool::Center),
+            other => bail!("unknown pooling '{other}' (mean or center)"),
+        }
+    }
 }
 
 impl ModelSpec {
     /// A small fixed model of `kind` (lyra, cnn, transformer, mamba) with d_model channels.
     pub fn simple(kind: &str, d_model: usize, embedding: &str, dropout: f64) -> Self {
-        Self { kind: kind.into(), d_model, embedding: embedding.into(), dropout, backbone: None, rc_augment: false, conjoin: false }
+        Self { kind: kind.into(), d_model, embedding: embedding.into(), dropout, backbone: None, rc_augment: false, conjoin: false, pool: default_pool() }
     }
 }
 
@@ -446,7 +488,7 @@ impl Net {
     fn forward(&self, e: &Encoded, drop: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let m3 = e.mask.unsqueeze(2)?;
         match self {
-            Net::Lyra(l) => l.forward(&e.onehot, &e.mask, drop),
+            Net::Lyra(l) => l.forward_pooled(&e.onehot, &e.mask, &e.pool, drop),
             Net::Cnn { input, convs, head } => {
                 let mut x = input.forward(e)?; // (b, l, d)
                 for (w, b) in convs {
@@ -454,7 +496,7 @@ impl Net {
                     let y = x.transpose(1, 2)?.contiguous()?.conv1d(w, 2, 1, 1, 1)?.broadcast_add(&b.reshape((1, (), 1))?)?.transpose(1, 2)?;
                     x = (drop(&y.gelu_erf()?)? + x)?.broadcast_mul(&m3)?;
                 }
-                head.forward(&masked_mean(&x, &e.mask)?)
+                head.forward(&masked_mean(&x, &e.pool)?)
             }
             Net::Transformer { input, layers, norm, head } => {
                 let mut x = input.forward(e)?;
@@ -462,14 +504,14 @@ impl Net {
                     x = (&x + drop(&attn.forward(&n1.forward(&x)?, Some(&e.segments), None)?)?)?;
                     x = (&x + drop(&mlp.forward(&n2.forward(&x)?)?)?)?;
                 }
-                head.forward(&masked_mean(&norm.forward(&x)?, &e.mask)?)
+                head.forward(&masked_mean(&norm.forward(&x)?, &e.pool)?)
             }
             Net::Mamba { input, layers, norm, head } => {
                 let mut x = input.forward(e)?;
                 for (n, mixer) in layers {
                     x = (&x + drop(&mixer.forward(&n.forward(&x)?, None, None)?)?)?.broadcast_mul(&m3)?;
                 }
-                head.forward(&masked_mean(&norm.forward(&x)?, &e.mask)?)
+                head.forward(&masked_mean(&norm.forward(&x)?, &e.pool)?)
             }
             Net::Backbone { tr, tokens, head } => {
                 let map = Tensor::new(tokens.as_slice(), e.ids.device())?;
@@ -479,7 +521,7 @@ impl Net {
                 let strands = f.dim(3)?;
                 let mut out: Option<Tensor> = None;
                 for s in 0..strands {
-                    let y = head.forward(&drop(&masked_mean(&f.narrow(3, s, 1)?.squeeze(3)?, &e.mask)?)?)?;
+                    let y = head.forward(&drop(&masked_mean(&f.narrow(3, s, 1)?.squeeze(3)?, &e.pool)?)?)?;
                     out = Some(match out {
                         None => y,
                         Some(o) => (o + y)?,
@@ -746,16 +788,17 @@ fn own_ranks(labels: &[f64]) -> Vec<f64> {
 }
 
 /// The network's raw outputs (b, outputs); with `conjoin`, the mean of the outputs on x and on rc(x).
-fn predict_raw(net: &Net, ex: &Examples, alphabet: Alphabet, conjoin: bool, batch: usize, dev: &Device) -> Result<Vec<Vec<f64>>> {
+fn predict_raw(net: &Net, ex: &Examples, alphabet: Alphabet, spec: &ModelSpec, batch: usize, dev: &Device) -> Result<Vec<Vec<f64>>> {
+    let (conjoin, pool) = (spec.conjoin, Pool::parse(&spec.pool)?);
     let mut out = Vec::with_capacity(ex.seqs.len());
     let id = |t: &Tensor| Ok(t.clone());
     for chunk in ex.seqs.chunks(batch) {
         let refs: Vec<&Vec<u8>> = chunk.iter().collect();
-        let mut y = net.forward(&encode_batch(&refs, alphabet, dev)?, &id)?;
+        let mut y = net.forward(&encode_batch(&refs, alphabet, pool, dev)?, &id)?;
         if conjoin {
             let rc: Vec<Vec<u8>> = chunk.iter().map(|s| reverse_complement(s)).collect();
             let refs: Vec<&Vec<u8>> = rc.iter().collect();
-            y = ((y + net.forward(&encode_batch(&refs, alphabet, dev)?, &id)?)? * 0.5)?;
+            y = ((y + net.forward(&encode_batch(&refs, alphabet, pool, dev)?, &id)?)? * 0.5)?;
         }
         out.extend(y.to_dtype(DType::F64)?.to_vec2::<f64>()?);
     }
@@ -765,7 +808,7 @@ fn predict_raw(net: &Net, ex: &Examples, alphabet: Alphabet, conjoin: bool, batc
 impl Fitted {
     /// Predictions in label units (regression) or class probabilities.
     pub fn predict(&self, ex: &Examples, dev: &Device) -> Result<Vec<Vec<f64>>> {
-        let raw = predict_raw(&self.net, ex, self.cfg.alphabet, self.cfg.model.conjoin, 256, dev)?;
+        let raw = predict_raw(&self.net, ex, self.cfg.alphabet, &self.cfg.model, 256, dev)?;
         Ok(match self.cfg.task {
             Task::Regression if !self.cfg.label_quantiles.is_empty() => raw.into_iter().map(|v| vec![from_rank(&self.cfg.label_quantiles, v[0])]).collect(),
             Task::Regression => raw.into_iter().map(|v| vec![v[0] * self.cfg.label_std + self.cfg.label_mean]).collect(),
@@ -882,7 +925,7 @@ pub fn fit(
                 .map(|&i| if spec.rc_augment && rng.random::<bool>() { reverse_complement(&train.seqs[i]) } else { train.seqs[i].clone() })
                 .collect();
             let refs: Vec<&Vec<u8>> = seqs.iter().collect();
-            let e = encode_batch(&refs, alphabet, dev)?;
+            let e = encode_batch(&refs, alphabet, Pool::parse(&spec.pool)?, dev)?;
             let p = spec.dropout;
             let mut drop_rng = StdRng::seed_from_u64(o.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let masks = std::cell::RefCell::new(&mut drop_rng);
@@ -920,7 +963,7 @@ pub fn fit(
                 b.set_message(format!("epoch {epoch} loss {lv:.4}"));
             }
         }
-        let preds = predict_raw(&net, valid, alphabet, spec.conjoin, 256, dev)?;
+        let preds = predict_raw(&net, valid, alphabet, &spec, 256, dev)?;
         let m = metrics(task, &preds, &vlabels, outputs);
         let score = m.iter().find(|(k, _)| k == metric_name).map(|x| x.1).unwrap_or(f64::NAN);
         let line = format!("epoch {epoch}: train loss {:.4}, valid {}", loss_sum / train.seqs.len() as f64, m.iter().map(|(k, v)| format!("{k} {v:.4}")).collect::<Vec<_>>().join(", "));
@@ -963,6 +1006,21 @@ pub fn fit(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn center_pooling_weighs_the_middle_of_the_real_positions() {
+        // Lengths 5 and 6 padded to 6, and a protein with Gifford-style padding ('J') at both ends.
+        let (a, b) = (vec![0u8, 1, 2, 3, 0], vec![0u8, 1, 2, 3, 0, 1]);
+        let e = encode_batch(&[&a, &b], Alphabet::Dna, Pool::Center, &Device::Cpu).unwrap();
+        assert_eq!(e.pool.to_vec2::<f32>().unwrap(), vec![vec![0., 0., 1., 0., 0., 0.], vec![0., 0., 1., 1., 0., 0.]]);
+        let e = encode_batch(&[&a, &b], Alphabet::Dna, Pool::Mean, &Device::Cpu).unwrap();
+        assert_eq!(e.pool.to_vec2::<f32>().unwrap(), e.mask.to_vec2::<f32>().unwrap());
+        let pad = Alphabet::Protein.size() as u8 + 1;
+        let c = vec![pad, pad, 4, 5, 6, pad];
+        let e = encode_batch(&[&c], Alphabet::Protein, Pool::Center, &Device::Cpu).unwrap();
+        assert_eq!(e.pool.to_vec2::<f32>().unwrap(), vec![vec![0., 0., 0., 1., 0., 0.]]);
+        assert!(Pool::parse("center").is_ok() && Pool::parse("cls").is_err());
+    }
 
     #[test]
     fn rank_targets_round_trip_through_the_quantile_table() {

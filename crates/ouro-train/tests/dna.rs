@@ -198,7 +198,12 @@ fn fine_tuning_a_pretrained_backbone_keeps_rc_symmetry() {
     let (train_ex, valid_ex) = (labelled(192, 1), labelled(64, 2));
     let rc_ex = Examples { seqs: valid_ex.seqs.iter().map(|s| reverse_complement(s)).collect(), labels: valid_ex.labels.clone() };
     // Caduceus-PS (equivariant: pooled features are RC-invariant) and Caduceus-Ph (post-hoc conjoining).
-    for (name, model, conjoin) in [("ps", "arch = \"caduceus\"\nrcps = true", false), ("ph", "arch = \"caduceus\"", true)] {
+    // Caduceus-PS once more with center pooling: the middle position(s) of x and rc(x) map onto each other.
+    for (name, model, conjoin, pool) in [
+        ("ps", "arch = \"caduceus\"\nrcps = true", false, "mean"),
+        ("ph", "arch = \"caduceus\"", true, "mean"),
+        ("ps-center", "arch = \"caduceus\"\nrcps = true", false, "center"),
+    ] {
         let run = dir.join(format!("pretrain-{name}"));
         train(&config(model, &c, &run, !conjoin), &Device::Cpu, false, false, None, &mut |_| {}).unwrap();
         let ck = run.join("checkpoint");
@@ -207,6 +212,7 @@ fn fine_tuning_a_pretrained_backbone_keeps_rc_symmetry() {
         spec.backbone = Some(backbone);
         spec.rc_augment = conjoin;
         spec.conjoin = conjoin;
+        spec.pool = pool.into();
         let opts = FitOptions { target: Default::default(), init: Some(ck), epochs: 6, batch_size: 16, lr: 5e-3, weight_decay: 0.0, seed: 0, progress: false };
         let mut lines = Vec::new();
         let fitted = fit(&train_ex, &valid_ex, Task::Classification, Alphabet::Dna, vec!["no".into(), "motif".into()], spec, ("sequence", "label"), &opts, &Device::Cpu, &mut |l| lines.push(l.to_string())).unwrap();
@@ -217,7 +223,7 @@ fn fine_tuning_a_pretrained_backbone_keeps_rc_symmetry() {
         assert!(worst <= 1e-5, "{name}: P(class | x) and P(class | rc(x)) differ by {worst}");
         // The motif is learnable: better than chance on held-out sequences.
         let (metric, acc) = &fitted.cfg.best_metric;
-        assert!(metric == "accuracy" && *acc > 0.6, "{name}: {metric} {acc}; {lines:?}");
+        assert!(metric == "accuracy" && (pool == "center" || *acc > 0.6), "{name}: {metric} {acc}; {lines:?}");
         // Save and load give the same predictions.
         let out = dir.join(format!("fitted-{name}"));
         fitted.save(&out).unwrap();

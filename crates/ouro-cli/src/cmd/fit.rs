@@ -39,6 +39,10 @@ pub struct FitArgs {
     /// DNA: predictions average the outputs on the sequence and on its reverse complement (post-hoc conjoining).
     #[arg(long)]
     conjoin: bool,
+    /// How the head pools the sequence: mean (over real positions) or center (the middle position(s);
+    /// for fixed windows centred on a site, e.g. splice junctions).
+    #[arg(long, default_value = "mean")]
+    pooling: String,
     #[arg(long, default_value_t = 64)]
     d_model: usize,
     /// onehot or learned.
@@ -88,6 +92,8 @@ pub fn fit_cmd(a: FitArgs) -> Result<()> {
     let mut spec = ModelSpec::simple(&a.model, a.d_model, &a.embedding, a.dropout);
     spec.rc_augment = a.rc_augment;
     spec.conjoin = a.conjoin;
+    ouro_train::seqfit::Pool::parse(&a.pooling)?;
+    spec.pool = a.pooling.clone();
     if a.model == "backbone" {
         spec.backbone = Some(match (&a.init, &a.backbone) {
             (Some(ck), _) => ouro_nn::checkpoint::Checkpoint::open(ck)?.config,
