@@ -487,25 +487,40 @@ __device__ __forceinline__ void load_f32(const float* g, long rs, int nr, const 
     }
 }
 
+// acc[t] += A[r0..r0+16][k]·B[t·8..t·8+8][k]ᵀ summed over the k-steps kt ∈ [kt_from, K/16) (k = 16·kt),
+// for the n8 tiles t < live of TILES: A stored [row][k] (stride sa), B stored [n][k] (stride sb). UNROLL
+// is the k loop's unroll factor.
+template <int TILES, int K, int UNROLL>
+__device__ __forceinline__ void strip_mma(float (*acc)[4], const bf* a, int sa, int r0, const bf* b, int sb, int kt_from = 0, int live = TILES) {
+#pragma unroll (UNROLL)
+    for (int kt = 0; kt < K / 16; ++kt)
+        if (kt >= kt_from) {
+            unsigned fa[4];
+            frag_a(fa, a, sa, r0, kt * 16);
+#pragma unroll
+            for (int t = 0; t < TILES; ++t)
+                if (t < live) {
+                    unsigned fb[2];
+                    frag_b(fb, b, sb, t * 8, kt * 16);
+                    mma16816(acc[t], fa, fb);
+                }
+        }
+}
+
+template <int TILES>
+__device__ __forceinline__ void zero(float (*acc)[4]) {
+#pragma unroll
+    for (int t = 0; t < TILES; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+}
+
 // out[p][n] = Σ_j at[p][j]·bt[n][j] over the chunk (tiles stored with row stride MQ + PADK), f32.
 __device__ __forceinline__ void pn_product(const bf* at, const bf* bt, float* out) {
     constexpr int SK = MQ + PADK;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
     for (int strip = warp; strip < P / 16; strip += 4) {
         float acc[N / 8][4];
-#pragma unroll
-        for (int i = 0; i < N / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-#pragma unroll
-        for (int k = 0; k < MQ; k += 16) {
-            unsigned a[4];
-            frag_a(a, at, SK, strip * 16, k);
-#pragma unroll
-            for (int nt = 0; nt < N / 8; ++nt) {
-                unsigned bb[2];
-                frag_b(bb, bt, SK, nt * 8, k);
-                mma16816(acc[nt], a, bb);
-            }
-        }
+        zero<N / 8>(acc);
+        strip_mma<N / 8, MQ, MQ / 16>(acc, at, SK, strip * 16, bt, SK);
 #pragma unroll
         for (int nt = 0; nt < N / 8; ++nt) {
             const int p = strip * 16 + gq, n = nt * 8 + 2 * tq;
@@ -586,10 +601,9 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_scan_mma(const T* xb
     const int i0 = warp * 16;
     const int jt_end = 2 * (warp + 1); // n8 tiles of j that reach the causal triangle of these rows
     float cb[MQ / 8][4], off[P / 8][4], acc[P / 8][4];
-#pragma unroll
-    for (int i = 0; i < MQ / 8; ++i) cb[i][0] = cb[i][1] = cb[i][2] = cb[i][3] = 0.f;
-#pragma unroll
-    for (int i = 0; i < P / 8; ++i) off[i][0] = off[i][1] = off[i][2] = off[i][3] = acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    zero<MQ / 8>(cb);
+    zero<P / 8>(off);
+    zero<P / 8>(acc);
     // C·Bᵀ (causal tiles only) and C·S_inᵀ share the A fragments of C.
 #pragma unroll 2
     for (int k = 0; k < N; k += 16) {
@@ -640,9 +654,8 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_scan_mma(const T* xb
     for (int pt = 0; pt < P / 8; ++pt) {
         const int p = pt * 8 + 2 * tq;
         const float d0 = D[h * P + p], d1 = D[h * P + p + 1];
-        auto xv = [&](int r, int pp) { return __uint_as_float((unsigned)xt[pp * SK + r] << 16); };
-        if (ra < nq) *reinterpret_cast<float2*>(y + ((r0 + ra) * H + h) * P + p) = make_float2(acc[pt][0] + ea * off[pt][0] + d0 * xv(ra, p), acc[pt][1] + ea * off[pt][1] + d1 * xv(ra, p + 1));
-        if (rb < nq) *reinterpret_cast<float2*>(y + ((r0 + rb) * H + h) * P + p) = make_float2(acc[pt][2] + eb * off[pt][2] + d0 * xv(rb, p), acc[pt][3] + eb * off[pt][3] + d1 * xv(rb, p + 1));
+        if (ra < nq) *reinterpret_cast<float2*>(y + ((r0 + ra) * H + h) * P + p) = make_float2(acc[pt][0] + ea * off[pt][0] + d0 * ld(xt, p * SK + ra), acc[pt][1] + ea * off[pt][1] + d1 * ld(xt, (p + 1) * SK + ra));
+        if (rb < nq) *reinterpret_cast<float2*>(y + ((r0 + rb) * H + h) * P + p) = make_float2(acc[pt][2] + eb * off[pt][2] + d0 * ld(xt, p * SK + rb), acc[pt][3] + eb * off[pt][3] + d1 * ld(xt, (p + 1) * SK + rb));
     }
 }
 
@@ -730,32 +743,10 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc
     unsigned wf[MQ / 16][4]; // W of these rows as A fragments
     {
         float cb[MQ / 8][4], dyx[MQ / 8][4];
-#pragma unroll
-        for (int i = 0; i < MQ / 8; ++i) cb[i][0] = cb[i][1] = cb[i][2] = cb[i][3] = dyx[i][0] = dyx[i][1] = dyx[i][2] = dyx[i][3] = 0.f;
-#pragma unroll 2
-        for (int k = 0; k < N; k += 16) {
-            unsigned a[4];
-            frag_a(a, cm, SN2, i0, k);
-#pragma unroll
-            for (int jt = 0; jt < MQ / 8; ++jt)
-                if (jt < jt_end) {
-                    unsigned bb[2];
-                    frag_b(bb, bm, SN2, jt * 8, k);
-                    mma16816(cb[jt], a, bb);
-                }
-        }
-#pragma unroll 2
-        for (int k = 0; k < P; k += 16) {
-            unsigned a[4];
-            frag_a(a, dys, SP2, i0, k);
-#pragma unroll
-            for (int jt = 0; jt < MQ / 8; ++jt)
-                if (jt < jt_end) {
-                    unsigned bb[2];
-                    frag_b(bb, xs, SP2, jt * 8, k);
-                    mma16816(dyx[jt], a, bb);
-                }
-        }
+        zero<MQ / 8>(cb);
+        zero<MQ / 8>(dyx);
+        strip_mma<MQ / 8, N, 2>(cb, cm, SN2, i0, bm, SN2, 0, jt_end);
+        strip_mma<MQ / 8, P, 2>(dyx, dys, SP2, i0, xs, SP2, 0, jt_end);
         // M = CB∘E∘dt and W = E∘dt∘(dy·x) over the causal triangle (E = exp(cs_i − cs_j)); the
         // diagonal terms of dcs and ddt.
         const float csa = cs[ra], csb = cs[rb];
@@ -817,8 +808,8 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc
     // dC_i = Σ_j W_ij B_j + exp(cs_i)·dy_i S_in; the second term's row dot with C_i is dcs_i's.
     {
         float acc[N / 8][4], off[N / 8][4];
-#pragma unroll
-        for (int i = 0; i < N / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = off[i][0] = off[i][1] = off[i][2] = off[i][3] = 0.f;
+        zero<N / 8>(acc);
+        zero<N / 8>(off);
 #pragma unroll
         for (int kt = 0; kt < MQ / 16; ++kt)
             if (kt <= warp) {
@@ -829,24 +820,14 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc
                     mma16816(acc[nt], wf[kt], bb);
                 }
             }
-#pragma unroll 2
-        for (int k = 0; k < P; k += 16) {
-            unsigned a[4];
-            frag_a(a, dys, SP2, i0, k);
-#pragma unroll
-            for (int nt = 0; nt < N / 8; ++nt) {
-                unsigned bb[2];
-                frag_b(bb, st, SP2, nt * 8, k);
-                mma16816(off[nt], a, bb);
-            }
-        }
+        strip_mma<N / 8, P, 2>(off, dys, SP2, i0, st, SP2);
         const float ea = __expf(cs[ra]), eb = __expf(cs[rb]);
         float rowa = 0.f, rowb = 0.f;
 #pragma unroll
         for (int nt = 0; nt < N / 8; ++nt) {
             const int n = nt * 8 + 2 * tq;
-            rowa += ea * (off[nt][0] * __uint_as_float((unsigned)cm[ra * SN2 + n] << 16) + off[nt][1] * __uint_as_float((unsigned)cm[ra * SN2 + n + 1] << 16));
-            rowb += eb * (off[nt][2] * __uint_as_float((unsigned)cm[rb * SN2 + n] << 16) + off[nt][3] * __uint_as_float((unsigned)cm[rb * SN2 + n + 1] << 16));
+            rowa += ea * (off[nt][0] * ld(cm, ra * SN2 + n) + off[nt][1] * ld(cm, ra * SN2 + n + 1));
+            rowb += eb * (off[nt][2] * ld(cm, rb * SN2 + n) + off[nt][3] * ld(cm, rb * SN2 + n + 1));
             if (ra < nq) bc_grad(dxbc, part, r0 + ra, ROW, C_OFF + g * N + n, H, h, N + n, acc[nt][0] + ea * off[nt][0], acc[nt][1] + ea * off[nt][1]);
             if (rb < nq) bc_grad(dxbc, part, r0 + rb, ROW, C_OFF + g * N + n, H, h, N + n, acc[nt][2] + eb * off[nt][2], acc[nt][3] + eb * off[nt][3]);
         }
@@ -864,37 +845,16 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc
     // dB_j = Σ_i W_ij C_i + sc_j·x_j dSL; the second term's row dot with B_j gives us_j (without dt_j).
     {
         float acc[N / 8][4], st2[N / 8][4];
-#pragma unroll
-        for (int i = 0; i < N / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = st2[i][0] = st2[i][1] = st2[i][2] = st2[i][3] = 0.f;
-#pragma unroll
-        for (int kt = 0; kt < MQ / 16; ++kt)
-            if (kt >= warp) {
-                unsigned a[4];
-                frag_a(a, wt, SK, i0, kt * 16);
-#pragma unroll
-                for (int nt = 0; nt < N / 8; ++nt) {
-                    unsigned bb[2];
-                    frag_b(bb, ct, SK, nt * 8, kt * 16);
-                    mma16816(acc[nt], a, bb);
-                }
-            }
-#pragma unroll 2
-        for (int k = 0; k < P; k += 16) {
-            unsigned a[4];
-            frag_a(a, xs, SP2, i0, k);
-#pragma unroll
-            for (int nt = 0; nt < N / 8; ++nt) {
-                unsigned bb[2];
-                frag_b(bb, dslt, SP2, nt * 8, k);
-                mma16816(st2[nt], a, bb);
-            }
-        }
+        zero<N / 8>(acc);
+        zero<N / 8>(st2);
+        strip_mma<N / 8, MQ, MQ / 16>(acc, wt, SK, i0, ct, SK, warp); // W_ij ≠ 0 for i ≥ j only
+        strip_mma<N / 8, P, 2>(st2, xs, SP2, i0, dslt, SP2);
         float rowa = 0.f, rowb = 0.f;
 #pragma unroll
         for (int nt = 0; nt < N / 8; ++nt) {
             const int n = nt * 8 + 2 * tq;
-            rowa += wl[ja] * (st2[nt][0] * __uint_as_float((unsigned)bm[ja * SN2 + n] << 16) + st2[nt][1] * __uint_as_float((unsigned)bm[ja * SN2 + n + 1] << 16));
-            rowb += wl[jb] * (st2[nt][2] * __uint_as_float((unsigned)bm[jb * SN2 + n] << 16) + st2[nt][3] * __uint_as_float((unsigned)bm[jb * SN2 + n + 1] << 16));
+            rowa += wl[ja] * (st2[nt][0] * ld(bm, ja * SN2 + n) + st2[nt][1] * ld(bm, ja * SN2 + n + 1));
+            rowb += wl[jb] * (st2[nt][2] * ld(bm, jb * SN2 + n) + st2[nt][3] * ld(bm, jb * SN2 + n + 1));
             if (ja < nq) bc_grad(dxbc, part, r0 + ja, ROW, B_OFF + g * N + n, H, h, n, acc[nt][0] + sca * st2[nt][0], acc[nt][1] + sca * st2[nt][1]);
             if (jb < nq) bc_grad(dxbc, part, r0 + jb, ROW, B_OFF + g * N + n, H, h, n, acc[nt][2] + scb * st2[nt][2], acc[nt][3] + scb * st2[nt][3]);
         }
@@ -908,32 +868,10 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc
     // dx_j = Σ_i M_ij dy_i + sc_j·dSL B_j.
     {
         float acc[P / 8][4], st2[P / 8][4];
-#pragma unroll
-        for (int i = 0; i < P / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = st2[i][0] = st2[i][1] = st2[i][2] = st2[i][3] = 0.f;
-#pragma unroll
-        for (int kt = 0; kt < MQ / 16; ++kt)
-            if (kt >= warp) {
-                unsigned a[4];
-                frag_a(a, mt, SK, i0, kt * 16);
-#pragma unroll
-                for (int pt = 0; pt < P / 8; ++pt) {
-                    unsigned bb[2];
-                    frag_b(bb, dyt, SK, pt * 8, kt * 16);
-                    mma16816(acc[pt], a, bb);
-                }
-            }
-#pragma unroll 2
-        for (int k = 0; k < N; k += 16) {
-            unsigned a[4];
-            frag_a(a, bm, SN2, i0, k);
-#pragma unroll
-            for (int pt = 0; pt < P / 8; ++pt) {
-                unsigned bb[2];
-                frag_b(bb, dsl, SN2, pt * 8, k);
-                mma16816(st2[pt], a, bb);
-            }
-        }
-        auto f = [&](const bf* t, int r, int pp) { return __uint_as_float((unsigned)t[r * SP2 + pp] << 16); };
+        zero<P / 8>(acc);
+        zero<P / 8>(st2);
+        strip_mma<P / 8, MQ, MQ / 16>(acc, mt, SK, i0, dyt, SK, warp); // M_ij ≠ 0 for i ≥ j only
+        strip_mma<P / 8, N, 2>(st2, bm, SN2, i0, dsl, SN2);
 #pragma unroll
         for (int pt = 0; pt < P / 8; ++pt) {
             const int p = pt * 8 + 2 * tq;
@@ -944,8 +882,8 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc
             if (ja < nq) *reinterpret_cast<float2*>(dxbc + (r0 + ja) * ROW + X_OFF + h * P + p) = make_float2(acc[pt][0] + sca * st2[pt][0] + d0 * dya.x, acc[pt][1] + sca * st2[pt][1] + d1 * dya.y);
             if (jb < nq) *reinterpret_cast<float2*>(dxbc + (r0 + jb) * ROW + X_OFF + h * P + p) = make_float2(acc[pt][2] + scb * st2[pt][2] + d0 * dyb.x, acc[pt][3] + scb * st2[pt][3] + d1 * dyb.y);
             // dD: this warp's rows, summed over the 8 row groups of the warp.
-            float s0 = f(xs, ja, p) * dya.x + f(xs, jb, p) * dyb.x;
-            float s1 = f(xs, ja, p + 1) * dya.y + f(xs, jb, p + 1) * dyb.y;
+            float s0 = ld(xs, ja * SP2 + p) * dya.x + ld(xs, jb * SP2 + p) * dyb.x;
+            float s1 = ld(xs, ja * SP2 + p + 1) * dya.y + ld(xs, jb * SP2 + p + 1) * dyb.y;
 #pragma unroll
             for (int o = 4; o < 32; o <<= 1) {
                 s0 += __shfl_xor_sync(0xffffffffu, s0, o);
