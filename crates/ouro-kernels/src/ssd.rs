@@ -1174,9 +1174,6 @@ pub fn ssd_xbc(
         // The CUDA kernels read x, B, C from the rows as they are; dt and the decay are prepared here.
         let dtp = process_dt(dt, dt_bias, dt_softplus, dt_limit)?;
         let la = dtp.broadcast_mul(&f(a)?.reshape((1, 1, h))?)?;
-        if let Some(s) = initial_states {
-            expect_dims(s, &[b, h, p, n], "ssd: initial_states")?;
-        }
         return crate::cuda::ssd::scan_xbc(xbc, &dtp, &la, d, initial_states, crate::cuda::ssd::XbcLayout::mamba2(h, p, g, n));
     }
     if !dev.is_cpu() || algo == Algo::Quadratic {

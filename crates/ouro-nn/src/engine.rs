@@ -302,9 +302,10 @@ impl Mamba2Engine {
 
     /// Whether `path` is a checkpoint folder the engine runs: a pure Mamba-2 LM (what [`Self::load`] accepts).
     pub fn supports(path: &Path) -> bool {
-        let Ok(config) = crate::checkpoint::read_config(path).map_err(|_| ()).and_then(|c| if path.is_dir() { Ok(c) } else { Err(()) }) else {
+        if !path.is_dir() {
             return false;
-        };
+        }
+        let Ok(config) = crate::checkpoint::read_config(path) else { return false };
         let Ok(arch) = crate::lm::architecture_of_config(&config) else { return false };
         if !matches!(arch, "mamba2" | "mamba_ssm") {
             return false;

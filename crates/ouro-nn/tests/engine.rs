@@ -213,6 +213,15 @@ fn state_is_constant_in_context_length() {
     assert_eq!((st.ssm.as_ptr(), ws.logits.as_ptr()), ptrs, "buffers were reallocated while decoding");
 }
 
+/// ‖logits − f32 logits‖₂ / ‖f32 logits‖₂ of the mamba2_q engine with `tweak` applied, decoding `rows`
+/// (prefill of 8, then batched steps).
+fn rel_l2_from_f32(rows: &[Vec<u32>], tweak: impl FnOnce(&mut Mamba2Engine)) -> f32 {
+    let exact = flat(&run(&load(&case("mamba2_q"), Format::F32), rows, 8));
+    let mut e = load(&case("mamba2_q"), Format::F32);
+    tweak(&mut e);
+    rel_l2(&flat(&run(&e, rows, 8)), &exact)
+}
+
 #[test]
 fn bf16_matmuls_stay_close_to_f32() {
     if !ouro_kernels::bf16::available() {
@@ -222,11 +231,7 @@ fn bf16_matmuls_stay_close_to_f32() {
     // 16 sequences: prefill and batched steps both take the bf16 path.
     let (ids, _, _) = reference("mamba2_q");
     let rows: Vec<Vec<u32>> = (0..16).map(|i| ids[i % 2].iter().map(|&t| (t + i as u32 * 3) % 256).collect()).collect();
-    let exact = flat(&run(&load(&case("mamba2_q"), Format::F32), &rows, 8));
-    let mut e = load(&case("mamba2_q"), Format::F32);
-    e.bf16_matmul = true;
-    let got = flat(&run(&e, &rows, 8));
-    let err = rel_l2(&got, &exact);
+    let err = rel_l2_from_f32(&rows, |e| e.bf16_matmul = true);
     eprintln!("bf16 matmuls: logits vs f32, relative L2 {err:.4}");
     assert!(err > 0.0 && err <= 0.01, "bf16 logits {err} from f32");
 }
@@ -234,15 +239,13 @@ fn bf16_matmuls_stay_close_to_f32() {
 #[test]
 fn bf16_state_stays_close_to_f32() {
     let (ids, _, _) = reference("mamba2_q");
-    let exact = flat(&run(&load(&case("mamba2_q"), Format::F32), &ids, 8));
     let mut e = load(&case("mamba2_q"), Format::F32);
     e.state_bf16 = true;
     let st = e.new_state(2);
     assert!(st.ssm.is_empty() && !st.ssm_bf16.is_empty());
     assert_eq!(st.bytes(), 2 * e.state_bytes());
     assert!(e.state_bytes() < 4 * e.state_floats());
-    let got = flat(&run(&e, &ids, 8));
-    let err = rel_l2(&got, &exact);
+    let err = rel_l2_from_f32(&ids, |e| e.state_bf16 = true);
     eprintln!("bf16 state: logits vs f32, relative L2 {err:.4}");
     assert!(err > 0.0 && err <= 0.01, "bf16-state logits {err} from f32");
 }

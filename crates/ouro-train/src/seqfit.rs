@@ -885,6 +885,7 @@ pub fn fit(
         }
     };
     let outputs = if task == Task::Regression { 1 } else { classes.len() };
+    let pool = Pool::parse(&spec.pool)?;
     let varmap = VarMap::new();
     let net = Net::new(&spec, alphabet, outputs, &varmap, dev)?;
     init(&varmap, o.seed)?;
@@ -925,7 +926,7 @@ pub fn fit(
                 .map(|&i| if spec.rc_augment && rng.random::<bool>() { reverse_complement(&train.seqs[i]) } else { train.seqs[i].clone() })
                 .collect();
             let refs: Vec<&Vec<u8>> = seqs.iter().collect();
-            let e = encode_batch(&refs, alphabet, Pool::parse(&spec.pool)?, dev)?;
+            let e = encode_batch(&refs, alphabet, pool, dev)?;
             let p = spec.dropout;
             let mut drop_rng = StdRng::seed_from_u64(o.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let masks = std::cell::RefCell::new(&mut drop_rng);

@@ -90,13 +90,6 @@ pub fn plan(dev: &candle_core::Device, dtype: DType, head_dim: usize, d_state: u
     chunk_for(head_dim, d_state, max).map(|q| (q, false))
 }
 
-fn max_shared_of(dev: &candle_core::Device) -> Result<usize> {
-    match dev {
-        candle_core::Device::Cuda(d) => max_shared(d),
-        _ => bail!("not a CUDA device"),
-    }
-}
-
 /// Whether the CUDA SSD runs for xbc in `dtype` with these sizes on `dev`.
 pub fn supported(dev: &candle_core::Device, dtype: DType, head_dim: usize, d_state: usize) -> bool {
     plan(dev, dtype, head_dim, d_state).is_some()
@@ -121,14 +114,11 @@ pub fn scan_xbc(xbc: &Tensor, dt: &Tensor, la: &Tensor, d: Option<&Tensor>, s0: 
         DType::F32 | DType::BF16 => xbc.contiguous()?,
         _ => xbc.to_dtype(DType::F32)?.contiguous()?,
     };
-    let Some((q, mma)) = plan(xbc.device(), xbc.dtype(), p, n) else { bail!("ssd (cuda): head_dim {p} and d_state {n} do not fit the kernels") };
-    // The tensor-core kernels load rows 16 bytes at a time: row width and offsets multiples of 8.
+    // The tensor-core kernels load rows 16 bytes at a time: with row width or offsets not multiples of 8,
+    // bf16 rows take the f32 kernels (planned as for f32 storage).
     let aligned = [row, lay.x_off, lay.b_off, lay.c_off].iter().all(|v| v % 8 == 0);
-    let (q, mma) = match (mma && aligned, chunk_for(p, n, max_shared_of(xbc.device())?)) {
-        (true, _) => (q, true),
-        (false, Some(q)) => (q, false),
-        (false, None) => bail!("ssd (cuda): head_dim {p} and d_state {n} do not fit the kernels"),
-    };
+    let plan_dtype = if aligned { xbc.dtype() } else { DType::F32 };
+    let Some((q, mma)) = plan(xbc.device(), plan_dtype, p, n) else { bail!("ssd (cuda): head_dim {p} and d_state {n} do not fit the kernels") };
     let xbc = if mma && xbc.layout().start_offset() % 8 != 0 { xbc.copy()? } else { xbc };
     // D as (h, p) f32 (zeros without a skip); its gradient flows back through the broadcast.
     let d = match d {
