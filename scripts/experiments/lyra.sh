@@ -4,7 +4,8 @@
 #   scripts/experiments/lyra.sh prepare                 # splits into $OUT/data (needs ../shared/data, fetches doench2016)
 #   scripts/experiments/lyra.sh run gb1 lyra [EPOCHS]   # fit on train, keep the best epoch on valid, evaluate on test
 #   scripts/experiments/lyra.sh summary                 # the table, from the runs so far
-# Env: OURO (binary), OUT (runs/lyra), DATA (OUT/data), DEVICE (cpu), TARGET (rank), SHARED (../shared/data).
+# Env: OURO (binary), OUT (runs/lyra), DATA (OUT/data), DEVICE (cpu), TARGET (rank), SHARED (../shared/data),
+#      EXTRA (more `ouro fit` flags, e.g. "--d-model 128"), TAG (suffix of the run folder).
 #
 # Tasks (regression; protein alphabet unless noted):
 #   gb1      GB1 four-site landscape, 56 aa: our 70/10/20 split of shared/data/relso/gb1_wu_train.csv
@@ -61,14 +62,14 @@ columns() { # task -> sequence column, label column, alphabet
 run() {
   local task=$1 model=$2 epochs=${3:-30}
   read -r seq lab alpha <<< "$(columns "$task")"
-  local r=$OUT/$task-$model
+  local r=$OUT/$task-$model${TAG:+-$TAG}
   mkdir -p "$r"
   local t0=$(date +%s.%N)
   "$OURO" fit --train "$D/$task/train.csv" --valid "$D/$task/valid.csv" --sequence-column "$seq" --label-column "$lab" \
-    --task regression --alphabet "$alpha" --model "$model" --epochs "$epochs" --target "$TARGET" --seed 0 --device "$DEVICE" --out "$r/model" --quiet 2>&1 | tee "$r/fit.log"
+    --task regression --alphabet "$alpha" --model "$model" --epochs "$epochs" --target "$TARGET" --seed 0 --device "$DEVICE" ${EXTRA:-} --out "$r/model" --quiet 2>&1 | tee "$r/fit.log"
   local t1=$(date +%s.%N)
   "$OURO" evaluate --model "$r/model" --input "$D/$task/test.csv" --sequence-column "$seq" --label-column "$lab" --device "$DEVICE" --json > "$r/test.json"
-  python3 -c "import json,sys; d=json.load(open('$r/test.json')); d.update(seconds=round($t1-$t0,1), epochs=$epochs, target='$TARGET', device='$DEVICE'); json.dump(d,open('$r/test.json','w'))"
+  python3 -c "import json,sys; d=json.load(open('$r/test.json')); d.update(seconds=round($t1-$t0,1), epochs=$epochs, target='$TARGET', device='$DEVICE', extra='${EXTRA:-}'); json.dump(d,open('$r/test.json','w'))"
   cat "$r/test.json"
 }
 

@@ -23,6 +23,13 @@ struct Dims {
     k: usize,
 }
 
+#[cfg(feature = "cuda")]
+impl Dims {
+    fn cuda(&self, bias: bool) -> crate::cuda::conv::ConvDims {
+        crate::cuda::conv::ConvDims { b: self.b, l: self.l, c: self.c, k: self.k, bias }
+    }
+}
+
 /// Document id of padded position u ∈ [0, l + k − 1) (the first k − 1 are the carried state).
 #[inline(always)]
 fn seg_ext(seg: &Segments, b: usize, l: usize, k: usize, u: usize) -> u32 {
@@ -172,6 +179,12 @@ impl CustomOp2 for ConvOp {
         }
         Ok((CpuStorage::F32(y), Shape::from((d.b, d.l, d.c))))
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = dims_of(l1, l2, self.bias)?;
+        let y = crate::cuda::conv::fwd(d.cuda(self.bias), &self.seg, (s1, l1), (s2, l2))?;
+        Ok((y, Shape::from((d.b, d.l, d.c))))
+    }
     fn bwd(&self, xs: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let op = ConvBwdOp { seg: self.seg.clone(), bias: self.bias };
         let g = xs.detach().apply_op3_no_bwd(&w.detach(), &grad.detach().contiguous()?, &op)?;
@@ -223,6 +236,20 @@ impl CustomOp3 for ConvBwdOp {
         }
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = dims_of(l1, l2, self.bias)?;
+        let g = crate::cuda::conv::bwd(d.cuda(self.bias), &self.seg, (s1, l1), (s2, l2), (s3, l3))?;
+        Ok((g, Shape::from(d.b * (d.l + d.k - 1) * d.c + d.c * (d.k + self.bias as usize))))
     }
 }
 
@@ -290,7 +317,7 @@ pub fn causal_conv1d(
         }
         (None, true) => Tensor::cat(&[&Tensor::zeros((b, k - 1, c), DType::F32, x.device())?, &x], 1)?,
     };
-    if x.device().is_cpu() {
+    if x.device().is_cpu() || x.device().is_cuda() {
         let (wb, has_bias) = match bias {
             Some(bias) => {
                 expect_dims(bias, &[c], "conv1d: bias")?;
@@ -362,7 +389,7 @@ mod taps_tests {
     use super::*;
     use crate::testing::{rel_err, Gen};
 
-    /// The device-generic path (used on CUDA) equals the CPU kernel, with document boundaries and a
+    /// The device-generic path (devices without a conv kernel) equals the CPU kernel, with document boundaries and a
     /// carried state, forward and gradients.
     #[test]
     fn candle_ops_path_matches_the_cpu_kernel_with_documents() {

@@ -13,7 +13,9 @@
 //! - [`act`]: softplus and the bounded-gradient square root.
 //! - [`bf16`]: bf16 matrix products on AVX-512 BF16 for prefill and batched decode.
 //! - [`quant`]: f16, Q8_0 and Q4_0 weight matrices (ggml block layouts) and their batched matvec.
-//! - `cuda` (feature `cuda`): CUDA C kernels compiled at run time by NVRTC (the chunked SSD).
+//! - [`decode`]: Mamba-2's single-token step for a batch (fused on CUDA).
+//! - `cuda` (feature `cuda`): CUDA C kernels compiled at run time by NVRTC: the chunked SSD, the
+//!   selective scan, conv1d, gated RMSNorm (forward and backward) and the fused decode step.
 //! - [`cpu`]: the scalar helpers (exp, softplus, dot) and buffer utilities the CPU kernels share.
 
 pub mod act;
@@ -22,6 +24,7 @@ pub mod conv;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod decode;
 pub mod linear_scan;
 pub mod norm;
 pub mod quant;

@@ -1,8 +1,8 @@
 //! RMSNorm and the gated RMSNorm of Mamba-2 (`mamba_ssm.ops.triton.layernorm_gated.rms_norm_ref`), in f32,
 //! differentiable; the result has x's dtype.
 //!
-//! On the CPU both are one fused op each way (forward; backward giving dx, dz, dw in one pass over the
-//! rows). [`gated_rms_norm_reference`] is the same function in plain candle ops: the path for other
+//! On the CPU and on CUDA (`cuda::norm`) both are one fused op each way (forward; backward giving dx, dz,
+//! dw in one pass over the rows). [`gated_rms_norm_reference`] is the same function in plain candle ops: the path for other
 //! devices, and the oracle the fused op is tested against.
 //!
 //! ```text
@@ -24,7 +24,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 /// Gated RMSNorm over the last dim, normalised per group of `group_size` channels (None: all).
 pub fn gated_rms_norm(x: &Tensor, z: Option<&Tensor>, w: &Tensor, eps: f64, group_size: Option<usize>, norm_before_gate: bool) -> Result<Tensor> {
     let gs = check(x, z, w, group_size)?;
-    if !x.device().is_cpu() {
+    if !(x.device().is_cpu() || x.device().is_cuda()) {
         return gated_rms_norm_reference(x, z, w, eps, group_size, norm_before_gate);
     }
     let op = NormOp { eps: eps as f32, group: gs, before_gate: norm_before_gate, gated: z.is_some() };
@@ -102,6 +102,11 @@ fn sigmoid(v: f32) -> f32 {
 }
 
 impl NormOp {
+    #[cfg(feature = "cuda")]
+    fn cuda_cfg(&self) -> crate::cuda::norm::NormCfg {
+        crate::cuda::norm::NormCfg { group: self.group, eps: self.eps, gated: self.gated, before_gate: self.before_gate }
+    }
+
     /// Forward of one row (d channels).
     #[inline(always)]
     fn row_fwd(&self, x: &[f32], z: &[f32], w: &[f32], y: &mut [f32]) {
@@ -228,6 +233,11 @@ impl CustomOp3 for NormOp {
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let y = crate::cuda::norm::fwd(self.cuda_cfg(), (s1, l1), (s2, l2), (s3, l3))?;
+        Ok((y, l1.shape().clone()))
+    }
     fn bwd(&self, x: &Tensor, z: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let packed = Tensor::cat(&[&w.detach(), &grad.detach().contiguous()?.flatten_all()?], 0)?;
         let g = x.detach().apply_op3_no_bwd(&z.detach(), &packed, &NormBwdOp(*self))?;
@@ -276,5 +286,12 @@ impl CustomOp3 for NormBwdOp {
         }
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let n = l1.shape().elem_count();
+        let d = l3.shape().elem_count() - n;
+        let g = crate::cuda::norm::bwd(self.0.cuda_cfg(), (s1, l1), (s2, l2), (s3, l3))?;
+        Ok((g, Shape::from(2 * n + d)))
     }
 }

@@ -9,6 +9,7 @@
 //!
 //! The kernel runs the scan in f32 over blocks of channels in parallel; the backward pass recomputes the
 //! states of its block and runs the adjoint recurrence in reverse. `seq_idx` resets h at document starts.
+//! With the `cuda` feature the same op runs on CUDA devices (`cuda::selective_scan`, same layouts).
 
 use crate::cpu::{dot, exp, SendPtr};
 use crate::util::{cpu_f32, expect_dims, Segments};
@@ -314,6 +315,20 @@ impl CustomOp3 for ScanOp {
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dm = dims_of(l1, l3, l2)?;
+        let out = crate::cuda::selective_scan::fwd(dm, &self.seg, (s1, l1), (s2, l2), (s3, l3))?;
+        Ok((out, Shape::from(dm.b * dm.l * dm.d + dm.b * dm.d * dm.n)))
+    }
     fn bwd(
         &self,
         ud: &Tensor,
@@ -379,6 +394,21 @@ impl CustomOp3 for ScanBwdOp {
         out.extend_from_slice(&dh0);
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dm = dims_of(l1, l2, l3)?;
+        let Dims { b, l, d, n, g } = dm;
+        let out = crate::cuda::selective_scan::bwd(dm, &self.seg, (s1, l1), (s2, l2), (s3, l3))?;
+        Ok((out, Shape::from(2 * b * l * d + 2 * b * l * g * n + (b + 1) * d * n)))
     }
 }
 
@@ -493,8 +523,8 @@ pub fn selective_scan(inp: &ScanInput) -> Result<(Tensor, Tensor)> {
     };
     let ah = Tensor::cat(&[&inp.a.to_dtype(DType::F32)?.unsqueeze(0)?, &h0], 0)?.contiguous()?;
     let bc = Tensor::cat(&[&bm.to_dtype(DType::F32)?, &cm.to_dtype(DType::F32)?], 3)?.contiguous()?;
-    if !u.device().is_cpu() {
-        bail!("selective_scan: only the CPU kernel is built in this configuration");
+    if !(u.device().is_cpu() || u.device().is_cuda()) {
+        bail!("selective_scan: runs on the CPU and on CUDA devices, not on {:?}", u.device().location());
     }
     let out = ud.apply_op3(&ah, &bc, ScanOp { seg })?;
     let mut y = out.narrow(0, 0, b * l * d)?.reshape((b, l, d))?;

@@ -31,6 +31,10 @@ impl Segments {
             Some(v) => v[b * len + t],
         }
     }
+    /// All ids (b·l), or `None` when the batch is unsegmented.
+    pub fn ids(&self) -> Option<&[u32]> {
+        self.0.as_deref().map(|v| v.as_slice())
+    }
     /// Ids of row `b`, or `None` when the batch is unsegmented.
     #[inline]
     pub fn row(&self, b: usize, len: usize) -> Option<&[u32]> {

@@ -145,8 +145,13 @@ impl Mamba {
             bm = norm(&bm)?;
             cm = norm(&cm)?;
         }
-        let delta = dt_low.broadcast_matmul(&dt_w.t()?.to_dtype(dt_low.dtype())?)?;
-        Ok((delta, bm, cm))
+        // As a 2-D product of a contiguous lhs (cuBLAS takes neither the strided narrow nor a broadcast rhs).
+        let mut lead = dt_low.dims().to_vec();
+        lead.pop();
+        let dt2 = dt_low.contiguous()?.reshape(((), r))?;
+        let delta = dt2.matmul(&dt_w.t()?.to_dtype(dt2.dtype())?)?;
+        lead.push(self.cfg.d_inner);
+        Ok((delta.reshape(lead)?, bm, cm))
     }
 
     pub fn zero_state(&self, batch: usize) -> Result<MambaState> {

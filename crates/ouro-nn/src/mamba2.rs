@@ -12,9 +12,10 @@
 
 use candle_core::{bail, DType, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
-use ouro_kernels::conv::{causal_conv1d, causal_conv1d_step, conv_state_after};
+use ouro_kernels::conv::{causal_conv1d, conv_state_after};
+use ouro_kernels::decode::{mamba2_step, StepInput};
 use ouro_kernels::norm::gated_rms_norm;
-use ouro_kernels::ssd::{ssd_step, ssd_xbc, Algo, XbcShape};
+use ouro_kernels::ssd::{ssd_xbc, Algo, XbcShape};
 use serde::{Deserialize, Serialize};
 
 /// Mixer hyper-parameters (`mamba_ssm` names).
@@ -236,13 +237,21 @@ impl Mamba2 {
         let c = &self.cfg;
         let b = u.dim(0)?;
         let [z0, x0, z, xbc, dt] = self.in_proj_parts(u)?;
-        let (xbc, conv) = causal_conv1d_step(&state.conv, &xbc, &self.conv_weight, self.conv_bias.as_ref())?;
-        let xbc = xbc.silu()?;
-        let (h, p, g, n) = (c.nheads(), c.headdim, c.ngroups, c.d_state);
-        let x = xbc.narrow(1, 0, c.d_ssm())?.reshape((b, h, p))?;
-        let bm = xbc.narrow(1, c.d_ssm(), g * n)?.reshape((b, g, n))?;
-        let cm = xbc.narrow(1, c.d_ssm() + g * n, g * n)?.reshape((b, g, n))?;
-        let (y, ssm) = ssd_step(&state.ssm, &x, &dt, &self.a()?, &bm, &cm, Some(&self.d_skip()?), None, Some(&self.dt_bias), true, c.dt_limit)?;
+        let shape = XbcShape { heads: c.nheads(), head_dim: c.headdim, groups: c.ngroups, d_state: c.d_state };
+        let (a, d) = (self.a()?, self.d_skip()?);
+        let (y, conv, ssm) = mamba2_step(&StepInput {
+            conv_state: &state.conv,
+            xbc: &xbc,
+            conv_weight: &self.conv_weight,
+            conv_bias: self.conv_bias.as_ref(),
+            ssm: &state.ssm,
+            dt: &dt,
+            a: &a,
+            dt_bias: &self.dt_bias,
+            d: &d,
+            dt_limit: c.dt_limit,
+            shape,
+        })?;
         state.conv = conv;
         state.ssm = ssm;
         self.output(y.reshape((b, c.d_ssm()))?, &z, &z0, &x0)

@@ -1,6 +1,7 @@
 //! `ouro bench ssd-gpu`: the Mamba-2 SSD layer on a CUDA device, forward and forward+backward, timed
 //! against the device's measured copy bandwidth and bf16 matmul rate, beside `mamba_ssm`'s Triton
-//! `mamba_chunk_scan_combined` (scripts/bench/ssd_triton.py) run by the same command.
+//! `mamba_chunk_scan_combined` (scripts/bench/ssd_triton.py) run by the same command; then the fused
+//! single-token decode step at several batch sizes, beside `mamba_ssm`'s Triton `selective_state_update`.
 
 #![cfg_attr(not(feature = "cuda"), allow(dead_code))]
 
@@ -29,6 +30,10 @@ pub struct SsdGpuArgs {
     peer: Option<String>,
     #[arg(long)]
     peer_src: Option<std::path::PathBuf>,
+    /// Batch sizes of the decode-step benchmark (at the first shape's heads, head_dim, d_state; conv
+    /// width 4), comma-separated; empty to skip it.
+    #[arg(long, value_delimiter = ',', default_value = "1,64,512")]
+    decode_batches: Vec<usize>,
     /// One JSON object per shape instead of a table.
     #[arg(long)]
     json: bool,
@@ -83,6 +88,26 @@ struct PeerRow {
     fwd_bwd_ms: f64,
 }
 
+#[derive(Serialize, Deserialize, Debug)]
+struct PeerDecodeRow {
+    decode_batch: usize,
+    decode_ms: f64,
+}
+
+#[derive(Serialize)]
+struct DecodeRow {
+    batch: usize,
+    /// the fused kernel (conv update, SiLU, dt, state update, y)
+    fused_ms: f64,
+    /// the same step in candle ops
+    candle_ms: f64,
+    tb_s: f64,
+    floor_ms: f64,
+    /// Triton selective_state_update (the SSM update only: no conv)
+    peer_ms: Option<f64>,
+    check_rel_err: Option<f32>,
+}
+
 #[derive(Serialize)]
 struct Row {
     shape: String,
@@ -103,7 +128,7 @@ struct Row {
     matmul_tflop_s: f64,
 }
 
-fn run_peer(python: &str, src: &std::path::Path, shapes: &[String], dtype: &str, iters: usize) -> Result<Vec<PeerRow>> {
+fn run_peer(python: &str, src: &std::path::Path, shapes: &[String], dtype: &str, iters: usize, decode: &[usize]) -> Result<(Vec<PeerRow>, Vec<PeerDecodeRow>)> {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench/ssd_triton.py");
     let script = if script.exists() { script } else { std::path::PathBuf::from("scripts/bench/ssd_triton.py") };
     let out = std::process::Command::new(python)
@@ -111,13 +136,22 @@ fn run_peer(python: &str, src: &std::path::Path, shapes: &[String], dtype: &str,
         .arg("--src")
         .arg(src)
         .args(["--shapes", &shapes.join(","), "--dtype", dtype, "--iters", &iters.to_string()])
+        .args(["--decode-batches", &decode.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",")])
         .output()
         .with_context(|| format!("running the peer {python} {}", script.display()))?;
     if !out.status.success() {
         bail!("peer benchmark failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).context("peer output")).collect()
+    let (mut scans, mut steps) = (Vec::new(), Vec::new());
+    for l in String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with('{')) {
+        if l.contains("decode_batch") {
+            steps.push(serde_json::from_str(l).context("peer output")?);
+        } else {
+            scans.push(serde_json::from_str(l).context("peer output")?);
+        }
+    }
+    Ok((scans, steps))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -166,10 +200,10 @@ pub fn ssd_gpu(a: SsdGpuArgs) -> Result<()> {
     let peak = 2.0 * 8192f64.powi(3) / mm_s;
     drop((m, out));
     eprintln!("device: copy {:.2} TB/s, bf16 matmul {:.0} TFLOP/s", bandwidth / 1e12, peak / 1e12);
-    let peer: Vec<PeerRow> = match (&a.peer, &a.peer_src) {
-        (Some(py), Some(src)) => run_peer(py, src, &a.shapes, &a.dtype, a.iters)?,
+    let (peer, peer_decode) = match (&a.peer, &a.peer_src) {
+        (Some(py), Some(src)) => run_peer(py, src, &a.shapes, &a.dtype, a.iters, &a.decode_batches)?,
         (Some(_), None) => bail!("--peer needs --peer-src (the mamba_ssm source folder)"),
-        _ => Vec::new(),
+        _ => (Vec::new(), Vec::new()),
     };
     let elem = if dtype == DType::BF16 { 2 } else { 4 };
     let mut rows = Vec::new();
@@ -254,8 +288,12 @@ pub fn ssd_gpu(a: SsdGpuArgs) -> Result<()> {
             matmul_tflop_s: peak / 1e12,
         });
     }
+    let decode = decode_rows(&dev, shapes[0], &a.decode_batches, &peer_decode, a.check, bandwidth, &time)?;
     if a.json {
         for r in &rows {
+            println!("{}", serde_json::to_string(r)?);
+        }
+        for r in &decode {
             println!("{}", serde_json::to_string(r)?);
         }
         return Ok(());
@@ -284,5 +322,88 @@ pub fn ssd_gpu(a: SsdGpuArgs) -> Result<()> {
             r.check_rel_err.map_or("—".into(), |e| format!("{e:.1e}"))
         );
     }
+    if !decode.is_empty() {
+        let Shape { h, p, n, .. } = shapes[0];
+        println!();
+        println!("decode step, {h} heads × head_dim {p} × d_state {n}, 1 group, conv width 4, f32 state:");
+        println!("| batch | fused ms | candle ops ms | fused TB/s | fused ÷ floor | Triton selective_state_update ms (no conv) | ouro speed-up | check |");
+        println!("|---|---|---|---|---|---|---|---|");
+        for r in &decode {
+            let (pm, ratio) = r.peer_ms.map_or(("—".into(), "—".into()), |m| (format!("{m:.4}"), format!("{:.2}×", m / r.fused_ms)));
+            println!(
+                "| {} | {:.4} | {:.4} | {:.2} | {:.1}× | {pm} | {ratio} | {} |",
+                r.batch,
+                r.fused_ms,
+                r.candle_ms,
+                r.tb_s,
+                r.fused_ms / r.floor_ms,
+                r.check_rel_err.map_or("—".into(), |e| format!("{e:.1e}"))
+            );
+        }
+    }
     Ok(())
+}
+
+/// The fused decode step (and the same step in candle ops) at each batch size.
+#[cfg(feature = "cuda")]
+fn decode_rows(
+    dev: &candle_core::Device,
+    s: Shape,
+    batches: &[usize],
+    peer: &[PeerDecodeRow],
+    check: bool,
+    bandwidth: f64,
+    time: &dyn Fn(&mut dyn FnMut() -> Result<()>) -> Result<f64>,
+) -> Result<Vec<DecodeRow>> {
+    use candle_core::{DType, Device, Tensor};
+    use ouro_kernels::decode::{composed, mamba2_step, StepInput};
+    use ouro_kernels::ssd::XbcShape;
+    let Shape { h, p, n, .. } = s;
+    let (g, k) = (1, 4);
+    let cd = h * p + 2 * g * n;
+    let shape = XbcShape { heads: h, head_dim: p, groups: g, d_state: n };
+    let w = (Tensor::randn(0f32, 1.0, (cd, 1, k), dev)? * 0.3)?;
+    let cb = Tensor::randn(0f32, 0.1, cd, dev)?;
+    let a_ = Tensor::rand(1f32, 16.0, h, dev)?.neg()?;
+    let dt_bias = Tensor::rand(-4f32, -2.0, h, dev)?;
+    let d = Tensor::ones(h, DType::F32, dev)?;
+    let mut rows = Vec::new();
+    for &b in batches {
+        let conv = Tensor::randn(0f32, 1.0, (b, k - 1, cd), dev)?;
+        let ssm = Tensor::randn(0f32, 1.0, (b, h, p, n), dev)?;
+        let xbc = Tensor::randn(0f32, 1.0, (b, cd), dev)?;
+        let dt = Tensor::randn(0f32, 0.5, (b, h), dev)?;
+        let inp = StepInput { conv_state: &conv, xbc: &xbc, conv_weight: &w, conv_bias: Some(&cb), ssm: &ssm, dt: &dt, a: &a_, dt_bias: &dt_bias, d: &d, dt_limit: (0.0, f64::INFINITY), shape };
+        let fused_s = time(&mut || {
+            mamba2_step(&inp)?;
+            Ok(())
+        })?;
+        let candle_s = time(&mut || {
+            composed(&inp, b)?;
+            Ok(())
+        })?;
+        let check_err = if check {
+            let (y, _, s2) = mamba2_step(&inp)?;
+            let c = |t: &Tensor| t.to_device(&Device::Cpu);
+            let (cw, ccb, ca, cdb, cdd) = (c(&w)?, c(&cb)?, c(&a_)?, c(&dt_bias)?, c(&d)?);
+            let (cconv, cssm, cx, cdt) = (c(&conv)?, c(&ssm)?, c(&xbc)?, c(&dt)?);
+            let ci = StepInput { conv_state: &cconv, xbc: &cx, conv_weight: &cw, conv_bias: Some(&ccb), ssm: &cssm, dt: &cdt, a: &ca, dt_bias: &cdb, d: &cdd, dt_limit: (0.0, f64::INFINITY), shape };
+            let (wy, _, ws) = composed(&ci, b)?;
+            let e = ouro_kernels::testing::rel_err(&y.to_device(&Device::Cpu)?, &wy).max(ouro_kernels::testing::rel_err(&s2.to_device(&Device::Cpu)?, &ws));
+            Some(e)
+        } else {
+            None
+        };
+        let bytes = 4.0 * (2.0 * (b * h * p * n) as f64 + 2.0 * (b * (k - 1) * cd) as f64 + (b * (cd + h + h * p)) as f64 + (cd * (k + 1)) as f64);
+        rows.push(DecodeRow {
+            batch: b,
+            fused_ms: fused_s * 1e3,
+            candle_ms: candle_s * 1e3,
+            tb_s: bytes / fused_s / 1e12,
+            floor_ms: bytes / bandwidth * 1e3,
+            peer_ms: peer.iter().find(|r| r.decode_batch == b).map(|r| r.decode_ms),
+            check_rel_err: check_err,
+        });
+    }
+    Ok(rows)
 }

@@ -2,7 +2,18 @@
 //! sizes of each call (head_dim, d_state, chunk) and cached per device, launched on candle's stream.
 //!
 //! - [`ssd`]: the Mamba-2 chunked SSD scan, forward and backward, as a candle custom op.
+//! - [`selective_scan`]: Mamba-1's selective scan (S6), forward and backward.
+//! - [`conv`]: the causal depthwise conv1d, forward and backward.
+//! - [`norm`]: the (gated) RMSNorm, forward and backward.
+//! - [`decode`]: Mamba-2's single-token step (conv update, SiLU, SSD state update, y) fused for a batch.
+//!
+//! Apart from `ssd` these are the CUDA halves of the CPU custom ops of the same names: the same packed
+//! f32 layouts in and out, so that one op (and one backward) serves both devices.
 
+pub mod conv;
+pub mod decode;
+pub mod norm;
+pub mod selective_scan;
 pub mod ssd;
 
 use candle_core::cuda_backend::cudarc::driver::{sys, CudaFunction, CudaModule, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
@@ -146,10 +157,47 @@ pub(crate) fn ptr_f32(v: &candle_core::cuda_backend::cudarc::driver::CudaSlice<f
 }
 
 const PROBE: &str = r#"
+extern "C" __global__ void fill_f32(float* p, float v, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) p[i] = v;
+}
 extern "C" __global__ void copy_f4(const float4* __restrict__ src, float4* __restrict__ dst, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) dst[i] = src[i];
 }
 "#;
+
+/// Fills f32 `len` values at `p` with NaN when OURO_CUDA_POISON is set (tests: every output element a
+/// kernel claims to write must be written).
+pub(crate) fn poison(dev: &CudaDevice, p: u64, len: usize) -> Result<()> {
+    if std::env::var_os("OURO_CUDA_POISON").is_some() && len > 0 {
+        let m = module(dev, "probe", PROBE, &[])?;
+        let f = function(&m, "fill_f32", 0)?;
+        launch(&dev.cuda_stream(), &f, (256, 1, 1), 256, 0, &[Arg::Ptr(p), Arg::F32(f32::NAN), Arg::I64(len as i64)])?;
+    }
+    Ok(())
+}
+
+/// A fresh f32 device buffer of `len` values (uninitialised, or zeroed) and its address.
+pub(crate) fn alloc_f32(dev: &CudaDevice, len: usize, zeroed: bool) -> Result<(candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>, u64)> {
+    use candle_core::cuda_backend::WrapErr;
+    let stream = dev.cuda_stream();
+    let v = if zeroed { stream.alloc_zeros::<f32>(len.max(1)).w()? } else { unsafe { stream.alloc::<f32>(len.max(1)) }.w()? };
+    let p = ptr_f32(&v, &stream);
+    Ok((v, p))
+}
+
+/// Document ids (b·l) on the device, or None (address 0) for an unsegmented batch.
+pub(crate) fn upload_segments(dev: &CudaDevice, seg: &crate::util::Segments) -> Result<Option<candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>>> {
+    use candle_core::cuda_backend::WrapErr;
+    match seg.ids() {
+        None => Ok(None),
+        Some(v) => Ok(Some(dev.cuda_stream().clone_htod(v).w()?)),
+    }
+}
+
+/// The device address of an optional u32 buffer (0 for none).
+pub(crate) fn ptr_u32(v: &Option<candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>>, dev: &CudaDevice) -> u64 {
+    v.as_ref().map_or(0, |v| v.device_ptr(&dev.cuda_stream()).0)
+}
 
 /// The device's copy bandwidth in bytes/s (read + written), measured with a float4 copy kernel over
 /// `bytes` (median of `iters` timed copies after a warm-up).

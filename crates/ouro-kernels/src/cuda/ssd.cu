@@ -83,10 +83,6 @@ __device__ __forceinline__ void chunk_cumsum(const float* la, long base, int H, 
     __syncthreads();
 }
 
-extern "C" __global__ void fill_f32(float* p, float v, long n) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) p[i] = v;
-}
-
 // Grid (NC, H, Bt). states[b, c, h] = Σ_j exp(cs_last − cs_j)·dt_j·x_j ⊗ B_j; csum[b, h, c] = cs_last.
 extern "C" __global__ void __launch_bounds__(NT) ssd_chunk_state(const T* xbc, const float* dt, const float* la, float* states,
                                                                   float* csum, int L, int H, int HPG, int ROW, int X_OFF,

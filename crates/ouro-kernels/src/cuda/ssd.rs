@@ -5,7 +5,7 @@
 //! each chunk), then chunk_dstate → state_passing_bwd → chunk_bwd. The chunk size is the largest of
 //! 64, 32, 16 whose backward fits in one block's shared memory.
 
-use super::{function, launch, max_shared, module, ptr, ptr_f32, Arg};
+use super::{function, launch, max_shared, module, poison, ptr, ptr_f32, Arg};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::{CudaStorage, WrapErr};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -209,15 +209,6 @@ impl SsdCuda {
     }
 }
 
-/// Fills f32 `buf` with NaN when OURO_CUDA_POISON is set (tests: every output element must be written).
-fn poison(m: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaModule>, stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>, p: u64, len: usize) -> Result<()> {
-    if std::env::var_os("OURO_CUDA_POISON").is_some() {
-        let f = function(m, "fill_f32", 0)?;
-        launch(stream, &f, (256, 1, 1), 256, 0, &[Arg::Ptr(p), Arg::F32(f32::NAN), Arg::I64(len as i64)])?;
-    }
-    Ok(())
-}
-
 impl CustomOp2 for SsdCuda {
     fn name(&self) -> &'static str {
         "ssd-cuda"
@@ -242,7 +233,7 @@ impl CustomOp2 for SsdCuda {
         let states = unsafe { stream.alloc::<f32>(z.b * z.nc * h * p * n) }.w()?;
         let csum = unsafe { stream.alloc::<f32>(z.b * h * z.nc) }.w()?;
         let (po, pst, pcs) = (ptr_f32(&out, &stream), ptr_f32(&states, &stream), ptr_f32(&csum, &stream));
-        poison(&m, &stream, po, ny + ns)?;
+        poison(&dev, po, ny + ns)?;
         let k = self.kernels();
         let (k_state, k_scan, threads, sm_state, sm_scan) = (k.state, k.scan, k.threads, k.smem[0], k.smem[1]);
         let grid = (z.nc as u32, h as u32, z.b as u32);
@@ -312,9 +303,9 @@ impl CustomOp3 for SsdCudaBwd {
         // Poison what the kernels overwrite without accumulating (ddt, dla, ds0).
         let (pdx, pddt, pdla, pdd) = (po, po + 4 * nx as u64, po + 4 * (nx + blh) as u64, po + 4 * (nx + 2 * blh) as u64);
         let pds0 = if f.has_s0 { po + 4 * (nx + 2 * blh + h * p) as u64 } else { 0 };
-        poison(&m, &stream, pddt, 2 * blh)?;
+        poison(&dev, pddt, 2 * blh)?;
         if f.has_s0 {
-            poison(&m, &stream, pds0, ns)?;
+            poison(&dev, pds0, ns)?;
         }
         let k = f.kernels();
         let ([sm_state, _, sm_dstate, sm_bwd], nt) = (k.smem, k.threads);
