@@ -42,6 +42,9 @@ enum Command {
     Data(cmd::train::Data),
     /// Draws the loss/perplexity plot of one or more runs.
     Plot(cmd::train::PlotArgs),
+    /// Distils a Llama teacher into a Llamba student (MOHAWK: matrix orientation, hidden-state alignment,
+    /// knowledge distillation).
+    Distill(cmd::distill::DistillArgs),
     /// Fits a sequence property predictor (Lyra and baselines) on labelled sequences.
     Fit(cmd::fit::FitArgs),
     /// Predicts with a fitted model: the input rows plus a `prediction` column.
@@ -80,6 +83,7 @@ fn main() {
         Command::Train(a) => cmd::train::train(a),
         Command::Data(d) => cmd::train::data(d),
         Command::Plot(a) => cmd::train::plot(a),
+        Command::Distill(a) => cmd::distill::distill_cmd(a),
         Command::Fit(a) => cmd::fit::fit_cmd(a),
         Command::Predict(a) => cmd::fit::predict_cmd(a),
         Command::Evaluate(a) => cmd::fit::evaluate_cmd(a),

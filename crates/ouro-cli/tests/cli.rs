@@ -251,3 +251,57 @@ fn quantize_then_bench_and_generate() {
     assert!(!ok && err.contains("Mamba-2"), "{err}");
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+#[test]
+fn distill_a_tiny_llama_into_llamba_then_generate() {
+    // The teacher: a 2-layer Llama GGUF with its BPE tokenizer (4 heads of 16, 2 KV heads).
+    let dir = std::env::temp_dir().join(format!("ouro-cli-distill-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = dir.join("text.txt");
+    let line = "The quick brown fox jumps over the lazy dog, and the dog sleeps in the sun. ";
+    std::fs::write(&text, line.repeat(60)).unwrap();
+    let student = dir.join("student.toml");
+    std::fs::write(&student, "[ssm_cfg]\nd_state = 16\nn_v_heads = 4\nn_qk_heads = 4\n").unwrap();
+    let out = dir.join("run");
+    let teacher = fixture("lm/llama_gguf/tiny-llama-mixed.gguf");
+    let (ok, stdout, err) = run(ouro()
+        .args(["distill", "--teacher"])
+        .arg(&teacher)
+        .arg("--student-config")
+        .arg(&student)
+        .arg("--data")
+        .arg(&text)
+        .args(["--stage", "all", "--tokens", "256,256,256", "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "128", "--quiet", "--out"])
+        .arg(&out));
+    assert!(ok, "{err}");
+    assert!(err.contains("x ← v_proj (KV heads repeated ×2)"), "{err}");
+    let stages: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(stages.as_array().unwrap().len(), 3, "{stdout}");
+    for s in stages.as_array().unwrap() {
+        assert!(s["last_loss"].as_f64().unwrap().is_finite() && s["student_ppl"].as_f64().unwrap().is_finite(), "{s}");
+    }
+    for f in ["stage1/config.json", "stage2/model.safetensors", "stage3/tokenizer.json", "metrics.jsonl", "loss.svg", "summary.json"] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    // The student runs with `ouro generate`, with the teacher's tokenizer.
+    let (ok, gen, err) = run(ouro().args(["generate", "--model"]).arg(out.join("stage3")).args(["--prompt", "The quick", "--max-new-tokens", "5", "--seed", "1"]));
+    assert!(ok, "{err}");
+    assert!(gen.starts_with("The quick"), "{gen}");
+    // Stage 3 alone from the stage-2 student (--init), and a clear error for an unknown config key.
+    let (ok, _, err) = run(ouro()
+        .args(["distill", "--teacher"])
+        .arg(&teacher)
+        .arg("--student-config")
+        .arg(&student)
+        .arg("--data")
+        .arg(&text)
+        .arg("--init")
+        .arg(out.join("stage2"))
+        .args(["--stage", "3", "--tokens", "0,0,128", "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "64", "--quiet", "--out"])
+        .arg(dir.join("run3")));
+    assert!(ok, "{err}");
+    std::fs::write(&student, "[ssm_cfg]\nd_state = 16\nn_v_heads = 4\nn_qk_heads = 4\nd_staet = 3\n").unwrap();
+    let (ok, _, err) = run(ouro().args(["distill", "--teacher"]).arg(&teacher).arg("--student-config").arg(&student).arg("--data").arg(&text).arg("--out").arg(dir.join("bad")));
+    assert!(!ok && err.contains("student.toml") && err.contains("d_staet"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -282,6 +282,22 @@ impl Attention {
     /// attention stays inside documents.
     pub fn forward(&self, x: &Tensor, seq_idx: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
+        let (h, hd) = (self.cfg.n_heads, self.cfg.head_dim);
+        let (p, v) = self.probs_and_values(x, seq_idx, cache)?;
+        let y = p.matmul(&v.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?; // (b, h, l, hd)
+        let y = y.transpose(1, 2)?.reshape((b, l, h * hd))?;
+        self.out.forward(&y)
+    }
+
+    /// The attention matrix softmax(Q·Kᵀ/√d + mask) (b, h, l, l) of x, from position 0: attention as an
+    /// L×L sequence mixer (MOHAWK's stage 1 aligns a student's mixer matrix with it).
+    pub fn matrix(&self, x: &Tensor, seq_idx: Option<&Tensor>) -> Result<Tensor> {
+        Ok(self.probs_and_values(x, seq_idx, None)?.0)
+    }
+
+    /// The attention probabilities (b, h, l, total) and the values (b, h, total, hd), heads expanded.
+    fn probs_and_values(&self, x: &Tensor, seq_idx: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<(Tensor, Tensor)> {
+        let (b, l, _) = x.dims3()?;
         let (h, kv, hd) = (self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim);
         let (q, k, v) = match &self.qkv {
             QkvProj::Separate(qp, kp, vp) => (qp.forward(x)?, kp.forward(x)?, vp.forward(x)?),
@@ -362,10 +378,7 @@ impl Attention {
             Some(m) => scores.broadcast_add(&m)?,
             None => scores,
         };
-        let p = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        let y = p.matmul(&v.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?; // (b, h, l, hd)
-        let y = y.transpose(1, 2)?.reshape((b, l, h * hd))?;
-        self.out.forward(&y)
+        Ok((candle_nn::ops::softmax(&scores, D::Minus1)?, v))
     }
 
     /// Additive mask (b or 1, 1, l, total): query at absolute position offset+i sees keys at absolute
@@ -396,5 +409,39 @@ impl Attention {
             }
         }
         Ok(Some(Tensor::from_vec(m, (rows, 1, l, total), dev)?))
+    }
+}
+
+#[cfg(test)]
+mod attention_tests {
+    use super::*;
+    use candle_nn::VarMap;
+
+    /// The attention matrix is what forward mixes with: causal rows that sum to one, and
+    /// out_proj(P · V) reproduces the forward output (GQA: 4 query heads on 2 KV heads).
+    #[test]
+    fn matrix_is_causal_stochastic_and_reproduces_forward() {
+        let cfg = AttentionConfig { d_model: 16, n_heads: 4, n_kv_heads: 2, head_dim: 4, rotary_dim: 4, rope_theta: 10000.0, qkv_bias: false, out_bias: false, window: None, causal: true };
+        let vm = VarMap::new();
+        let att = Attention::new_llama(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 7, 16), &Device::Cpu).unwrap();
+        let p = att.matrix(&x, None).unwrap(); // (2, 4, 7, 7)
+        assert_eq!(p.dims(), &[2, 4, 7, 7]);
+        let rows = p.sum(3).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(rows.iter().all(|r| (r - 1.0).abs() < 1e-5), "{rows:?}");
+        let v: Vec<f32> = p.flatten_all().unwrap().to_vec1().unwrap();
+        for (idx, val) in v.iter().enumerate() {
+            let (i, j) = ((idx / 7) % 7, idx % 7);
+            assert!(j <= i || *val == 0.0, "p[{i},{j}] = {val}");
+        }
+        // forward = out(P · V) with V's KV heads repeated for their query heads.
+        let QkvProj::Separate(_, _, vp) = &att.qkv else { unreachable!() };
+        let vv = vp.forward(&x).unwrap().reshape((2, 7, 2, 4)).unwrap().transpose(1, 2).unwrap(); // (2, 2, 7, 4)
+        let vv = vv.unsqueeze(2).unwrap().expand((2, 2, 2, 7, 4)).unwrap().reshape((2, 4, 7, 4)).unwrap();
+        let y = p.matmul(&vv.contiguous().unwrap()).unwrap().transpose(1, 2).unwrap().reshape((2, 7, 16)).unwrap();
+        let want = att.forward(&x, None, None).unwrap();
+        let got = att.out.forward(&y).unwrap();
+        let err = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(err < 1e-5, "{err}");
     }
 }

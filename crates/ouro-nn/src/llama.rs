@@ -154,6 +154,12 @@ impl Llama {
         Ok((hs, logits))
     }
 
+    /// Layer `i`'s attention matrix (b, heads, l, l) for its input h (b, l, d) (before the layer's norm).
+    pub fn attention_matrix(&self, i: usize, h: &Tensor) -> Result<Tensor> {
+        let layer = self.layers.get(i).ok_or_else(|| candle_core::Error::Msg(format!("llama: no layer {i}")))?;
+        layer.self_attn.matrix(&layer.input_layernorm.forward(h)?, None)
+    }
+
     fn layer_forward(&self, layer: &Layer, h: &Tensor, seq_idx: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = (h + layer.self_attn.forward(&layer.input_layernorm.forward(h)?, seq_idx, cache)?)?;
         &h + layer.mlp.forward(&layer.post_attention_layernorm.forward(&h)?)?

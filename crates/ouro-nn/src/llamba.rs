@@ -172,6 +172,23 @@ impl Llamba {
     pub fn mixers(&self) -> Vec<&DiscreteMamba2> {
         self.layers.iter().map(|l| &l.mixer).collect()
     }
+
+    /// Layer `i`'s mixer matrix (b, n_v_heads, l, l), D on the diagonal, for the layer input h (b, l, d).
+    pub fn mixer_matrix(&self, i: usize, h: &Tensor) -> Result<Tensor> {
+        let layer = self.layer(i)?;
+        layer.mixer.materialize(&layer.input_layernorm.forward(h)?, true)
+    }
+
+    /// Layer `i` (mixer and MLP with their residuals) on its input h (b, l, d).
+    pub fn layer_forward(&self, i: usize, h: &Tensor, seq_idx: Option<&Tensor>) -> Result<Tensor> {
+        let layer = self.layer(i)?;
+        let h = (h + layer.mixer.forward(&layer.input_layernorm.forward(h)?, seq_idx, None)?)?;
+        &h + layer.mlp.forward(&layer.post_attention_layernorm.forward(&h)?)?
+    }
+
+    fn layer(&self, i: usize) -> Result<&Layer> {
+        self.layers.get(i).ok_or_else(|| candle_core::Error::Msg(format!("llamba: no layer {i}")))
+    }
 }
 
 impl LanguageModel for Llamba {

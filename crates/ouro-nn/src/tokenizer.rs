@@ -66,6 +66,38 @@ impl Tokenizer {
         Ok(Tokenizer::Hf { tok: Box::new(tok), bos, eos, add_bos: false })
     }
 
+    /// Writes this tokenizer beside a checkpoint in `dir` so that [`Tokenizer::for_folder`] finds it:
+    /// `tokenizer.json` plus `bos_token_id` / `eos_token_id` in `config`, or `"tokenizer"` for the
+    /// character tokenizers.
+    pub fn save_for_folder(&self, dir: &Path, config: &mut serde_json::Value) -> Result<()> {
+        let Some(obj) = config.as_object_mut() else { bail!("tokenizer: the checkpoint config is not a JSON object") };
+        match self {
+            Tokenizer::Bytes => {
+                obj.insert("tokenizer".into(), "bytes".into());
+            }
+            Tokenizer::Dna => {
+                obj.insert("tokenizer".into(), "dna".into());
+            }
+            Tokenizer::Hf { tok, bos, eos, .. } => {
+                let file = dir.join("tokenizer.json");
+                tok.save(&file, false).map_err(msg(file.display()))?;
+                if let Some(b) = bos {
+                    obj.insert("bos_token_id".into(), (*b).into());
+                }
+                match eos.as_slice() {
+                    [] => {}
+                    [e] => {
+                        obj.insert("eos_token_id".into(), (*e).into());
+                    }
+                    many => {
+                        obj.insert("eos_token_id".into(), many.to_vec().into());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// A GPT-2-style byte-level BPE from GGUF metadata (`tokenizer.ggml.*`).
     pub fn from_gguf(meta: &HashMap<String, Value>) -> Result<Self> {
         let model = meta.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).map(String::as_str).unwrap_or("");

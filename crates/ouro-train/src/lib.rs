@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod data;
+pub mod distill;
 pub mod fetch;
 pub mod model;
 pub mod operator;

@@ -1,6 +1,7 @@
 pub mod bench;
 pub mod bench_gpu;
 pub mod engine;
+pub mod distill;
 pub mod doctor;
 pub mod fit;
 pub mod lm;

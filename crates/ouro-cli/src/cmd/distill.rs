@@ -1,0 +1,147 @@
+//! `ouro distill`: MOHAWK distillation of a Llama teacher into a Llamba student.
+
+use anyhow::{bail, Context, Result};
+use ouro_nn::checkpoint::Checkpoint;
+use ouro_nn::llama::Llama;
+use ouro_nn::llamba::LlambaSsmConfig;
+use ouro_nn::tokenizer::Tokenizer;
+use ouro_train::data::{read_text_documents, split, tokenize, Stream};
+use ouro_train::distill::{distill, init_student, load_student, DistillSpec};
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct DistillArgs {
+    /// The teacher: a Llama checkpoint folder or GGUF file (e.g. SmolLM2-135M-Instruct).
+    #[arg(long)]
+    teacher: PathBuf,
+    /// TOML with the student's `[ssm_cfg]` (d_state, n_v_heads, n_qk_heads, …); the rest comes from the
+    /// teacher (configs/distill/llamba-135m.toml).
+    #[arg(long)]
+    student_config: PathBuf,
+    /// A corpus name (`ouro data list`), a text file or a folder of .txt files.
+    #[arg(long)]
+    data: String,
+    /// 1, 2, 3 or all (1 then 2 then 3).
+    #[arg(long, default_value = "all")]
+    stage: String,
+    #[arg(long)]
+    out: PathBuf,
+    /// Start from a student checkpoint (an earlier stage's `DIR/stageK`) instead of the teacher's weights.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Token budgets of stages 1, 2, 3.
+    #[arg(long, value_delimiter = ',', default_value = "1000000,1000000,4000000")]
+    tokens: Vec<u64>,
+    /// Peak learning rates of stages 1, 2, 3.
+    #[arg(long, value_delimiter = ',', default_value = "1e-3,1e-3,3e-4")]
+    lr: Vec<f64>,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Softmax temperature of the stage-3 distillation loss.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Held-out tokens for the perplexities.
+    #[arg(long, default_value_t = 65536)]
+    eval_tokens: usize,
+    /// Fraction of the text (whole documents) held out.
+    #[arg(long, default_value_t = 0.1)]
+    valid_fraction: f64,
+    /// Where named corpora are fetched to.
+    #[arg(long, default_value = "data")]
+    data_dir: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StudentFile {
+    ssm_cfg: LlambaSsmConfig,
+}
+
+fn stages(s: &str) -> Result<Vec<u8>> {
+    match s {
+        "all" => Ok(vec![1, 2, 3]),
+        "1" | "2" | "3" => Ok(vec![s.parse()?]),
+        other => bail!("--stage '{other}': expected 1, 2, 3 or all"),
+    }
+}
+
+fn three<T: Copy>(v: &[T], what: &str) -> Result<[T; 3]> {
+    match *v {
+        [a, b, c] => Ok([a, b, c]),
+        _ => bail!("--{what}: give three comma-separated values (stages 1, 2, 3), got {}", v.len()),
+    }
+}
+
+/// The documents of `data`: a known corpus (fetched into `data_dir` on first use), a file or a folder.
+fn corpus_folder(data: &str, data_dir: &Path) -> Result<PathBuf> {
+    let path = Path::new(data);
+    if !path.exists() && ouro_train::fetch::SOURCES.iter().any(|s| s.name == data) {
+        return Ok(ouro_train::fetch::fetch(data, data_dir, &mut |m| eprintln!("{m}"))?);
+    }
+    if !path.exists() {
+        bail!("--data '{data}': no such file or folder, and not a corpus name (`ouro data list`)");
+    }
+    Ok(path.to_path_buf())
+}
+
+pub fn distill_cmd(a: DistillArgs) -> Result<()> {
+    let dev = crate::device::parse(&a.device)?;
+    let spec = DistillSpec {
+        stages: stages(&a.stage)?,
+        tokens: three(&a.tokens, "tokens")?,
+        batch_size: a.batch_size,
+        seq_len: a.seq_len,
+        lr: three(&a.lr, "lr")?,
+        temperature: a.temperature,
+        grad_clip: a.grad_clip,
+        seed: a.seed,
+        eval_tokens: a.eval_tokens,
+    };
+    if a.batch_size == 0 || a.seq_len == 0 || a.temperature <= 0.0 {
+        bail!("--batch-size and --seq-len must be positive, --temperature above 0");
+    }
+    let text = std::fs::read_to_string(&a.student_config).with_context(|| format!("{}", a.student_config.display()))?;
+    let student_file: StudentFile = toml::from_str(&text).with_context(|| format!("{}", a.student_config.display()))?;
+    let ck = Checkpoint::open(&a.teacher).with_context(|| format!("teacher {}", a.teacher.display()))?;
+    let teacher = Llama::load(&ck, candle_core::DType::F32, &dev).with_context(|| format!("teacher {} (a Llama checkpoint)", a.teacher.display()))?;
+    let tokenizer = Tokenizer::for_checkpoint(&ck, None).with_context(|| format!("the teacher's tokenizer ({})", a.teacher.display()))?;
+    let docs = read_text_documents(&corpus_folder(&a.data, &a.data_dir)?)?;
+    if docs.is_empty() {
+        bail!("--data '{}': no text documents", a.data);
+    }
+    let (train, valid) = split(tokenize(docs, &tokenizer)?, a.valid_fraction, a.seed);
+    let (train, valid) = (Stream::new(&train), Stream::new(&valid));
+    eprintln!("data {}: {} training tokens, {} held out", a.data, train.len(), valid.len());
+    if train.len() <= a.seq_len || valid.len() <= a.seq_len {
+        bail!("--data '{}': {} training and {} held-out tokens; each needs more than --seq-len {}", a.data, train.len(), valid.len(), a.seq_len);
+    }
+    let student = match &a.init {
+        Some(dir) => load_student(dir, &dev).with_context(|| format!("--init {}", dir.display()))?,
+        None => {
+            let (st, report) = init_student(&ck, &teacher.cfg, student_file.ssm_cfg, &dev)?;
+            eprintln!("student: {} tensors copied from the teacher; mixers: {}", report.copied, report.mixer.join(", "));
+            st
+        }
+    };
+    let params: usize = student.varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+    eprintln!("student: Llamba, {} layers, {params} parameters", student.cfg.n_layer);
+    std::fs::create_dir_all(&a.out).with_context(|| format!("{}", a.out.display()))?;
+    let results = distill(&teacher, &student, &tokenizer, &train, &valid, &spec, &a.out, !a.quiet, &mut |m| eprintln!("{m}"))?;
+    let summary = serde_json::json!({ "teacher": a.teacher, "data": a.data, "spec": spec, "parameters": params, "stages": results });
+    let file = a.out.join("summary.json");
+    let tmp = a.out.join("summary.json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&summary)?)?;
+    std::fs::rename(&tmp, &file)?;
+    println!("{}", serde_json::to_string(&summary["stages"])?);
+    Ok(())
+}

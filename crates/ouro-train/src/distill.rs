@@ -1,0 +1,589 @@
+//! MOHAWK (Bick et al., "Transformers to SSMs: Distilling Quadratic Knowledge to Subquadratic Models"):
+//! a Llama teacher distilled into a Llamba student (discrete Mamba-2 mixers in the teacher's blocks).
+//!
+//! ```text
+//! init     student = teacher with every attention replaced by a discrete Mamba-2 mixer; embeddings, norms,
+//!          MLPs and head copied; mixer in_proj [x | B | C] ← [V | K | Q/√d_head] (KV heads repeated for the
+//!          query heads they serve, as GQA does), out_proj ← o_proj, conv = identity, D = 0
+//! stage 1  matrix orientation, per layer: ‖T_student(x_i) − softmax(Q Kᵀ/√d + mask)(x_i)‖²_F, where x_i is
+//!          the teacher's input to layer i (the student's mixer and the teacher's attention see the same
+//!          normalised input); the mixers train, everything else is frozen
+//! stage 2  hidden-state alignment, per block: ‖block_student(h_i) − h_{i+1}‖² with h_i the teacher's
+//!          hidden states; the mixers train; layers are independent (one backward pass each)
+//! stage 3  end-to-end knowledge distillation on the logits: T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)); the
+//!          whole student trains
+//! ```
+//!
+//! Each stage has its own token budget and writes a checkpoint in the Llamba layout (with the teacher's
+//! tokenizer, so `ouro generate` runs it), then the teacher's and the student's held-out perplexity.
+
+use crate::data::{batch_from_rows, Stream};
+use crate::optim::{lr_at, AdamW};
+use crate::train::batch_loss;
+use candle_core::{bail, DType, Device, Result, Tensor, D};
+use candle_nn::{VarBuilder, VarMap};
+use ouro_nn::checkpoint::Checkpoint;
+use ouro_nn::llama::{Llama, LlamaConfig};
+use ouro_nn::llamba::{Llamba, LlambaConfig, LlambaMlpConfig, LlambaSsmConfig};
+use ouro_nn::lm::LanguageModel;
+use ouro_nn::tokenizer::Tokenizer;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::time::Instant;
+
+/// The student: its config, parameters and model (built on the parameters).
+pub struct Student {
+    pub cfg: LlambaConfig,
+    pub varmap: VarMap,
+    pub model: Llamba,
+}
+
+/// Which parts of the student came from the teacher at initialisation.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct InitReport {
+    /// e.g. "x ← v_proj (KV heads repeated ×3)"
+    pub mixer: Vec<String>,
+    pub copied: usize,
+}
+
+/// The Llamba config for a teacher and the student's SSM settings.
+pub fn student_config(t: &LlamaConfig, ssm: LlambaSsmConfig) -> LlambaConfig {
+    LlambaConfig {
+        vocab_size: t.vocab_size,
+        d_model: t.hidden_size,
+        n_layer: t.num_hidden_layers,
+        tie_embeddings: t.tie_word_embeddings,
+        pad_vocab_size_multiple: 1,
+        lm_head_bias: false,
+        norm_epsilon: t.rms_norm_eps,
+        mlp_cfg: LlambaMlpConfig { intermediate_size: t.intermediate_size, bias: t.mlp_bias, act_fn: t.hidden_act.clone() },
+        ssm_cfg: ssm,
+    }
+}
+
+/// A projection's weight (out, in) with its output rows grouped in `heads` blocks of `hd`, each block
+/// repeated `rep` times in place (KV head k → query heads k·rep … k·rep + rep − 1).
+fn repeat_heads(w: &Tensor, heads: usize, hd: usize, rep: usize) -> Result<Tensor> {
+    if rep == 1 {
+        return Ok(w.clone());
+    }
+    let d_in = w.dim(1)?;
+    w.reshape((heads, 1, hd, d_in))?.repeat((1, rep, 1, 1))?.reshape((heads * rep * hd, d_in))
+}
+
+/// `rows` output rows for a mixer slice from an attention projection of `heads` heads of `hd` rows, when
+/// the sizes allow: the projection as it is, or with its heads repeated for the query heads they serve.
+fn fit_rows(w: &Tensor, heads: usize, hd: usize, q_heads: usize, rows: usize, name: &str, slot: &str, report: &mut Vec<String>) -> Result<Option<Tensor>> {
+    if heads * hd == rows {
+        report.push(format!("{slot} ← {name}"));
+        return Ok(Some(w.clone()));
+    }
+    if heads < q_heads && q_heads * hd == rows {
+        report.push(format!("{slot} ← {name} (KV heads repeated ×{})", q_heads / heads));
+        return Ok(Some(repeat_heads(w, heads, hd, q_heads / heads)?));
+    }
+    report.push(format!("{slot}: random ({rows} rows; {name} has {})", heads * hd));
+    Ok(None)
+}
+
+/// Builds the student from the teacher checkpoint: non-mixer weights copied, mixers initialised from the
+/// attention weights where the shapes allow (see the module docs). f32 parameters on `dev`.
+pub fn init_student(teacher_ck: &Checkpoint, t: &LlamaConfig, ssm: LlambaSsmConfig, dev: &Device) -> Result<(Student, InitReport)> {
+    let cfg = student_config(t, ssm);
+    let mixer = cfg.mixer();
+    let (d, e, hq, hv, n) = (cfg.d_model, mixer.d_inner(), mixer.n_qk_heads, mixer.n_v_heads, mixer.d_state);
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
+    let model = Llamba::new(cfg.clone(), t.vocab_size, vb)?;
+    let tvb = teacher_ck.var_builder(DType::F32, dev, &[]);
+    let (th, kv, hd) = (t.num_attention_heads, t.kv_heads(), t.head_dim());
+    let mut report = InitReport::default();
+    let set = |name: String, value: Tensor| -> Result<()> {
+        let data = varmap.data().lock().unwrap();
+        let var = data.get(&name).ok_or_else(|| candle_core::Error::Msg(format!("distill: the student has no parameter '{name}'")))?;
+        if var.dims() != value.dims() {
+            bail!("distill: '{name}' is {:?} in the student, the teacher gives {:?}", var.dims(), value.dims());
+        }
+        var.set(&value.to_dtype(DType::F32)?)
+    };
+    let mut copy = |to: String, from: String, shape: &[usize]| -> Result<()> {
+        let v = tvb.get(shape, &from).map_err(|e| candle_core::Error::Msg(format!("{}: {from}: {e}", teacher_ck.path.display())))?;
+        report.copied += 1;
+        set(to, v)
+    };
+    copy("backbone.embedding.weight".into(), "model.embed_tokens.weight".into(), &[t.vocab_size, d])?;
+    copy("backbone.final_layernorm.weight".into(), "model.norm.weight".into(), &[d])?;
+    if !t.tie_word_embeddings {
+        copy("lm_head.weight".into(), "lm_head.weight".into(), &[t.vocab_size, d])?;
+    }
+    for i in 0..t.num_hidden_layers {
+        let (s, tp) = (format!("backbone.layers.{i}"), format!("model.layers.{i}"));
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            copy(format!("{s}.{norm}.weight"), format!("{tp}.{norm}.weight"), &[d])?;
+        }
+        for (p, shape) in [("gate_proj", [t.intermediate_size, d]), ("up_proj", [t.intermediate_size, d]), ("down_proj", [d, t.intermediate_size])] {
+            copy(format!("{s}.mlp.{p}.weight"), format!("{tp}.mlp.{p}.weight"), &shape)?;
+            if t.mlp_bias {
+                copy(format!("{s}.mlp.{p}.bias"), format!("{tp}.mlp.{p}.bias"), &shape[..1])?;
+            }
+        }
+    }
+    // The mixers: in_proj rows [x (E) | B (H_qk·N) | C (H_qk·N) | z (E) | A_log (H_v)].
+    let mut mixer_report = Vec::new();
+    for i in 0..t.num_hidden_layers {
+        let (s, tp) = (format!("backbone.layers.{i}.mixer"), format!("model.layers.{i}.self_attn"));
+        let get = |p: &str, rows: usize| tvb.get((rows, d), &format!("{tp}.{p}.weight"));
+        let (q, k, v, o) = (get("q_proj", th * hd)?, get("k_proj", kv * hd)?, get("v_proj", kv * hd)?, tvb.get((d, th * hd), &format!("{tp}.o_proj.weight"))?);
+        let data = varmap.data().lock().unwrap();
+        let in_proj = data.get(&format!("{s}.in_proj.weight")).expect("student in_proj").as_tensor().clone();
+        drop(data);
+        let mut r = Vec::new();
+        let slots = [
+            (fit_rows(&v, kv, hd, th, e, "v_proj", "x", &mut r)?, 0, e),
+            (fit_rows(&k, kv, hd, th, hq * n, "k_proj", "B", &mut r)?, e, hq * n),
+            (fit_rows(&(q / (hd as f64).sqrt())?, th, hd, th, hq * n, "q_proj / √head_dim", "C", &mut r)?, e + hq * n, hq * n),
+        ];
+        let mut parts = Vec::new();
+        let mut at = 0;
+        for (w, off, rows) in slots {
+            debug_assert_eq!(off, at);
+            parts.push(match w {
+                Some(w) => w,
+                None => in_proj.narrow(0, off, rows)?,
+            });
+            at += rows;
+        }
+        parts.push(in_proj.narrow(0, at, in_proj.dim(0)? - at)?); // z, A_log: as initialised
+        set(format!("{s}.in_proj.weight"), Tensor::cat(&parts, 0)?)?;
+        if o.dims() == [d, e] {
+            set(format!("{s}.out_proj.weight"), o)?;
+            r.push("out_proj ← o_proj".into());
+        } else {
+            r.push(format!("out_proj: random (o_proj is {:?})", o.dims()));
+        }
+        // Identity conv (the current token's tap 1) and no skip: at initialisation the mixer reads x, B, C
+        // exactly as the attention read V, K, Q.
+        let (cd, kw) = (mixer.conv_dim(), mixer.d_conv);
+        let mut taps = vec![0f32; cd * kw];
+        (0..cd).for_each(|c| taps[c * kw + kw - 1] = 1.0);
+        set(format!("{s}.conv1d.weight"), Tensor::from_vec(taps, (cd, 1, kw), dev)?)?;
+        if mixer.conv_bias {
+            set(format!("{s}.conv1d.bias"), Tensor::zeros(cd, DType::F32, dev)?)?;
+        }
+        set(format!("{s}.D"), Tensor::zeros(hv, DType::F32, dev)?)?;
+        if i == 0 {
+            mixer_report = r;
+        }
+    }
+    report.mixer = mixer_report;
+    Ok((Student { cfg, varmap, model }, report))
+}
+
+/// A student saved by [`save_student`] (an earlier stage), as trainable parameters on `dev`.
+pub fn load_student(dir: &Path, dev: &Device) -> Result<Student> {
+    let ck = Checkpoint::open(dir)?;
+    let mut config = ck.config.clone();
+    if let Some(o) = config.as_object_mut() {
+        for k in ["model_type", "tokenizer", "bos_token_id", "eos_token_id"] {
+            o.remove(k);
+        }
+    }
+    let cfg: LlambaConfig = serde_json::from_value(config).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", ck.config_path().display())))?;
+    let varmap = VarMap::new();
+    let model = Llamba::new(cfg.clone(), cfg.vocab_size, VarBuilder::from_varmap(&varmap, DType::F32, dev))?;
+    let vb = ck.var_builder(DType::F32, dev, &[]);
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        let t = vb.get(var.dims(), name).map_err(|e| candle_core::Error::Msg(format!("{}: {name}: {e}", dir.display())))?;
+        var.set(&t)?;
+    }
+    Ok(Student { cfg, varmap, model })
+}
+
+/// The settings of a distillation run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DistillSpec {
+    /// Stages to run, in order (1, 2, 3).
+    pub stages: Vec<u8>,
+    /// Token budget of stages 1, 2, 3.
+    pub tokens: [u64; 3],
+    pub batch_size: usize,
+    pub seq_len: usize,
+    /// Peak learning rate of stages 1, 2, 3 (warm-up over the first 10% of steps, cosine to a tenth).
+    pub lr: [f64; 3],
+    pub temperature: f64,
+    pub grad_clip: f64,
+    pub seed: u64,
+    /// Held-out tokens for the perplexities.
+    pub eval_tokens: usize,
+}
+
+/// One line of metrics.jsonl.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DistillMetric {
+    pub stage: u8,
+    pub step: usize,
+    pub tokens: u64,
+    pub seconds: f64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub lr: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub teacher_ppl: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub student_ppl: Option<f64>,
+}
+
+/// What a run measured, per stage.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StageResult {
+    pub stage: u8,
+    pub steps: usize,
+    pub tokens: u64,
+    pub seconds: f64,
+    pub first_loss: f64,
+    pub last_loss: f64,
+    pub teacher_ppl: f64,
+    pub student_ppl: f64,
+    pub checkpoint: String,
+}
+
+/// Mean of the per-layer stage-1 losses, ‖T_s − A_t‖²_F / (b·heads·l), for one batch; with `backward`,
+/// each layer's gradients are added into `acc` as it goes (one graph alive at a time).
+fn stage1_loss(teacher: &Llama, student: &Student, ids: &Tensor, mut acc: Option<(&AdamW, &mut Vec<Option<Tensor>>)>) -> Result<f64> {
+    let (hs, _) = teacher.forward_hidden(ids, None)?;
+    let n = student.cfg.n_layer;
+    let mut total = 0.0;
+    for i in 0..n {
+        let h = hs[i].detach();
+        let want = teacher.attention_matrix(i, &h)?.detach();
+        let got = student.model.mixer_matrix(i, &h)?;
+        if got.dims() != want.dims() {
+            bail!("stage 1: the student's mixer matrix is {:?}, the teacher's attention {:?} (n_v_heads must equal the teacher's heads)", got.dims(), want.dims());
+        }
+        let (b, heads, l, _) = got.dims4()?;
+        let loss = ((got - want)?.sqr()?.sum_all()? / (b * heads * l) as f64)?;
+        total += scalar(&loss, 1, i)?;
+        if let Some((opt, acc)) = acc.as_mut() {
+            opt.accumulate(acc, &(loss / n as f64)?.backward()?)?;
+        }
+    }
+    Ok(total / n as f64)
+}
+
+/// Mean of the per-block stage-2 losses, mean((block_s(h_i) − h_{i+1})²).
+fn stage2_loss(teacher: &Llama, student: &Student, ids: &Tensor, mut acc: Option<(&AdamW, &mut Vec<Option<Tensor>>)>) -> Result<f64> {
+    let (hs, _) = teacher.forward_hidden(ids, None)?;
+    let n = student.cfg.n_layer;
+    let mut total = 0.0;
+    for i in 0..n {
+        let pred = student.model.layer_forward(i, &hs[i].detach(), None)?;
+        let loss = (pred - hs[i + 1].detach())?.sqr()?.mean_all()?;
+        total += scalar(&loss, 2, i)?;
+        if let Some((opt, acc)) = acc.as_mut() {
+            opt.accumulate(acc, &(loss / n as f64)?.backward()?)?;
+        }
+    }
+    Ok(total / n as f64)
+}
+
+/// T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)), mean over tokens.
+pub fn kd_loss(student_logits: &Tensor, teacher_logits: &Tensor, temperature: f64) -> Result<Tensor> {
+    let t = temperature;
+    let vocab = teacher_logits.dim(D::Minus1)?;
+    let s = student_logits.to_dtype(DType::F32)?.narrow(D::Minus1, 0, vocab)?;
+    let lt = candle_nn::ops::log_softmax(&(teacher_logits.to_dtype(DType::F32)? / t)?, D::Minus1)?;
+    let ls = candle_nn::ops::log_softmax(&(s / t)?, D::Minus1)?;
+    let tokens = lt.elem_count() / vocab;
+    let kl = (lt.exp()? * (lt - ls)?)?.sum_all()?;
+    kl * (t * t / tokens as f64)
+}
+
+fn stage3_loss(teacher: &Llama, student: &Student, ids: &Tensor, temperature: f64, acc: Option<(&AdamW, &mut Vec<Option<Tensor>>)>) -> Result<f64> {
+    let zt = teacher.forward(ids, None, None)?.detach();
+    let zs = student.model.forward(ids, None, None)?;
+    let loss = kd_loss(&zs, &zt, temperature)?;
+    let v = scalar(&loss, 3, 0)?;
+    if let Some((opt, acc)) = acc {
+        opt.accumulate(acc, &loss.backward()?)?;
+    }
+    Ok(v)
+}
+
+fn scalar(loss: &Tensor, stage: u8, layer: usize) -> Result<f64> {
+    let v = loss.to_scalar::<f32>()? as f64;
+    if !v.is_finite() {
+        bail!("stage {stage}: the loss is {v} (layer {layer})");
+    }
+    Ok(v)
+}
+
+/// Perplexity of `model` over up to `tokens` held-out tokens (targets across document boundaries not
+/// scored).
+pub fn perplexity(model: &dyn LanguageModel, valid: &Stream, batch: usize, seq_len: usize, tokens: usize) -> Result<f64> {
+    let (mut total, mut count) = (0f64, 0f64);
+    for rows in valid.sequential(batch, seq_len, tokens) {
+        let b = batch_from_rows(rows, seq_len, model.device())?;
+        let n = b.weights.sum_all()?.to_scalar::<f32>()? as f64;
+        total += batch_loss(model, &b)?.to_scalar::<f32>()? as f64 * n;
+        count += n;
+    }
+    if count == 0.0 {
+        bail!("perplexity: the held-out text has fewer than seq_len + 1 = {} tokens", seq_len + 1);
+    }
+    Ok((total / count).exp())
+}
+
+/// Saves the student in the Llamba checkpoint layout (config.json, model.safetensors, the tokenizer) in
+/// `dir`, atomically (a temporary folder renamed over the old one).
+pub fn save_student(student: &Student, tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
+    let err = |e: std::io::Error, p: &Path| candle_core::Error::Msg(format!("{}: {e}", p.display()));
+    let tmp = dir.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| err(e, &tmp))?;
+    let mut config = serde_json::to_value(&student.cfg).map_err(candle_core::Error::wrap)?;
+    config.as_object_mut().expect("object").insert("model_type".into(), "llamba".into());
+    tokenizer.save_for_folder(&tmp, &mut config)?;
+    std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).map_err(|e| err(e, &tmp))?;
+    student.varmap.save(tmp.join("model.safetensors"))?;
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::rename(&tmp, dir).map_err(|e| err(e, dir))?;
+    Ok(())
+}
+
+/// The student's parameters a stage trains: the mixers (stages 1, 2) or everything (stage 3).
+fn trainable(student: &Student, stage: u8) -> Vec<(String, candle_core::Var)> {
+    let data = student.varmap.data().lock().unwrap();
+    let mut v: Vec<(String, candle_core::Var)> = data.iter().filter(|(k, _)| stage == 3 || k.contains(".mixer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Runs `spec.stages` on the student. After each stage: a checkpoint in `out/stage{k}`, the perplexities
+/// of teacher and student on `valid`, metrics in `out/metrics.jsonl`. `log` receives progress lines.
+#[allow(clippy::too_many_arguments)]
+pub fn distill(teacher: &Llama, student: &Student, tokenizer: &Tokenizer, train: &Stream, valid: &Stream, spec: &DistillSpec, out: &Path, progress: bool, log: &mut dyn FnMut(&str)) -> Result<Vec<StageResult>> {
+    std::fs::create_dir_all(out).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", out.display())))?;
+    let metrics = out.join("metrics.jsonl");
+    let write = |m: &DistillMetric| -> Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&metrics).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", metrics.display())))?;
+        writeln!(f, "{}", serde_json::to_string(m).unwrap()).map_err(candle_core::Error::wrap)
+    };
+    let dev = teacher.device().clone();
+    let teacher_ppl = perplexity(teacher, valid, spec.batch_size, spec.seq_len, spec.eval_tokens)?;
+    let start_ppl = perplexity(&student.model, valid, spec.batch_size, spec.seq_len, spec.eval_tokens)?;
+    log(&format!("held-out perplexity: teacher {teacher_ppl:.3}, student at initialisation {start_ppl:.3}"));
+    write(&DistillMetric { stage: 0, step: 0, tokens: 0, seconds: 0.0, loss: None, lr: None, teacher_ppl: Some(teacher_ppl), student_ppl: Some(start_ppl) })?;
+    let mut results = Vec::new();
+    for &stage in &spec.stages {
+        if !(1..=3).contains(&stage) {
+            bail!("distill: stage {stage} does not exist (1, 2 or 3)");
+        }
+        let budget = spec.tokens[stage as usize - 1];
+        let per_step = (spec.batch_size * spec.seq_len) as u64;
+        let steps = (budget / per_step).max(1) as usize;
+        let lr = spec.lr[stage as usize - 1];
+        let mut opt = AdamW::new(trainable(student, stage), 0.9, 0.95, 1e-8, if stage == 3 { 0.1 } else { 0.0 })?;
+        log(&format!("stage {stage}: {steps} steps of {per_step} tokens, lr {lr}, {} parameter tensors", opt.params.len()));
+        let bar = progress.then(|| {
+            let b = indicatif::ProgressBar::new(steps as u64);
+            b.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").unwrap());
+            b
+        });
+        let t0 = Instant::now();
+        let (mut first, mut last) = (f64::NAN, f64::NAN);
+        for step in 0..steps {
+            let rate = lr_at(step, steps, steps / 10, lr, lr / 10.0);
+            let batch = train.sample(spec.batch_size, spec.seq_len, spec.seed ^ (stage as u64) << 32, step as u64, 0, None, &dev)?;
+            let mut acc = Vec::new();
+            let loss = match stage {
+                1 => stage1_loss(teacher, student, &batch.inputs, Some((&opt, &mut acc))),
+                2 => stage2_loss(teacher, student, &batch.inputs, Some((&opt, &mut acc))),
+                _ => stage3_loss(teacher, student, &batch.inputs, spec.temperature, Some((&opt, &mut acc))),
+            }
+            .map_err(|e| candle_core::Error::Msg(format!("stage {stage} step {step}: {e}")))?;
+            let norm = AdamW::grad_norm(&acc)?;
+            let scale = if spec.grad_clip > 0.0 && norm > spec.grad_clip { spec.grad_clip / (norm + 1e-6) } else { 1.0 };
+            opt.step(&acc, rate, scale)?;
+            if step == 0 {
+                first = loss;
+            }
+            last = loss;
+            write(&DistillMetric { stage, step: step + 1, tokens: (step as u64 + 1) * per_step, seconds: t0.elapsed().as_secs_f64(), loss: Some(loss), lr: Some(rate), teacher_ppl: None, student_ppl: None })?;
+            match &bar {
+                Some(b) => {
+                    b.set_position(step as u64 + 1);
+                    b.set_message(format!("stage {stage} loss {loss:.4}"));
+                }
+                None if (step + 1) % 10 == 0 || step + 1 == steps => log(&format!("stage {stage} step {}/{steps}: loss {loss:.5}", step + 1)),
+                None => {}
+            }
+        }
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        let seconds = t0.elapsed().as_secs_f64();
+        let dir = out.join(format!("stage{stage}"));
+        save_student(student, tokenizer, &dir)?;
+        let student_ppl = perplexity(&student.model, valid, spec.batch_size, spec.seq_len, spec.eval_tokens)?;
+        log(&format!("stage {stage}: loss {first:.5} → {last:.5} in {seconds:.1} s; perplexity teacher {teacher_ppl:.3}, student {student_ppl:.3}; saved {}", dir.display()));
+        write(&DistillMetric { stage, step: steps, tokens: steps as u64 * per_step, seconds, loss: None, lr: None, teacher_ppl: Some(teacher_ppl), student_ppl: Some(student_ppl) })?;
+        results.push(StageResult { stage, steps, tokens: steps as u64 * per_step, seconds, first_loss: first, last_loss: last, teacher_ppl, student_ppl, checkpoint: dir.display().to_string() });
+    }
+    plot(&metrics, &out.join("loss.svg"))?;
+    Ok(results)
+}
+
+/// One panel per stage: its loss against tokens.
+fn plot(metrics: &Path, out: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(metrics).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", metrics.display())))?;
+    let rows: Vec<DistillMetric> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let names = ["stage 1: matrix orientation", "stage 2: hidden-state alignment", "stage 3: knowledge distillation"];
+    let panels: Vec<crate::plot::Panel> = (1..=3u8)
+        .filter_map(|s| {
+            let pts: Vec<(f64, f64)> = rows.iter().filter(|m| m.stage == s).filter_map(|m| m.loss.map(|l| (m.tokens as f64, l))).collect();
+            (!pts.is_empty()).then(|| crate::plot::Panel { title: names[s as usize - 1].into(), x_desc: "tokens".into(), y_desc: "loss".into(), log_y: true, series: vec![("loss".into(), pts)] })
+        })
+        .collect();
+    if panels.is_empty() {
+        return Ok(());
+    }
+    crate::plot::plot_panels(&panels, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// A random tiny Llama (GQA: 4 heads, 2 KV heads) saved as a checkpoint folder.
+    fn tiny_teacher(dir: &Path) -> (Checkpoint, Llama) {
+        let cfg = serde_json::json!({
+            "vocab_size": 40, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "tie_word_embeddings": true, "hidden_act": "silu"
+        });
+        let lc: LlamaConfig = serde_json::from_value(cfg.clone()).unwrap();
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        Llama::new(lc, vb).unwrap();
+        // Random weights throughout (some layers start at zero by default), norms at one.
+        let mut r = ouro_kernels::testing::Gen::new(5);
+        for var in vm.data().lock().unwrap().values() {
+            if var.rank() == 2 {
+                var.set(&r.normal(var.dims(), 0.3)).unwrap();
+            }
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+        vm.save(dir.join("model.safetensors")).unwrap();
+        let ck = Checkpoint::open(dir).unwrap();
+        let model = Llama::load(&ck, DType::F32, &Device::Cpu).unwrap();
+        (ck, model)
+    }
+
+    fn ssm(n_qk: usize, n_v: usize, d_state: usize) -> LlambaSsmConfig {
+        serde_json::from_value(serde_json::json!({"d_state": d_state, "n_v_heads": n_v, "n_qk_heads": n_qk})).unwrap()
+    }
+
+    fn stream(n: usize, vocab: u32, seed: u64) -> Stream {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut r = StdRng::seed_from_u64(seed);
+        Stream::new(&[crate::data::Document { name: "random".into(), tokens: (0..n).map(|_| r.random_range(0..vocab)).collect() }])
+    }
+
+    #[test]
+    fn attention_weights_map_onto_the_mixer() {
+        let dir = std::env::temp_dir().join(format!("ouro-distill-init-{}", std::process::id()));
+        let (ck, teacher) = tiny_teacher(&dir);
+        // 4 query heads of 8, 2 KV heads: x (E = 32) ← V repeated ×2, B (4·8) ← K repeated ×2, C ← Q.
+        let (st, report) = init_student(&ck, &teacher.cfg, ssm(4, 4, 8), &Device::Cpu).unwrap();
+        assert_eq!(report.mixer, vec!["x ← v_proj (KV heads repeated ×2)", "B ← k_proj (KV heads repeated ×2)", "C ← q_proj / √head_dim", "out_proj ← o_proj"]);
+        let vars: HashMap<String, Tensor> = st.varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        let tvb = ck.var_builder(DType::F32, &Device::Cpu, &[]);
+        let w = &vars["backbone.layers.1.mixer.in_proj.weight"]; // (2E + 2·H_qk·N + H_v, d) = (132, 32)
+        assert_eq!(w.dims(), &[2 * 32 + 2 * 32 + 4, 32]);
+        let v = tvb.get((16, 32), "model.layers.1.self_attn.v_proj.weight").unwrap();
+        let k = tvb.get((16, 32), "model.layers.1.self_attn.k_proj.weight").unwrap();
+        let q = tvb.get((32, 32), "model.layers.1.self_attn.q_proj.weight").unwrap();
+        let rows = |t: &Tensor, a: usize, n: usize| t.narrow(0, a, n).unwrap();
+        let same = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() == 0.0;
+        // x head h (8 rows) = V head h / 2; B likewise from K; C = Q.
+        for h in 0..4 {
+            assert!(same(&rows(w, 8 * h, 8), &rows(&v, 8 * (h / 2), 8)), "x head {h}");
+            assert!(same(&rows(w, 32 + 8 * h, 8), &rows(&k, 8 * (h / 2), 8)), "B head {h}");
+        }
+        assert!(same(&rows(w, 64, 32), &(q / 8f64.sqrt()).unwrap())); // C ← Q / √head_dim
+        let o = tvb.get((32, 32), "model.layers.1.self_attn.o_proj.weight").unwrap();
+        assert!(same(&vars["backbone.layers.1.mixer.out_proj.weight"], &o));
+        let up = tvb.get((48, 32), "model.layers.0.mlp.up_proj.weight").unwrap();
+        assert!(same(&vars["backbone.layers.0.mlp.up_proj.weight"], &up));
+        // Fewer B/C rows than the attention has: B from K as is (2 heads of 8), C stays random.
+        let (_, report) = init_student(&ck, &teacher.cfg, ssm(2, 4, 8), &Device::Cpu).unwrap();
+        assert_eq!(report.mixer[1], "B ← k_proj");
+        assert!(report.mixer[2].starts_with("C: random"), "{:?}", report.mixer);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Runs `steps` of one stage on a fixed batch and returns (loss before, loss after).
+    fn train_stage(stage: u8, steps: usize, lr: f64) -> (f64, f64) {
+        let dir = std::env::temp_dir().join(format!("ouro-distill-s{stage}-{}", std::process::id()));
+        let (ck, teacher) = tiny_teacher(&dir);
+        let (st, _) = init_student(&ck, &teacher.cfg, ssm(4, 4, 8), &Device::Cpu).unwrap();
+        let ids = stream(2000, 40, 1).sample(4, 24, 0, 0, 0, None, &Device::Cpu).unwrap().inputs;
+        let mut opt = AdamW::new(trainable(&st, stage), 0.9, 0.95, 1e-8, 0.0).unwrap();
+        let loss = |acc: Option<(&AdamW, &mut Vec<Option<Tensor>>)>| match stage {
+            1 => stage1_loss(&teacher, &st, &ids, acc).unwrap(),
+            2 => stage2_loss(&teacher, &st, &ids, acc).unwrap(),
+            _ => stage3_loss(&teacher, &st, &ids, 1.0, acc).unwrap(),
+        };
+        let before = loss(None);
+        for _ in 0..steps {
+            let mut acc = Vec::new();
+            loss(Some((&opt, &mut acc)));
+            opt.step(&acc, lr, 1.0).unwrap();
+        }
+        std::fs::remove_dir_all(&dir).ok();
+        (before, loss(None))
+    }
+
+    #[test]
+    fn stage1_matrix_loss_decreases() {
+        let (a, b) = train_stage(1, 30, 1e-2);
+        assert!(b < 0.5 * a, "stage 1 loss {a} → {b}");
+    }
+
+    #[test]
+    fn stage2_hidden_state_loss_decreases() {
+        let (a, b) = train_stage(2, 30, 1e-2);
+        assert!(b < 0.5 * a, "stage 2 loss {a} → {b}");
+    }
+
+    #[test]
+    fn stage3_kd_loss_decreases() {
+        let (a, b) = train_stage(3, 30, 3e-3);
+        assert!(b < 0.7 * a, "stage 3 loss {a} → {b}");
+    }
+
+    #[test]
+    fn kd_loss_is_zero_for_equal_logits_and_matches_the_definition() {
+        let t = Tensor::new(&[[[1.0f32, 2.0, 0.5]], [[0.0, -1.0, 3.0]]], &Device::Cpu).unwrap();
+        let s = Tensor::new(&[[[0.5f32, 1.0, 1.5]], [[1.0, 0.0, 2.0]]], &Device::Cpu).unwrap();
+        assert!(kd_loss(&t, &t, 2.0).unwrap().to_scalar::<f32>().unwrap().abs() < 1e-6);
+        // By hand: T² · mean over tokens of Σ p_t (log p_t − log p_s), p = softmax(z / T).
+        let temp = 2.0f64;
+        let rows = [([1.0, 2.0, 0.5], [0.5, 1.0, 1.5]), ([0.0, -1.0, 3.0], [1.0, 0.0, 2.0])];
+        let lsm = |z: [f64; 3]| {
+            let m = z.iter().map(|v| v / temp).fold(f64::MIN, f64::max);
+            let lse = m + z.iter().map(|v| (v / temp - m).exp()).sum::<f64>().ln();
+            z.map(|v| v / temp - lse)
+        };
+        let want: f64 = rows.iter().map(|(zt, zs)| {
+            let (lt, ls) = (lsm(*zt), lsm(*zs));
+            (0..3).map(|i| lt[i].exp() * (lt[i] - ls[i])).sum::<f64>()
+        }).sum::<f64>() / 2.0 * temp * temp;
+        let got = kd_loss(&s, &t, temp).unwrap().to_scalar::<f32>().unwrap() as f64;
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+    }
+}
