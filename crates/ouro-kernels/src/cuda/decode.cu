@@ -4,9 +4,11 @@
 // dt (Bt, H), conv weight (CD, KW), conv bias (CD) or null, A (H), dt_bias (H), D at h·DH + p·DP.
 // out = [y (Bt, H, P) | conv state (Bt, KW−1, CD) | pad | S (Bt, H, P, N)], S at S_OFF (a multiple of 4).
 // Grid (H, Bt), NT threads: a block convolves its head's P channels and its group's 2N channels (a group's
-// B/C conv state is written by the group's first head), then warps take rows p of S, lanes 4 states each.
+// B/C conv state is written by the group's first head), then warps update S R rows at a time (see below).
 
 #define NT 128
+#define R 4                     // rows of S per warp iteration
+#define K4 ((N + 127) / 128)    // float4 per lane per row
 
 __device__ __forceinline__ float silu(float v) { return v / (1.f + expf(-v)); }
 
@@ -47,23 +49,45 @@ extern "C" __global__ void __launch_bounds__(NT) mamba2_decode(const float* __re
     const float da = expf(dt * A[h]);
     __syncthreads();
 
+    // Warps take R rows of S at a time, their loads all issued before any use (R·K4 float4 in flight per
+    // lane); lane j holds states n = 4j + 128k.
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const long base = ((long)b * H + h) * P * N;
-    for (int p = warp; p < P; p += NT / 32) {
-        const float dx = dt * xs[p];
-        float acc = 0.f;
-        for (int n = 4 * lane; n < N; n += 128) {
-            const float4 s = *reinterpret_cast<const float4*>(ssm + base + (long)p * N + n);
-            float4 o;
-            o.x = fmaf(da, s.x, dx * bs[n]);
-            o.y = fmaf(da, s.y, dx * bs[n + 1]);
-            o.z = fmaf(da, s.z, dx * bs[n + 2]);
-            o.w = fmaf(da, s.w, dx * bs[n + 3]);
-            *reinterpret_cast<float4*>(s_out + base + (long)p * N + n) = o;
-            acc += o.x * cs[n] + o.y * cs[n + 1] + o.z * cs[n + 2] + o.w * cs[n + 3];
+    for (int p0 = warp * R; p0 < P; p0 += (NT / 32) * R) {
+        float4 sv[R][K4];
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int k = 0; k < K4; ++k) {
+                const int p = p0 + r, n = 4 * lane + 128 * k;
+                if (p < P && n < N) sv[r][k] = *reinterpret_cast<const float4*>(ssm + base + (long)p * N + n);
+            }
+        float acc[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int p = p0 + r;
+            acc[r] = 0.f;
+            if (p >= P) continue;
+            const float dx = dt * xs[p];
+#pragma unroll
+            for (int k = 0; k < K4; ++k) {
+                const int n = 4 * lane + 128 * k;
+                if (n >= N) continue;
+                float4 o;
+                o.x = fmaf(da, sv[r][k].x, dx * bs[n]);
+                o.y = fmaf(da, sv[r][k].y, dx * bs[n + 1]);
+                o.z = fmaf(da, sv[r][k].z, dx * bs[n + 2]);
+                o.w = fmaf(da, sv[r][k].w, dx * bs[n + 3]);
+                *reinterpret_cast<float4*>(s_out + base + (long)p * N + n) = o;
+                acc[r] += o.x * cs[n] + o.y * cs[n + 1] + o.z * cs[n + 2] + o.w * cs[n + 3];
+            }
         }
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-        if (lane == 0) y[((long)b * H + h) * P + p] = acc + Dp[(long)h * DH + (long)p * DP] * xs[p];
+        for (int r = 0; r < R; ++r) {
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+            const int p = p0 + r;
+            if (lane == 0 && p < P) y[((long)b * H + h) * P + p] = acc[r] + Dp[(long)h * DH + (long)p * DP] * xs[p];
+        }
     }
 }
