@@ -88,7 +88,9 @@ fn fit_rows(w: &Tensor, heads: usize, hd: usize, q_heads: usize, rows: usize, na
 
 /// Builds the student from the teacher checkpoint: non-mixer weights copied, mixers initialised from the
 /// attention weights where the shapes allow (see the module docs). f32 parameters on `dev`.
-pub fn init_student(teacher_ck: &Checkpoint, t: &LlamaConfig, ssm: LlambaSsmConfig, dev: &Device) -> Result<(Student, InitReport)> {
+/// The parts of the mixers the teacher does not provide (z, A_log, and any slice whose shape does not fit)
+/// are drawn from `seed` (uniform ±1/√d_model, as a Linear initialises), so that runs are reproducible.
+pub fn init_student(teacher_ck: &Checkpoint, t: &LlamaConfig, ssm: LlambaSsmConfig, seed: u64, dev: &Device) -> Result<(Student, InitReport)> {
     let cfg = student_config(t, ssm);
     let mixer = cfg.mixer();
     let (d, e, hq, hv, n) = (cfg.d_model, mixer.d_inner(), mixer.n_qk_heads, mixer.n_v_heads, mixer.d_state);
@@ -134,9 +136,13 @@ pub fn init_student(teacher_ck: &Checkpoint, t: &LlamaConfig, ssm: LlambaSsmConf
         let (s, tp) = (format!("backbone.layers.{i}.mixer"), format!("model.layers.{i}.self_attn"));
         let get = |p: &str, rows: usize| tvb.get((rows, d), &format!("{tp}.{p}.weight"));
         let (q, k, v, o) = (get("q_proj", th * hd)?, get("k_proj", kv * hd)?, get("v_proj", kv * hd)?, tvb.get((d, th * hd), &format!("{tp}.o_proj.weight"))?);
-        let data = varmap.data().lock().unwrap();
-        let in_proj = data.get(&format!("{s}.in_proj.weight")).expect("student in_proj").as_tensor().clone();
-        drop(data);
+        let in_proj = {
+            use rand::{rngs::StdRng, Rng, SeedableRng};
+            let mut rng = StdRng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let rows = 2 * e + 2 * hq * n + hv;
+            let bound = 1.0 / (d as f32).sqrt();
+            Tensor::from_vec((0..rows * d).map(|_| rng.random_range(-bound..bound)).collect::<Vec<f32>>(), (rows, d), dev)?
+        };
         let mut r = Vec::new();
         let slots = [
             (fit_rows(&v, kv, hd, th, e, "v_proj", "x", &mut r)?, 0, e),
@@ -498,7 +504,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ouro-distill-init-{}", std::process::id()));
         let (ck, teacher) = tiny_teacher(&dir);
         // 4 query heads of 8, 2 KV heads: x (E = 32) ← V repeated ×2, B (4·8) ← K repeated ×2, C ← Q.
-        let (st, report) = init_student(&ck, &teacher.cfg, ssm(4, 4, 8), &Device::Cpu).unwrap();
+        let (st, report) = init_student(&ck, &teacher.cfg, ssm(4, 4, 8), 0, &Device::Cpu).unwrap();
         assert_eq!(report.mixer, vec!["x ← v_proj (KV heads repeated ×2)", "B ← k_proj (KV heads repeated ×2)", "C ← q_proj / √head_dim", "out_proj ← o_proj"]);
         let vars: HashMap<String, Tensor> = st.varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
         let tvb = ck.var_builder(DType::F32, &Device::Cpu, &[]);
@@ -519,8 +525,11 @@ mod tests {
         assert!(same(&vars["backbone.layers.1.mixer.out_proj.weight"], &o));
         let up = tvb.get((48, 32), "model.layers.0.mlp.up_proj.weight").unwrap();
         assert!(same(&vars["backbone.layers.0.mlp.up_proj.weight"], &up));
+        // The rest of in_proj (z, A_log) comes from the seed: the same seed, the same student.
+        let (again, _) = init_student(&ck, &teacher.cfg, ssm(4, 4, 8), 0, &Device::Cpu).unwrap();
+        assert!(same(w, again.varmap.data().lock().unwrap()["backbone.layers.1.mixer.in_proj.weight"].as_tensor()));
         // Fewer B/C rows than the attention has: B from K as is (2 heads of 8), C stays random.
-        let (_, report) = init_student(&ck, &teacher.cfg, ssm(2, 4, 8), &Device::Cpu).unwrap();
+        let (_, report) = init_student(&ck, &teacher.cfg, ssm(2, 4, 8), 0, &Device::Cpu).unwrap();
         assert_eq!(report.mixer[1], "B ← k_proj");
         assert!(report.mixer[2].starts_with("C: random"), "{:?}", report.mixer);
         std::fs::remove_dir_all(&dir).ok();
@@ -530,7 +539,7 @@ mod tests {
     fn train_stage(stage: u8, steps: usize, lr: f64) -> (f64, f64) {
         let dir = std::env::temp_dir().join(format!("ouro-distill-s{stage}-{}", std::process::id()));
         let (ck, teacher) = tiny_teacher(&dir);
-        let (st, _) = init_student(&ck, &teacher.cfg, ssm(4, 4, 8), &Device::Cpu).unwrap();
+        let (st, _) = init_student(&ck, &teacher.cfg, ssm(4, 4, 8), 0, &Device::Cpu).unwrap();
         let ids = stream(2000, 40, 1).sample(4, 24, 0, 0, 0, None, &Device::Cpu).unwrap().inputs;
         let mut opt = AdamW::new(trainable(&st, stage), 0.9, 0.95, 1e-8, 0.0).unwrap();
         let loss = |acc: Option<(&AdamW, &mut Vec<Option<Tensor>>)>| match stage {

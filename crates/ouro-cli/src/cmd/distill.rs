@@ -128,7 +128,7 @@ pub fn distill_cmd(a: DistillArgs) -> Result<()> {
     let student = match &a.init {
         Some(dir) => load_student(dir, &dev).with_context(|| format!("--init {}", dir.display()))?,
         None => {
-            let (st, report) = init_student(&ck, &teacher.cfg, student_file.ssm_cfg, &dev)?;
+            let (st, report) = init_student(&ck, &teacher.cfg, student_file.ssm_cfg, a.seed, &dev)?;
             eprintln!("student: {} tensors copied from the teacher; mixers: {}", report.copied, report.mixer.join(", "));
             st
         }
