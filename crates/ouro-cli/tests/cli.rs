@@ -264,15 +264,13 @@ fn distill_a_tiny_llama_into_llamba_then_generate() {
     std::fs::write(&student, "[ssm_cfg]\nd_state = 16\nn_v_heads = 4\nn_qk_heads = 4\n").unwrap();
     let out = dir.join("run");
     let teacher = fixture("lm/llama_gguf/tiny-llama-mixed.gguf");
-    let (ok, stdout, err) = run(ouro()
-        .args(["distill", "--teacher"])
-        .arg(&teacher)
-        .arg("--student-config")
-        .arg(&student)
-        .arg("--data")
-        .arg(&text)
-        .args(["--stage", "all", "--tokens", "256,256,256", "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "128", "--quiet", "--out"])
-        .arg(&out));
+    let distill = || {
+        let mut c = ouro();
+        c.args(["distill", "--teacher"]).arg(&teacher).arg("--student-config").arg(&student).arg("--data").arg(&text);
+        c.args(["--batch-size", "2", "--seq-len", "32", "--quiet"]);
+        c
+    };
+    let (ok, stdout, err) = run(distill().args(["--stage", "all", "--tokens", "256,256,256", "--eval-tokens", "128", "--out"]).arg(&out));
     assert!(ok, "{err}");
     assert!(err.contains("x ← v_proj (KV heads repeated ×2)"), "{err}");
     let stages: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
@@ -288,20 +286,10 @@ fn distill_a_tiny_llama_into_llamba_then_generate() {
     assert!(ok, "{err}");
     assert!(gen.starts_with("The quick"), "{gen}");
     // Stage 3 alone from the stage-2 student (--init), and a clear error for an unknown config key.
-    let (ok, _, err) = run(ouro()
-        .args(["distill", "--teacher"])
-        .arg(&teacher)
-        .arg("--student-config")
-        .arg(&student)
-        .arg("--data")
-        .arg(&text)
-        .arg("--init")
-        .arg(out.join("stage2"))
-        .args(["--stage", "3", "--tokens", "0,0,128", "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "64", "--quiet", "--out"])
-        .arg(dir.join("run3")));
+    let (ok, _, err) = run(distill().arg("--init").arg(out.join("stage2")).args(["--stage", "3", "--tokens", "0,0,128", "--eval-tokens", "64", "--out"]).arg(dir.join("run3")));
     assert!(ok, "{err}");
     std::fs::write(&student, "[ssm_cfg]\nd_state = 16\nn_v_heads = 4\nn_qk_heads = 4\nd_staet = 3\n").unwrap();
-    let (ok, _, err) = run(ouro().args(["distill", "--teacher"]).arg(&teacher).arg("--student-config").arg(&student).arg("--data").arg(&text).arg("--out").arg(dir.join("bad")));
+    let (ok, _, err) = run(distill().arg("--out").arg(dir.join("bad")));
     assert!(!ok && err.contains("student.toml") && err.contains("d_staet"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
