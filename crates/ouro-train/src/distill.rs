@@ -73,7 +73,14 @@ fn repeat_heads(w: &Tensor, heads: usize, hd: usize, rep: usize) -> Result<Tenso
 
 /// `rows` output rows for a mixer slice from an attention projection of `heads` heads of `hd` rows, when
 /// the sizes allow: the projection as it is, or with its heads repeated for the query heads they serve.
-fn fit_rows(w: &Tensor, heads: usize, hd: usize, q_heads: usize, rows: usize, name: &str, slot: &str, report: &mut Vec<String>) -> Result<Option<Tensor>> {
+/// `slot_hd` is the size of one head of the slot (the mixer's head_dim for x, d_state for B and C): heads
+/// map onto heads only when it equals the attention's head size.
+#[allow(clippy::too_many_arguments)]
+fn fit_rows(w: &Tensor, heads: usize, hd: usize, q_heads: usize, rows: usize, slot_hd: usize, name: &str, slot: &str, report: &mut Vec<String>) -> Result<Option<Tensor>> {
+    if slot_hd != hd {
+        report.push(format!("{slot}: random (heads of {slot_hd}; {name} has heads of {hd})"));
+        return Ok(None);
+    }
     if heads * hd == rows {
         report.push(format!("{slot} ← {name}"));
         return Ok(Some(w.clone()));
@@ -145,9 +152,9 @@ pub fn init_student(teacher_ck: &Checkpoint, t: &LlamaConfig, ssm: LlambaSsmConf
         };
         let mut r = Vec::new();
         let slots = [
-            (fit_rows(&v, kv, hd, th, e, "v_proj", "x", &mut r)?, 0, e),
-            (fit_rows(&k, kv, hd, th, hq * n, "k_proj", "B", &mut r)?, e, hq * n),
-            (fit_rows(&(q / (hd as f64).sqrt())?, th, hd, th, hq * n, "q_proj / √head_dim", "C", &mut r)?, e + hq * n, hq * n),
+            (fit_rows(&v, kv, hd, th, e, e / hv, "v_proj", "x", &mut r)?, 0, e),
+            (fit_rows(&k, kv, hd, th, hq * n, n, "k_proj", "B", &mut r)?, e, hq * n),
+            (fit_rows(&(q / (hd as f64).sqrt())?, th, hd, th, hq * n, n, "q_proj / √head_dim", "C", &mut r)?, e + hq * n, hq * n),
         ];
         let mut parts = Vec::new();
         let mut at = 0;
@@ -178,6 +185,12 @@ pub fn init_student(teacher_ck: &Checkpoint, t: &LlamaConfig, ssm: LlambaSsmConf
         }
         set(format!("{s}.D"), Tensor::zeros(hv, DType::F32, dev)?)?;
         if i == 0 {
+            if t.attention_bias {
+                r.push("q/k/v/o biases not transferred (the mixer has none)".into());
+            }
+            if (t.rms_norm_eps - 1e-5).abs() > 1e-12 {
+                r.push(format!("block norms use eps 1e-5 (Llamba's), the teacher's {}", t.rms_norm_eps));
+            }
             mixer_report = r;
         }
     }
@@ -376,6 +389,7 @@ pub fn distill(teacher: &Llama, student: &Student, tokenizer: &Tokenizer, train:
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&metrics).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", metrics.display())))?;
         writeln!(f, "{}", serde_json::to_string(m).unwrap()).map_err(candle_core::Error::wrap)
     };
+    let _ = std::fs::remove_file(&metrics); // a fresh run's metrics
     let dev = teacher.device().clone();
     let teacher_ppl = perplexity(teacher, valid, spec.batch_size, spec.seq_len, spec.eval_tokens)?;
     let start_ppl = perplexity(&student.model, valid, spec.batch_size, spec.seq_len, spec.eval_tokens)?;
@@ -388,7 +402,10 @@ pub fn distill(teacher: &Llama, student: &Student, tokenizer: &Tokenizer, train:
         }
         let budget = spec.tokens[stage as usize - 1];
         let per_step = (spec.batch_size * spec.seq_len) as u64;
-        let steps = (budget / per_step).max(1) as usize;
+        if budget < per_step {
+            bail!("distill: stage {stage} has {budget} tokens, less than one step of {per_step} (batch × seq_len)");
+        }
+        let steps = (budget / per_step) as usize;
         let lr = spec.lr[stage as usize - 1];
         let mut opt = AdamW::new(trainable(student, stage), 0.9, 0.95, 1e-8, if stage == 3 { 0.1 } else { 0.0 })?;
         log(&format!("stage {stage}: {steps} steps of {per_step} tokens, lr {lr}, {} parameter tensors", opt.params.len()));
@@ -532,6 +549,9 @@ mod tests {
         let (_, report) = init_student(&ck, &teacher.cfg, ssm(2, 4, 8), 0, &Device::Cpu).unwrap();
         assert_eq!(report.mixer[1], "B ← k_proj");
         assert!(report.mixer[2].starts_with("C: random"), "{:?}", report.mixer);
+        // d_state 4 ≠ the attention's heads of 8: B and C are not K and Q sliced across heads.
+        let (_, report) = init_student(&ck, &teacher.cfg, ssm(4, 4, 4), 0, &Device::Cpu).unwrap();
+        assert!(report.mixer[1].starts_with("B: random (heads of 4") && report.mixer[2].starts_with("C: random"), "{:?}", report.mixer);
         std::fs::remove_dir_all(&dir).ok();
     }
 

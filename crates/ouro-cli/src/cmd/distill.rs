@@ -26,7 +26,8 @@ pub struct DistillArgs {
     stage: String,
     #[arg(long)]
     out: PathBuf,
-    /// Start from a student checkpoint (an earlier stage's `DIR/stageK`) instead of the teacher's weights.
+    /// Start from a student checkpoint (an earlier stage's `DIR/stageK`) instead of the teacher's weights
+    /// (its own config then applies; --student-config is only checked).
     #[arg(long)]
     init: Option<PathBuf>,
     /// Token budgets of stages 1, 2, 3.
