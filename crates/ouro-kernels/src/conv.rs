@@ -181,9 +181,7 @@ impl CustomOp2 for ConvOp {
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        let d = dims_of(l1, l2, self.bias)?;
-        let y = crate::cuda::conv::fwd(d.cuda(self.bias), &self.seg, (s1, l1), (s2, l2))?;
-        Ok((y, Shape::from((d.b, d.l, d.c))))
+        crate::cuda::conv::fwd(dims_of(l1, l2, self.bias)?.cuda(self.bias), &self.seg, (s1, l1), (s2, l2))
     }
     fn bwd(&self, xs: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let op = ConvBwdOp { seg: self.seg.clone(), bias: self.bias };
@@ -247,9 +245,7 @@ impl CustomOp3 for ConvBwdOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let d = dims_of(l1, l2, self.bias)?;
-        let g = crate::cuda::conv::bwd(d.cuda(self.bias), &self.seg, (s1, l1), (s2, l2), (s3, l3))?;
-        Ok((g, Shape::from(d.b * (d.l + d.k - 1) * d.c + d.c * (d.k + self.bias as usize))))
+        crate::cuda::conv::bwd(dims_of(l1, l2, self.bias)?.cuda(self.bias), &self.seg, (s1, l1), (s2, l2), (s3, l3))
     }
 }
 

@@ -325,9 +325,7 @@ impl CustomOp3 for ScanOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let dm = dims_of(l1, l3, l2)?;
-        let out = crate::cuda::selective_scan::fwd(dm, &self.seg, (s1, l1), (s2, l2), (s3, l3))?;
-        Ok((out, Shape::from(dm.b * dm.l * dm.d + dm.b * dm.d * dm.n)))
+        crate::cuda::selective_scan::fwd(dims_of(l1, l3, l2)?, &self.seg, (s1, l1), (s2, l2), (s3, l3))
     }
     fn bwd(
         &self,
@@ -405,10 +403,7 @@ impl CustomOp3 for ScanBwdOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let dm = dims_of(l1, l2, l3)?;
-        let Dims { b, l, d, n, g } = dm;
-        let out = crate::cuda::selective_scan::bwd(dm, &self.seg, (s1, l1), (s2, l2), (s3, l3))?;
-        Ok((out, Shape::from(2 * b * l * d + 2 * b * l * g * n + (b + 1) * d * n)))
+        crate::cuda::selective_scan::bwd(dims_of(l1, l2, l3)?, &self.seg, (s1, l1), (s2, l2), (s3, l3))
     }
 }
 

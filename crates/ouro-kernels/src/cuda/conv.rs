@@ -4,7 +4,7 @@
 use super::{alloc_f32, function, launch, module, poison, ptr, ptr_u32, upload_segments, Arg};
 use crate::util::Segments;
 use candle_core::cuda_backend::CudaStorage;
-use candle_core::{Layout, Result};
+use candle_core::{Layout, Result, Shape};
 
 const SOURCE: &str = include_str!("conv.cu");
 
@@ -27,7 +27,7 @@ fn elementwise_grid(n: usize) -> (u32, u32, u32) {
 }
 
 /// Forward: (xs (b, l+k−1, c), wb (c, k[+1])) → y (b, l, c).
-pub(crate) fn fwd(d: ConvDims, seg: &Segments, xs: (&CudaStorage, &Layout), wb: (&CudaStorage, &Layout)) -> Result<CudaStorage> {
+pub(crate) fn fwd(d: ConvDims, seg: &Segments, xs: (&CudaStorage, &Layout), wb: (&CudaStorage, &Layout)) -> Result<(CudaStorage, Shape)> {
     let dev = xs.0.device.clone();
     let m = load(xs.0, &d)?;
     let segs = upload_segments(&dev, seg)?;
@@ -43,11 +43,11 @@ pub(crate) fn fwd(d: ConvDims, seg: &Segments, xs: (&CudaStorage, &Layout), wb: 
         Arg::I32(d.l as i32),
         Arg::I32(d.c as i32),
     ])?;
-    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((d.b, d.l, d.c))))
 }
 
 /// Backward: (xs, wb, dy (b, l, c)) → [dxs (b·(l+k−1)·c) | dwb (c·(k[+1]))].
-pub(crate) fn bwd(d: ConvDims, seg: &Segments, xs: (&CudaStorage, &Layout), wb: (&CudaStorage, &Layout), dy: (&CudaStorage, &Layout)) -> Result<CudaStorage> {
+pub(crate) fn bwd(d: ConvDims, seg: &Segments, xs: (&CudaStorage, &Layout), wb: (&CudaStorage, &Layout), dy: (&CudaStorage, &Layout)) -> Result<(CudaStorage, Shape)> {
     let dev = xs.0.device.clone();
     let m = load(xs.0, &d)?;
     let segs = upload_segments(&dev, seg)?;
@@ -65,5 +65,5 @@ pub(crate) fn bwd(d: ConvDims, seg: &Segments, xs: (&CudaStorage, &Layout), wb: 
         &sizes,
     ]
     .concat())?;
-    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(nx + d.c * kb)))
 }

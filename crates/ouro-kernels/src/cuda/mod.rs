@@ -207,9 +207,8 @@ pub fn copy_bandwidth(dev: &candle_core::Device, bytes: usize, iters: usize) -> 
     let f = function(&m, "copy_f4", 0)?;
     let stream = d.cuda_stream();
     let n4 = bytes / 16;
-    let src = stream.alloc_zeros::<f32>(n4 * 4).map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
-    let dst = stream.alloc_zeros::<f32>(n4 * 4).map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
-    let (ps, pd) = (ptr_f32(&src, &stream), ptr_f32(&dst, &stream));
+    let (_src, ps) = alloc_f32(d, n4 * 4, true)?;
+    let (_dst, pd) = alloc_f32(d, n4 * 4, true)?;
     let sms = stream.context().attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
     let mut times = Vec::new();
     for i in 0..=iters.max(1) {

@@ -2,7 +2,7 @@
 
 use super::{alloc_f32, function, launch, module, poison, ptr, Arg};
 use candle_core::cuda_backend::CudaStorage;
-use candle_core::{Layout, Result};
+use candle_core::{Layout, Result, Shape};
 
 const SOURCE: &str = include_str!("norm.cu");
 /// Rows per block of the backward pass (each block keeps one dw partial in shared memory).
@@ -22,7 +22,7 @@ fn flags(c: &NormCfg) -> [Arg; 4] {
 }
 
 /// Forward: (x, z, w) → y (x's shape); rows of w.len() channels.
-pub(crate) fn fwd(c: NormCfg, x: (&CudaStorage, &Layout), z: (&CudaStorage, &Layout), w: (&CudaStorage, &Layout)) -> Result<CudaStorage> {
+pub(crate) fn fwd(c: NormCfg, x: (&CudaStorage, &Layout), z: (&CudaStorage, &Layout), w: (&CudaStorage, &Layout)) -> Result<(CudaStorage, Shape)> {
     let dev = x.0.device.clone();
     let m = module(&dev, "norm.cu", SOURCE, &[])?;
     let (n, d) = (x.1.shape().elem_count(), w.1.shape().elem_count());
@@ -37,11 +37,11 @@ pub(crate) fn fwd(c: NormCfg, x: (&CudaStorage, &Layout), z: (&CudaStorage, &Lay
         ]
         .concat())?;
     }
-    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), x.1.shape().clone()))
 }
 
 /// Backward: (x, z, [w | dy]) → [dx | dz | dw].
-pub(crate) fn bwd(c: NormCfg, x: (&CudaStorage, &Layout), z: (&CudaStorage, &Layout), packed: (&CudaStorage, &Layout)) -> Result<CudaStorage> {
+pub(crate) fn bwd(c: NormCfg, x: (&CudaStorage, &Layout), z: (&CudaStorage, &Layout), packed: (&CudaStorage, &Layout)) -> Result<(CudaStorage, Shape)> {
     let dev = x.0.device.clone();
     let m = module(&dev, "norm.cu", SOURCE, &[])?;
     let n = x.1.shape().elem_count();
@@ -60,5 +60,5 @@ pub(crate) fn bwd(c: NormCfg, x: (&CudaStorage, &Layout), z: (&CudaStorage, &Lay
         ]
         .concat())?;
     }
-    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(2 * n + d)))
 }

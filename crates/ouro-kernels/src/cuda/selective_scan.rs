@@ -5,7 +5,7 @@ use super::{alloc_f32, function, launch, module, poison, ptr, ptr_u32, upload_se
 use crate::selective_scan::Dims;
 use crate::util::Segments;
 use candle_core::cuda_backend::CudaStorage;
-use candle_core::{Layout, Result};
+use candle_core::{Layout, Result, Shape};
 
 const SOURCE: &str = include_str!("selective_scan.cu");
 const NT: usize = 128;
@@ -31,7 +31,7 @@ fn load(s: &CudaStorage, dm: &Dims) -> Result<std::sync::Arc<candle_core::cuda_b
 }
 
 /// Forward: (ud, ah, bc) → [y (b·l·d) | final states (b·d·n)].
-pub(crate) fn fwd(dm: Dims, seg: &Segments, ud: (&CudaStorage, &Layout), ah: (&CudaStorage, &Layout), bc: (&CudaStorage, &Layout)) -> Result<CudaStorage> {
+pub(crate) fn fwd(dm: Dims, seg: &Segments, ud: (&CudaStorage, &Layout), ah: (&CudaStorage, &Layout), bc: (&CudaStorage, &Layout)) -> Result<(CudaStorage, Shape)> {
     let dev = ud.0.device.clone();
     let m = load(ud.0, &dm)?;
     let segs = upload_segments(&dev, seg)?;
@@ -45,11 +45,11 @@ pub(crate) fn fwd(dm: Dims, seg: &Segments, ud: (&CudaStorage, &Layout), ah: (&C
     ]
     .concat();
     launch(&dev.cuda_stream(), &function(&m, "sscan_fwd", 0)?, grid(&dm), NT as u32, 0, &args)?;
-    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(ny + nh)))
 }
 
 /// Backward: (ud, bc, [A | h0 | dy | dh_final]) → [dud | dbc | dA | dh0].
-pub(crate) fn bwd(dm: Dims, seg: &Segments, ud: (&CudaStorage, &Layout), bc: (&CudaStorage, &Layout), packed: (&CudaStorage, &Layout)) -> Result<CudaStorage> {
+pub(crate) fn bwd(dm: Dims, seg: &Segments, ud: (&CudaStorage, &Layout), bc: (&CudaStorage, &Layout), packed: (&CudaStorage, &Layout)) -> Result<(CudaStorage, Shape)> {
     let Dims { b, l, d, n, g } = dm;
     let dev = ud.0.device.clone();
     let m = load(ud.0, &dm)?;
@@ -72,5 +72,5 @@ pub(crate) fn bwd(dm: Dims, seg: &Segments, ud: (&CudaStorage, &Layout), bc: (&C
     ]
     .concat();
     launch(&dev.cuda_stream(), &function(&m, "sscan_bwd", smem)?, grid(&dm), NT as u32, smem, &args)?;
-    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(total)))
 }

@@ -5,9 +5,9 @@
 //! each chunk), then chunk_dstate → state_passing_bwd → chunk_bwd. The chunk size is the largest of
 //! 64, 32, 16 whose backward fits in one block's shared memory.
 
-use super::{function, launch, max_shared, module, poison, ptr, ptr_f32, Arg};
+use super::{alloc_f32, function, launch, max_shared, module, poison, ptr, Arg};
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::{CudaStorage, WrapErr};
+use candle_core::cuda_backend::CudaStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 const SOURCE: &str = include_str!("ssd.cu");
@@ -229,10 +229,9 @@ impl CustomOp2 for SsdCuda {
         let (dt, la, dskip) = (packed, packed + 4 * blh as u64, packed + 8 * blh as u64);
         let s0 = if self.has_s0 { packed + 4 * (2 * blh + h * p) as u64 } else { 0 };
         let (ny, ns) = (z.b * z.l * h * p, z.b * h * p * n);
-        let out = unsafe { stream.alloc::<f32>(ny + ns) }.w()?;
-        let states = unsafe { stream.alloc::<f32>(z.b * z.nc * h * p * n) }.w()?;
-        let csum = unsafe { stream.alloc::<f32>(z.b * h * z.nc) }.w()?;
-        let (po, pst, pcs) = (ptr_f32(&out, &stream), ptr_f32(&states, &stream), ptr_f32(&csum, &stream));
+        let (out, po) = alloc_f32(&dev, ny + ns, false)?;
+        let (_states, pst) = alloc_f32(&dev, z.b * z.nc * h * p * n, false)?;
+        let (_csum, pcs) = alloc_f32(&dev, z.b * h * z.nc, false)?;
         poison(&dev, po, ny + ns)?;
         let k = self.kernels();
         let (k_state, k_scan, threads, sm_state, sm_scan) = (k.state, k.scan, k.threads, k.smem[0], k.smem[1]);
@@ -292,14 +291,12 @@ impl CustomOp3 for SsdCudaBwd {
         let (ny, ns, nx) = (z.b * z.l * h * p, z.b * h * p * n, z.b * z.l * z.row);
         let (dy, dsf) = (grads, grads + 4 * ny as u64);
         let total = nx + 2 * blh + h * p + if f.has_s0 { ns } else { 0 };
-        let out = stream.alloc_zeros::<f32>(total).w()?;
+        let (out, po) = alloc_f32(&dev, total, true)?;
         let nst = z.b * z.nc * h * p * n;
-        let states = unsafe { stream.alloc::<f32>(nst) }.w()?;
-        let dstates = unsafe { stream.alloc::<f32>(nst) }.w()?;
-        let csum = unsafe { stream.alloc::<f32>(z.b * h * z.nc) }.w()?;
-        let dcsum = stream.alloc_zeros::<f32>(z.b * h * z.nc).w()?;
-        let po = ptr_f32(&out, &stream);
-        let (pst, pdst, pcs, pdcs) = (ptr_f32(&states, &stream), ptr_f32(&dstates, &stream), ptr_f32(&csum, &stream), ptr_f32(&dcsum, &stream));
+        let (_states, pst) = alloc_f32(&dev, nst, false)?;
+        let (_dstates, pdst) = alloc_f32(&dev, nst, false)?;
+        let (_csum, pcs) = alloc_f32(&dev, z.b * h * z.nc, false)?;
+        let (_dcsum, pdcs) = alloc_f32(&dev, z.b * h * z.nc, true)?;
         // Poison what the kernels overwrite without accumulating (ddt, dla, ds0).
         let (pdx, pddt, pdla, pdd) = (po, po + 4 * nx as u64, po + 4 * (nx + blh) as u64, po + 4 * (nx + 2 * blh) as u64);
         let pds0 = if f.has_s0 { po + 4 * (nx + 2 * blh + h * p) as u64 } else { 0 };
@@ -325,8 +322,8 @@ impl CustomOp3 for SsdCudaBwd {
         ])?;
         // Tensor-core path: B and C gradients per head into partials, then summed per group (plain
         // stores instead of atomics contended by every head of a group; OURO_SSD_ATOMICS=1 for atomics).
-        let part = if f.mma && std::env::var_os("OURO_SSD_ATOMICS").is_none() { Some(unsafe { stream.alloc::<f32>(z.b * z.l * h * 2 * n) }.w()?) } else { None };
-        let ppart = part.as_ref().map_or(0, |v| ptr_f32(v, &stream));
+        let part = (f.mma && std::env::var_os("OURO_SSD_ATOMICS").is_none()).then(|| alloc_f32(&dev, z.b * z.l * h * 2 * n, false)).transpose()?;
+        let ppart = part.as_ref().map_or(0, |v| v.1);
         let mut args = [
             &[Arg::Ptr(xbc), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(pst), Arg::Ptr(pdst), Arg::Ptr(pdcs), Arg::Ptr(dy), Arg::Ptr(pdx), Arg::Ptr(pddt), Arg::Ptr(pdla)][..],
             &c,
@@ -334,15 +331,15 @@ impl CustomOp3 for SsdCudaBwd {
         ]
         .concat();
         // The tensor-core kernel writes dD per chunk (reduced below); the f32 one adds into pdd.
-        let dd_part = if f.mma { Some(unsafe { stream.alloc::<f32>(z.b * z.nc * h * p) }.w()?) } else { None };
+        let dd_part = f.mma.then(|| alloc_f32(&dev, z.b * z.nc * h * p, false)).transpose()?;
         if f.mma {
             args.push(Arg::Ptr(ppart));
         }
-        args.extend([Arg::Ptr(dskip), Arg::Ptr(dd_part.as_ref().map_or(pdd, |v| ptr_f32(v, &stream)))]);
+        args.extend([Arg::Ptr(dskip), Arg::Ptr(dd_part.as_ref().map_or(pdd, |v| v.1))]);
         launch(&stream, &function(&m, k.bwd, sm_bwd)?, grid, nt, sm_bwd, &args)?;
-        if let Some(dp) = &dd_part {
+        if let Some((_, dp)) = &dd_part {
             launch(&stream, &function(&m, "ssd_reduce_dd", 0)?, ((h * p).div_ceil(256) as u32, 1, 1), 256, 0, &[
-                Arg::Ptr(ptr_f32(dp, &stream)), Arg::Ptr(pdd), Arg::I32((z.b * z.nc) as i32), Arg::I32((h * p) as i32),
+                Arg::Ptr(*dp), Arg::Ptr(pdd), Arg::I32((z.b * z.nc) as i32), Arg::I32((h * p) as i32),
             ])?;
         }
         if part.is_some() {
