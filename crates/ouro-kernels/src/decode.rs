@@ -51,14 +51,15 @@ pub fn mamba2_step(inp: &StepInput) -> Result<(Tensor, Tensor, Tensor)> {
     }
     #[cfg(feature = "cuda")]
     if inp.xbc.device().is_cuda() && n % 4 == 0 && inp.conv_weight.dims().last().is_some_and(|&k| k > 1) {
-        return fused(inp, b);
+        return fused(inp);
     }
-    composed(inp, b)
+    composed(inp)
 }
 
 /// The step in candle ops (any device).
-pub fn composed(inp: &StepInput, b: usize) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn composed(inp: &StepInput) -> Result<(Tensor, Tensor, Tensor)> {
     let XbcShape { heads: h, head_dim: p, groups: g, d_state: n } = inp.shape;
+    let b = inp.xbc.dim(0)?;
     let (xbc, conv) = causal_conv1d_step(inp.conv_state, inp.xbc, inp.conv_weight, inp.conv_bias)?;
     let xbc = xbc.silu()?;
     let x = xbc.narrow(1, 0, h * p)?.reshape((b, h, p))?;
@@ -69,11 +70,11 @@ pub fn composed(inp: &StepInput, b: usize) -> Result<(Tensor, Tensor, Tensor)> {
 }
 
 #[cfg(feature = "cuda")]
-fn fused(inp: &StepInput, b: usize) -> Result<(Tensor, Tensor, Tensor)> {
+fn fused(inp: &StepInput) -> Result<(Tensor, Tensor, Tensor)> {
     use crate::cuda::decode::DecodeOp;
     use candle_core::DType;
     let XbcShape { heads: h, head_dim: p, groups: g, d_state: n } = inp.shape;
-    let cd = h * p + 2 * g * n;
+    let (b, cd) = (inp.xbc.dim(0)?, h * p + 2 * g * n);
     // f32 and contiguous: no-ops for an f32 model's tensors.
     let f = |t: &Tensor| -> Result<Tensor> { t.to_dtype(DType::F32)?.contiguous() };
     let w = match inp.conv_weight.dims() {

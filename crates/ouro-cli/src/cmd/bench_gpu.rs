@@ -379,7 +379,7 @@ fn decode_rows(
             Ok(())
         })?;
         let candle_s = time(&mut || {
-            composed(&inp, b)?;
+            composed(&inp)?;
             Ok(())
         })?;
         let check_err = if check {
@@ -388,7 +388,7 @@ fn decode_rows(
             let (cw, ccb, ca, cdb, cdd) = (c(&w)?, c(&cb)?, c(&a_)?, c(&dt_bias)?, c(&d)?);
             let (cconv, cssm, cx, cdt) = (c(&conv)?, c(&ssm)?, c(&xbc)?, c(&dt)?);
             let ci = StepInput { conv_state: &cconv, xbc: &cx, conv_weight: &cw, conv_bias: Some(&ccb), ssm: &cssm, dt: &cdt, a: &ca, dt_bias: &cdb, d: &cdd, dt_limit: (0.0, f64::INFINITY), shape };
-            let (wy, _, ws) = composed(&ci, b)?;
+            let (wy, _, ws) = composed(&ci)?;
             let e = ouro_kernels::testing::rel_err(&y.to_device(&Device::Cpu)?, &wy).max(ouro_kernels::testing::rel_err(&s2.to_device(&Device::Cpu)?, &ws));
             Some(e)
         } else {
