@@ -127,6 +127,12 @@ pub struct Llamba {
 
 impl Llamba {
     pub fn load(ck: &Checkpoint, dtype: DType, dev: &Device) -> Result<Self> {
+        let (cfg, rows) = Self::config_of(ck)?;
+        Self::new(cfg, rows, ck.var_builder(dtype, dev, &[]))
+    }
+
+    /// A checkpoint's config and embedding rows (the vocabulary padded as stored).
+    pub fn config_of(ck: &Checkpoint) -> Result<(LlambaConfig, usize)> {
         let mut config = ck.config.clone();
         if let Some(o) = config.as_object_mut() {
             // Descriptive keys of the HF wrapper, not model hyper-parameters.
@@ -139,7 +145,7 @@ impl Llamba {
             .tensor("backbone.embedding.weight")
             .ok_or_else(|| candle_core::Error::Msg(format!("{}: missing tensor 'backbone.embedding.weight'", ck.path.display())))?
             .dim(0)?;
-        Self::new(cfg, rows, ck.var_builder(dtype, dev, &[]))
+        Ok((cfg, rows))
     }
 
     /// `vocab_rows`: the embedding's rows (vocab padded to `pad_vocab_size_multiple`).

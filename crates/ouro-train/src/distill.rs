@@ -151,18 +151,18 @@ pub fn init_student(teacher_ck: &Checkpoint, t: &LlamaConfig, ssm: LlambaSsmConf
             Tensor::from_vec((0..rows * d).map(|_| rng.random_range(-bound..bound)).collect::<Vec<f32>>(), (rows, d), dev)?
         };
         let mut r = Vec::new();
+        // (teacher rows or None, row count) of x, B, C in order; a None keeps the seeded rows.
         let slots = [
-            (fit_rows(&v, kv, hd, th, e, e / hv, "v_proj", "x", &mut r)?, 0, e),
-            (fit_rows(&k, kv, hd, th, hq * n, n, "k_proj", "B", &mut r)?, e, hq * n),
-            (fit_rows(&(q / (hd as f64).sqrt())?, th, hd, th, hq * n, n, "q_proj / √head_dim", "C", &mut r)?, e + hq * n, hq * n),
+            (fit_rows(&v, kv, hd, th, e, e / hv, "v_proj", "x", &mut r)?, e),
+            (fit_rows(&k, kv, hd, th, hq * n, n, "k_proj", "B", &mut r)?, hq * n),
+            (fit_rows(&(q / (hd as f64).sqrt())?, th, hd, th, hq * n, n, "q_proj / √head_dim", "C", &mut r)?, hq * n),
         ];
         let mut parts = Vec::new();
         let mut at = 0;
-        for (w, off, rows) in slots {
-            debug_assert_eq!(off, at);
+        for (w, rows) in slots {
             parts.push(match w {
                 Some(w) => w,
-                None => in_proj.narrow(0, off, rows)?,
+                None => in_proj.narrow(0, at, rows)?,
             });
             at += rows;
         }
@@ -201,15 +201,9 @@ pub fn init_student(teacher_ck: &Checkpoint, t: &LlamaConfig, ssm: LlambaSsmConf
 /// A student saved by [`save_student`] (an earlier stage), as trainable parameters on `dev`.
 pub fn load_student(dir: &Path, dev: &Device) -> Result<Student> {
     let ck = Checkpoint::open(dir)?;
-    let mut config = ck.config.clone();
-    if let Some(o) = config.as_object_mut() {
-        for k in ["model_type", "tokenizer", "bos_token_id", "eos_token_id"] {
-            o.remove(k);
-        }
-    }
-    let cfg: LlambaConfig = serde_json::from_value(config).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", ck.config_path().display())))?;
+    let (cfg, rows) = Llamba::config_of(&ck)?;
     let varmap = VarMap::new();
-    let model = Llamba::new(cfg.clone(), cfg.vocab_size, VarBuilder::from_varmap(&varmap, DType::F32, dev))?;
+    let model = Llamba::new(cfg.clone(), rows, VarBuilder::from_varmap(&varmap, DType::F32, dev))?;
     let vb = ck.var_builder(DType::F32, dev, &[]);
     for (name, var) in varmap.data().lock().unwrap().iter() {
         let t = vb.get(var.dims(), name).map_err(|e| candle_core::Error::Msg(format!("{}: {name}: {e}", dir.display())))?;

@@ -81,30 +81,37 @@ pub struct Corpus {
 
 pub fn load_corpus(cfg: &TrainConfig, log: &mut dyn FnMut(&str)) -> Result<Corpus> {
     let d = &cfg.data;
-    let path = Path::new(&d.corpus);
-    let folder = if crate::fetch::SOURCES.iter().any(|s| s.name == d.corpus) && !path.exists() {
-        crate::fetch::fetch(&d.corpus, &d.data_dir, log)?
-    } else {
-        path.to_path_buf()
-    };
     let tokenizer = match d.tokenizer.as_str() {
         "bytes" => Tokenizer::Bytes,
         "dna" => Tokenizer::Dna,
         file => Tokenizer::from_file(Path::new(file), None, vec![])?,
     };
     let vocab = tokenizer.vocab_size();
-    let docs = tokenize(crate::data::read_text_documents(&folder)?, &tokenizer)?;
-    let (train, valid) = split(docs, d.valid_fraction, cfg.train.seed);
+    let (train, valid) = load_text(&d.corpus, &d.data_dir, &tokenizer, d.valid_fraction, cfg.train.seed, log)?;
+    Ok(Corpus { train, valid, tokenizer, vocab })
+}
+
+/// A text corpus — a fetchable corpus name (fetched into `data_dir` on first use), a file or a folder of
+/// .txt files — tokenized and split into training and held-out streams by whole documents.
+pub fn load_text(corpus: &str, data_dir: &Path, tokenizer: &Tokenizer, valid_fraction: f64, seed: u64, log: &mut dyn FnMut(&str)) -> Result<(Stream, Stream)> {
+    let path = Path::new(corpus);
+    let folder = if crate::fetch::SOURCES.iter().any(|s| s.name == corpus) && !path.exists() {
+        crate::fetch::fetch(corpus, data_dir, log)?
+    } else {
+        path.to_path_buf()
+    };
+    let docs = tokenize(crate::data::read_text_documents(&folder)?, tokenizer)?;
+    let (train, valid) = split(docs, valid_fraction, seed);
     log(&format!(
         "corpus {}: {} training documents ({} tokens), {} validation documents ({} tokens: {})",
-        d.corpus,
+        corpus,
         train.len(),
         train.iter().map(|x| x.tokens.len()).sum::<usize>(),
         valid.len(),
         valid.iter().map(|x| x.tokens.len()).sum::<usize>(),
         valid.iter().map(|x| x.name.as_str()).collect::<Vec<_>>().join(", ")
     ));
-    Ok(Corpus { train: Stream::new(&train), valid: Stream::new(&valid), tokenizer, vocab })
+    Ok((Stream::new(&train), Stream::new(&valid)))
 }
 
 /// Replaces a `prob` fraction of input tokens with `mask_id` and scores only those (BERT-style, no

@@ -5,9 +5,9 @@ use ouro_nn::checkpoint::Checkpoint;
 use ouro_nn::llama::Llama;
 use ouro_nn::llamba::LlambaSsmConfig;
 use ouro_nn::tokenizer::Tokenizer;
-use ouro_train::data::{read_text_documents, split, tokenize, Stream};
 use ouro_train::distill::{distill, init_student, load_student, DistillSpec};
-use std::path::{Path, PathBuf};
+use ouro_train::train::load_text;
+use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct DistillArgs {
@@ -83,18 +83,6 @@ fn three<T: Copy>(v: &[T], what: &str) -> Result<[T; 3]> {
     }
 }
 
-/// The documents of `data`: a known corpus (fetched into `data_dir` on first use), a file or a folder.
-fn corpus_folder(data: &str, data_dir: &Path) -> Result<PathBuf> {
-    let path = Path::new(data);
-    if !path.exists() && ouro_train::fetch::SOURCES.iter().any(|s| s.name == data) {
-        return Ok(ouro_train::fetch::fetch(data, data_dir, &mut |m| eprintln!("{m}"))?);
-    }
-    if !path.exists() {
-        bail!("--data '{data}': no such file or folder, and not a corpus name (`ouro data list`)");
-    }
-    Ok(path.to_path_buf())
-}
-
 pub fn distill_cmd(a: DistillArgs) -> Result<()> {
     let dev = crate::device::parse(&a.device)?;
     let spec = DistillSpec {
@@ -116,13 +104,7 @@ pub fn distill_cmd(a: DistillArgs) -> Result<()> {
     let ck = Checkpoint::open(&a.teacher).with_context(|| format!("teacher {}", a.teacher.display()))?;
     let teacher = Llama::load(&ck, candle_core::DType::F32, &dev).with_context(|| format!("teacher {} (a Llama checkpoint)", a.teacher.display()))?;
     let tokenizer = Tokenizer::for_checkpoint(&ck, None).with_context(|| format!("the teacher's tokenizer ({})", a.teacher.display()))?;
-    let docs = read_text_documents(&corpus_folder(&a.data, &a.data_dir)?)?;
-    if docs.is_empty() {
-        bail!("--data '{}': no text documents", a.data);
-    }
-    let (train, valid) = split(tokenize(docs, &tokenizer)?, a.valid_fraction, a.seed);
-    let (train, valid) = (Stream::new(&train), Stream::new(&valid));
-    eprintln!("data {}: {} training tokens, {} held out", a.data, train.len(), valid.len());
+    let (train, valid) = load_text(&a.data, &a.data_dir, &tokenizer, a.valid_fraction, a.seed, &mut |m| eprintln!("{m}")).with_context(|| format!("--data '{}'", a.data))?;
     if train.len() <= a.seq_len || valid.len() <= a.seq_len {
         bail!("--data '{}': {} training and {} held-out tokens; each needs more than --seq-len {}", a.data, train.len(), valid.len(), a.seq_len);
     }
