@@ -141,6 +141,50 @@ impl Module for GatedMlp {
     }
 }
 
+/// The activation of an ungated MLP: squared ReLU (Nemotron-H's `relu2`, Primer's relu(x)²) or one of [`Act`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlainAct {
+    Relu2,
+    Act(Act),
+}
+
+impl PlainAct {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "relu2" => Ok(PlainAct::Relu2),
+            other => Act::parse(other)
+                .map(PlainAct::Act)
+                .map_err(|_| candle_core::Error::Msg(format!("unsupported MLP activation '{other}' (supported: relu2, silu, gelu, gelu_pytorch_tanh, relu)"))),
+        }
+    }
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            PlainAct::Relu2 => x.relu()?.sqr(),
+            PlainAct::Act(a) => a.apply(x),
+        }
+    }
+}
+
+/// Nemotron-H's MLP (HF `NemotronHMLP`): down(act(up(x))), no gate.
+#[derive(Clone, Debug)]
+pub struct PlainMlp {
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+    pub act: PlainAct,
+}
+
+impl PlainMlp {
+    pub fn new(d: usize, hidden: usize, bias: bool, act: PlainAct, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { up_proj: linear(vb.pp("up_proj"), d, hidden, bias)?, down_proj: linear(vb.pp("down_proj"), hidden, d, bias)?, act })
+    }
+}
+
+impl Module for PlainMlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.down_proj.forward(&self.act.apply(&self.up_proj.forward(x)?)?)
+    }
+}
+
 /// Rotary position embedding on the first `dim` channels of each head, rotate-half (GPT-NeoX/HF) layout.
 #[derive(Clone, Debug)]
 pub struct Rotary {

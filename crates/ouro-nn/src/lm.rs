@@ -139,12 +139,13 @@ pub fn architecture_of_config(c: &serde_json::Value) -> Result<&'static str> {
             "mamba" => "mamba",
             "falcon_mamba" => "falcon_mamba",
             "mamba2" => "mamba2",
+            "nemotron_h" => "nemotron_h",
             "llama" => "llama",
             "llamba" => "llamba",
             "recurrent_gemma" => "recurrent_gemma",
             "caduceus" => "caduceus",
             "mixer_encoder" => "mixer_encoder",
-            other => bail!("model_type '{other}' is not supported (supported: mamba, falcon_mamba, mamba2, llama, llamba, recurrent_gemma, caduceus, mixer_encoder, and mamba_ssm configs)"),
+            other => bail!("model_type '{other}' is not supported (supported: mamba, falcon_mamba, mamba2, nemotron_h, llama, llamba, recurrent_gemma, caduceus, mixer_encoder, and mamba_ssm configs)"),
         });
     }
     // Configs without model_type: mamba_ssm's MambaConfig or Cartesia's LlambaConfig.
@@ -164,7 +165,7 @@ pub fn architecture_of_config(c: &serde_json::Value) -> Result<&'static str> {
 pub fn load(ck: &Checkpoint, dev: &Device) -> Result<Box<dyn LanguageModel>> {
     let dtype = DType::F32;
     Ok(match architecture_of(ck)? {
-        "mamba" | "falcon_mamba" | "mamba2" | "mamba_ssm" => Box::new(crate::mamba_lm::MambaLm::load(ck, dtype, dev)?),
+        "mamba" | "falcon_mamba" | "mamba2" | "mamba_ssm" | "nemotron_h" => Box::new(crate::mamba_lm::MambaLm::load(ck, dtype, dev)?),
         "llama" => Box::new(crate::llama::Llama::load(ck, dtype, dev)?),
         "llamba" => Box::new(crate::llamba::Llamba::load(ck, dtype, dev)?),
         "recurrent_gemma" => Box::new(crate::griffin::Griffin::load(ck, dtype, dev)?),

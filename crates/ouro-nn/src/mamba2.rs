@@ -25,6 +25,10 @@ pub struct Mamba2Config {
     pub d_state: usize,
     pub d_conv: usize,
     pub expand: usize,
+    /// Width of the inner projections when it is not expand·d_model (Nemotron-H: mamba_num_heads ·
+    /// mamba_head_dim, any multiple of headdim); `None` → expand·d_model.
+    #[serde(default)]
+    pub d_inner: Option<usize>,
     pub headdim: usize,
     pub ngroups: usize,
     /// Width of the SSM branch; `None` → expand·d_model (extra in_proj channels form a gated MLP).
@@ -46,6 +50,7 @@ impl Default for Mamba2Config {
             d_state: 128,
             d_conv: 4,
             expand: 2,
+            d_inner: None,
             headdim: 64,
             ngroups: 1,
             d_ssm: None,
@@ -63,7 +68,7 @@ impl Default for Mamba2Config {
 
 impl Mamba2Config {
     pub fn d_inner(&self) -> usize {
-        self.expand * self.d_model
+        self.d_inner.unwrap_or(self.expand * self.d_model)
     }
     pub fn d_ssm(&self) -> usize {
         self.d_ssm.unwrap_or(self.d_inner())

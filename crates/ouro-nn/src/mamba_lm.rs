@@ -1,18 +1,25 @@
 //! Mamba and Mamba-2 language models: `mamba_ssm`'s `MixerModel` + LM head, which is also HF's
-//! `MambaForCausalLM`, `FalconMambaForCausalLM` and `Mamba2ForCausalLM`.
+//! `MambaForCausalLM`, `FalconMambaForCausalLM` and `Mamba2ForCausalLM`; and the hybrid layer patterns of
+//! NVIDIA's Mamba-2-Hybrid / Nemotron-H (HF `NemotronHForCausalLM`).
 //!
 //! ```text
 //! h = embedding(ids)
-//! for each layer:  h = h + mixer(RMSNorm(h))          mixer: Mamba, Mamba-2 or attention (attn_layer_idx)
+//! for each layer:  h = h + mixer(RMSNorm(h))          mixer: Mamba, Mamba-2, attention (attn_layer_idx,
+//!                                                     pattern '*') or an MLP alone (pattern '-')
 //!                  h = h + GatedMLP(RMSNorm₂(h))      when d_intermediate > 0
 //! logits = lm_head(RMSNorm_f(h))                      lm_head tied to the embedding unless stored
 //! ```
 //!
-//! Configs are read from HF (`model_type` mamba / falcon_mamba / mamba2) or `mamba_ssm` (`d_model`,
-//! `n_layer`, `ssm_cfg`, `attn_layer_idx`, `attn_cfg`, `d_intermediate`) files.
+//! Configs are read from HF (`model_type` mamba / falcon_mamba / mamba2 / nemotron_h) or `mamba_ssm`
+//! (`d_model`, `n_layer`, `ssm_cfg`, `attn_layer_idx`, `attn_cfg`, `d_intermediate`) files. A Nemotron-H
+//! config describes its layers by `hybrid_override_pattern`, one character per layer (`M` Mamba-2, `*`
+//! attention, `-` MLP; [`parse_pattern`]), or by the equivalent `layers_block_type` list; every layer is one
+//! pre-norm residual block with exactly one sublayer: Mamba-2 with `mamba_num_heads · mamba_head_dim`
+//! channels, attention with separate q/k/v/o projections, GQA and no positional encoding, or an ungated MLP
+//! `down(relu2(up(x)))`.
 
 use crate::checkpoint::Checkpoint;
-use crate::layers::{embedding, linear, Attention, AttentionConfig, GatedMlp, KvCache, RmsNorm};
+use crate::layers::{embedding, linear, Attention, AttentionConfig, GatedMlp, KvCache, PlainAct, PlainMlp, RmsNorm};
 use crate::lm::{Cache, LanguageModel, LayerCache, ModelInfo};
 use crate::mamba::{Mamba, MambaConfig};
 use crate::mamba2::{Mamba2, Mamba2Config};
@@ -21,12 +28,54 @@ use candle_nn::{Embedding, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// Which mixer a layer uses.
+/// Which mixer (sublayer) a layer uses.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum LayerKind {
     Mamba(MambaConfig),
     Mamba2(Mamba2Config),
     Attention(AttentionSpec),
+    /// A block whose only sublayer is an MLP (Nemotron-H's `-`): no state, no cache.
+    Mlp(MlpSpec),
+}
+
+/// An ungated MLP sublayer `down(act(up(x)))` under `mixer.` (HF `NemotronHMLP`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MlpSpec {
+    pub hidden: usize,
+    /// "relu2" (squared ReLU) or an activation name of [`crate::layers::Act`].
+    pub act: String,
+    pub bias: bool,
+}
+
+/// One character of a hybrid layer pattern.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PatternLayer {
+    /// `M`
+    Mamba2,
+    /// `*`
+    Attention,
+    /// `-`
+    Mlp,
+}
+
+/// The layers of a hybrid pattern string (NVIDIA's Mamba-2-Hybrid / Nemotron-H `hybrid_override_pattern`):
+/// one character per layer, `M` Mamba-2, `*` attention, `-` MLP. Any other character is an error naming it
+/// and its position (`E`, Nemotron-H's mixture-of-experts layer, is recognised but not supported).
+pub fn parse_pattern(pattern: &str) -> Result<Vec<PatternLayer>> {
+    if pattern.is_empty() {
+        bail!("hybrid pattern is empty (one character per layer: M Mamba-2, * attention, - MLP)");
+    }
+    pattern
+        .chars()
+        .enumerate()
+        .map(|(i, ch)| match ch {
+            'M' => Ok(PatternLayer::Mamba2),
+            '*' => Ok(PatternLayer::Attention),
+            '-' => Ok(PatternLayer::Mlp),
+            'E' => bail!("hybrid pattern \"{pattern}\": character 'E' at position {i} is a mixture-of-experts layer, which is not supported (M Mamba-2, * attention, - MLP)"),
+            other => bail!("hybrid pattern \"{pattern}\": unknown character '{other}' at position {i} (M Mamba-2, * attention, - MLP)"),
+        })
+        .collect()
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -38,6 +87,10 @@ pub struct AttentionSpec {
     pub rotary_emb_base: f64,
     pub qkv_proj_bias: bool,
     pub out_proj_bias: bool,
+    /// Llama/Nemotron-H layout (`q_proj`, `k_proj`, `v_proj`, `o_proj`) instead of mamba_ssm's fused
+    /// `in_proj` / `out_proj`.
+    #[serde(default)]
+    pub separate_qkv: bool,
 }
 
 /// ouro's description of a MixerModel LM, whatever file format it came from.
@@ -145,6 +198,7 @@ impl MambaLmConfig {
                     d_state: usize_or(c, "state_size", 128)?,
                     d_conv: usize_or(c, "conv_kernel", 4)?,
                     expand,
+                    d_inner: None,
                     headdim,
                     ngroups: usize_or(c, "n_groups", 1)?,
                     d_ssm: None,
@@ -169,6 +223,7 @@ impl MambaLmConfig {
                 })
             }
             "mamba_ssm" => Self::from_mamba_ssm(c, vocab_rows),
+            "nemotron_h" => Self::from_nemotron_h(c, vocab_rows),
             other => bail!("not a Mamba architecture: {other}"),
         }
     }
@@ -209,6 +264,7 @@ impl MambaLmConfig {
                 d_state: usize_or(ssm, "d_state", 128)?,
                 d_conv: usize_or(ssm, "d_conv", 4)?,
                 expand: usize_or(ssm, "expand", 2)?,
+                d_inner: None,
                 headdim: usize_or(ssm, "headdim", 64)?,
                 ngroups: usize_or(ssm, "ngroups", 1)?,
                 d_ssm: get(ssm, "d_ssm").and_then(|v| v.as_u64()).map(|v| v as usize),
@@ -259,6 +315,7 @@ impl MambaLmConfig {
                     rotary_emb_base: f64_or(attn, "rotary_emb_base", 10000.0)?,
                     qkv_proj_bias: bool_or(attn, "qkv_proj_bias", true)?,
                     out_proj_bias: bool_or(attn, "out_proj_bias", true)?,
+                    separate_qkv: false,
                 }));
             } else {
                 layers.push(mixer.clone());
@@ -280,10 +337,117 @@ impl MambaLmConfig {
     }
 }
 
+impl MambaLmConfig {
+    /// The pattern of a Nemotron-H config: `layers_block_type` (what transformers ≥ 5 writes; it wins when
+    /// both are present, as in transformers) or `hybrid_override_pattern` (the Hub's configs).
+    pub fn nemotron_pattern(c: &Value) -> Result<String> {
+        if let Some(list) = get(c, "layers_block_type").or_else(|| get(c, "layer_types")) {
+            let arr = list.as_array().ok_or_else(|| candle_core::Error::Msg(format!("config 'layers_block_type' must be a list, got {list}")))?;
+            return arr
+                .iter()
+                .map(|t| match t.as_str() {
+                    Some("mamba" | "linear_attention") => Ok('M'),
+                    Some("attention" | "full_attention") => Ok('*'),
+                    Some("mlp") => Ok('-'),
+                    Some("moe") => Ok('E'),
+                    _ => bail!("config 'layers_block_type': unknown layer type {t} (mamba/linear_attention, attention/full_attention, mlp)"),
+                })
+                .collect();
+        }
+        match get(c, "hybrid_override_pattern") {
+            Some(Value::String(p)) => Ok(p.clone()),
+            Some(other) => bail!("config 'hybrid_override_pattern' must be a string, got {other}"),
+            None => bail!("nemotron_h config has neither 'hybrid_override_pattern' nor 'layers_block_type'"),
+        }
+    }
+
+    /// HF `NemotronHConfig` (transformers 5.x modeling_nemotron_h.py); absent keys take its defaults, and the
+    /// older `mamba_*` spellings (mamba_n_groups, mamba_d_conv, ...) win over the new ones, as there.
+    fn from_nemotron_h(c: &Value, vocab_rows: usize) -> Result<Self> {
+        let d = need(c, "hidden_size")?;
+        let pattern = Self::nemotron_pattern(c)?;
+        let kinds = parse_pattern(&pattern)?;
+        if let Some(n) = get(c, "num_hidden_layers") {
+            if n.as_u64() != Some(kinds.len() as u64) {
+                bail!("hybrid pattern \"{pattern}\" has {} layers, num_hidden_layers is {n}", kinds.len());
+            }
+        }
+        let alias = |new: &str, old: &str| if get(c, old).is_some() { old.to_string() } else { new.to_string() };
+        let eps = f64_or(c, "layer_norm_epsilon", 1e-5)?;
+        if let Some(act) = get(c, "mamba_hidden_act").and_then(|a| a.as_str()) {
+            if act != "silu" && act != "swish" {
+                bail!("mamba_hidden_act '{act}' is not supported (silu only)");
+            }
+        }
+        let (heads, head_dim) = (usize_or(c, "mamba_num_heads", 128)?, usize_or(c, "mamba_head_dim", 64)?);
+        let mamba = Mamba2Config {
+            d_model: d,
+            d_state: usize_or(c, "ssm_state_size", 128)?,
+            d_conv: usize_or(c, &alias("conv_kernel", "mamba_d_conv"), 4)?,
+            expand: usize_or(c, &alias("expand", "mamba_expand"), 2)?,
+            d_inner: Some(heads * head_dim),
+            headdim: head_dim,
+            ngroups: usize_or(c, &alias("n_groups", "mamba_n_groups"), 8)?,
+            d_ssm: None,
+            rmsnorm: true,
+            norm_before_gate: false,
+            norm_eps: eps,
+            // NemotronHMamba2Mixer clamps dt to (time_step_min, ∞) whatever time_step_limit says.
+            dt_limit: (f64_or(c, &alias("time_step_min", "mamba_dt_min"), 1e-3)?, f64::INFINITY),
+            bias: bool_or(c, "use_bias", false)?,
+            conv_bias: bool_or(c, &alias("use_conv_bias", "mamba_conv_bias"), true)?,
+            d_has_hdim: false,
+            chunk_size: usize_or(c, &alias("chunk_size", "mamba_chunk_size"), 128)?,
+        };
+        let n_heads = usize_or(c, "num_attention_heads", 32)?;
+        let attention = AttentionSpec {
+            num_heads: n_heads,
+            num_heads_kv: match get(c, "num_key_value_heads") {
+                None if c.get("num_key_value_heads").is_some() => n_heads, // null: MHA, as in transformers
+                _ => usize_or(c, "num_key_value_heads", 8)?,
+            },
+            head_dim: match c.get("head_dim") {
+                Some(Value::Null) => d / n_heads.max(1),
+                _ => usize_or(c, "head_dim", 128)?,
+            },
+            rotary_emb_dim: 0, // no positional encoding: the Mamba-2 layers carry position
+            rotary_emb_base: 10000.0,
+            qkv_proj_bias: false, // NemotronHAttention: bias=False whatever attention_bias says
+            out_proj_bias: false,
+            separate_qkv: true,
+        };
+        let act = get(c, "mlp_hidden_act").and_then(|a| a.as_str()).unwrap_or("relu2").to_string();
+        PlainAct::parse(&act)?;
+        let mlp = MlpSpec { hidden: usize_or(c, "intermediate_size", 21504)?, act, bias: bool_or(c, "mlp_bias", false)? };
+        let layers = kinds
+            .iter()
+            .map(|k| match k {
+                PatternLayer::Mamba2 => LayerKind::Mamba2(mamba.clone()),
+                PatternLayer::Attention => LayerKind::Attention(attention.clone()),
+                PatternLayer::Mlp => LayerKind::Mlp(mlp.clone()),
+            })
+            .collect::<Vec<_>>();
+        if kinds.contains(&PatternLayer::Mamba2) {
+            mamba.validate()?;
+        }
+        Ok(Self {
+            d_model: d,
+            n_layer: layers.len(),
+            vocab_size: vocab_rows,
+            layers,
+            d_intermediate: 0,
+            norm_eps: eps,
+            tie_embeddings: bool_or(c, "tie_word_embeddings", false)?,
+            embedding_name: "backbone.embeddings".into(),
+        })
+    }
+}
+
 enum Mixer {
     Mamba(Mamba),
     Mamba2(Mamba2),
     Attention(Attention),
+    Mlp(PlainMlp),
 }
 
 struct Block {
@@ -305,14 +469,17 @@ pub struct MambaLm {
 impl MambaLm {
     pub fn load(ck: &Checkpoint, dtype: DType, dev: &Device) -> Result<Self> {
         let arch = crate::lm::architecture_of(ck)?;
-        let emb_rows = ["backbone.embeddings.weight", "backbone.embedding.weight"]
+        let emb_rows = ["backbone.embeddings.weight", "backbone.embedding.weight", "model.embeddings.weight"]
             .iter()
             .find_map(|n| ck.tensor(n))
             .ok_or_else(|| candle_core::Error::Msg(format!("{}: missing tensor 'backbone.embedding.weight' (or 'backbone.embeddings.weight')", ck.path.display())))?
             .dim(0)?;
-        let cfg = MambaLmConfig::from_json(&ck.config, arch, emb_rows).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", ck.config_path().display())))?;
-        // Both embedding spellings load.
-        let vb = ck.var_builder(dtype, dev, &[("backbone.embedding.", "backbone.embeddings."), ("backbone.embeddings.", "backbone.embedding.")]);
+        let mut cfg = MambaLmConfig::from_json(&ck.config, arch, emb_rows).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", ck.config_path().display())))?;
+        if arch == "nemotron_h" && ck.tensor("lm_head.weight").is_some() {
+            cfg.tie_embeddings = false; // transformers never ties this model's head: a stored one is used
+        }
+        // Both embedding spellings load, and transformers' in-memory `model.` prefix (Nemotron-H).
+        let vb = ck.var_builder(dtype, dev, &[("backbone.embedding.", "backbone.embeddings."), ("backbone.embeddings.", "backbone.embedding."), ("backbone.", "model.")]);
         Self::new(cfg, arch, vb)
     }
 
@@ -329,8 +496,8 @@ impl MambaLm {
             let mixer = match kind {
                 LayerKind::Mamba(m) => Mixer::Mamba(Mamba::new(m.clone(), lvb.pp("mixer"))?),
                 LayerKind::Mamba2(m) => Mixer::Mamba2(Mamba2::new(m.clone(), lvb.pp("mixer"))?),
-                LayerKind::Attention(a) => Mixer::Attention(Attention::new_fused(
-                    AttentionConfig {
+                LayerKind::Attention(a) => {
+                    let acfg = AttentionConfig {
                         d_model: d,
                         n_heads: a.num_heads,
                         n_kv_heads: a.num_heads_kv,
@@ -340,9 +507,10 @@ impl MambaLm {
                         qkv_bias: a.qkv_proj_bias,
                         out_bias: a.out_proj_bias,
                         window: None, causal: true,
-                    },
-                    lvb.pp("mixer"),
-                )?),
+                    };
+                    Mixer::Attention(if a.separate_qkv { Attention::new_llama(acfg, lvb.pp("mixer"))? } else { Attention::new_fused(acfg, lvb.pp("mixer"))? })
+                }
+                LayerKind::Mlp(m) => Mixer::Mlp(PlainMlp::new(d, m.hidden, m.bias, PlainAct::parse(&m.act)?, lvb.pp("mixer"))?),
             };
             let mlp = if cfg.d_intermediate > 0 {
                 // mamba_ssm's GatedMLP rounds its width up to a multiple of 128.
@@ -380,6 +548,7 @@ impl MambaLm {
                 (Mixer::Mamba2(m), None) => m.forward(&x, seq_idx, None)?,
                 (Mixer::Attention(a), Some(LayerCache::Attention(c))) => a.forward(&x, seq_idx, Some(c))?,
                 (Mixer::Attention(a), None) => a.forward(&x, seq_idx, None)?,
+                (Mixer::Mlp(m), None | Some(LayerCache::None)) => m.forward(&x)?,
                 _ => bail!("cache layer {i} does not match the model"),
             };
             h = (h + y)?;
@@ -414,6 +583,7 @@ impl LanguageModel for MambaLm {
                     kv += 2 * a.cfg.n_kv_heads * a.cfg.head_dim;
                     kinds.push("attention".to_string());
                 }
+                Mixer::Mlp(_) => kinds.push("mlp".to_string()),
             }
         }
         ModelInfo {
@@ -440,6 +610,7 @@ impl LanguageModel for MambaLm {
                     Mixer::Mamba(m) => LayerCache::Mamba(m.zero_state(batch)?),
                     Mixer::Mamba2(m) => LayerCache::Mamba2(m.zero_state(batch)?),
                     Mixer::Attention(_) => LayerCache::Attention(KvCache::default()),
+                    Mixer::Mlp(_) => LayerCache::None,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -466,6 +637,7 @@ impl LanguageModel for MambaLm {
                 (Mixer::Mamba(m), LayerCache::Mamba(s)) => m.step(&x, s)?,
                 (Mixer::Mamba2(m), LayerCache::Mamba2(s)) => m.step(&x, s)?,
                 (Mixer::Attention(a), LayerCache::Attention(c)) => a.forward(&x.unsqueeze(1)?, None, Some(c))?.squeeze(1)?,
+                (Mixer::Mlp(m), LayerCache::None) => m.forward(&x)?,
                 _ => bail!("cache layer {i} does not match the model"),
             };
             h = (h + y)?;

@@ -76,6 +76,65 @@ fn mamba2_hybrid_mamba_ssm_config() {
     check_case("mamba2_hybrid_ssm");
 }
 
+/// NVIDIA's Mamba-2-Hybrid / Nemotron-H pattern form: HF `NemotronHForCausalLM` with
+/// `hybrid_override_pattern` "M-*M-" (Mamba-2 with mamba_num_heads·mamba_head_dim ≠ 2·hidden and 2 groups,
+/// an ungated relu2 MLP block, GQA attention without positional encoding).
+#[test]
+fn nemotron_h_hybrid_pattern() {
+    check_case("nemotron_h");
+    let ck = Checkpoint::open(case_dir("nemotron_h")).unwrap();
+    let info = load(&ck, &Device::Cpu).unwrap().info();
+    assert_eq!(info.layer_kinds, ["mamba2", "mlp", "attention", "mamba2", "mlp"]);
+    // Two Mamba-2 layers: conv (3 × (48 + 2·2·16)) + SSM (6 × 8 × 16) each; one attention layer: 2 × 2 kv heads × 12.
+    assert_eq!(info.state_floats_per_seq, 2 * (3 * 112 + 6 * 8 * 16));
+    assert_eq!(info.kv_floats_per_token, 2 * 2 * 12);
+    let cache = load(&ck, &Device::Cpu).unwrap().new_cache(2).unwrap();
+    assert!(matches!(cache.layers[1], ouro_nn::lm::LayerCache::None) && matches!(cache.layers[4], ouro_nn::lm::LayerCache::None));
+}
+
+/// The same weights described by transformers 5's `layers_block_type` list instead of the pattern string load
+/// to the same model; a bad pattern (unknown character, MoE layer, wrong length) is an error naming the
+/// config file and the character.
+#[test]
+fn nemotron_h_pattern_forms_and_errors() {
+    let tmp = std::env::temp_dir().join(format!("ouro-nemotron-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let src = case_dir("nemotron_h");
+    std::fs::copy(src.join("model.safetensors"), tmp.join("model.safetensors")).unwrap();
+    let base: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let with = |edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| -> Result<Box<dyn LanguageModel>, String> {
+        let mut c = base.as_object().unwrap().clone();
+        edit(&mut c);
+        std::fs::write(tmp.join("config.json"), serde_json::to_string(&c).unwrap()).unwrap();
+        let ck = Checkpoint::open(&tmp).map_err(|e| e.to_string())?;
+        load(&ck, &Device::Cpu).map_err(|e| e.to_string())
+    };
+    let exp = expected("nemotron_h");
+    let listed = with(&|c| {
+        c.remove("hybrid_override_pattern");
+        c.remove("num_hidden_layers");
+        c.insert("layers_block_type".into(), serde_json::json!(["mamba", "mlp", "attention", "linear_attention", "mlp"]));
+    })
+    .unwrap();
+    assert_close(&listed.forward(&ids_of(&exp), None, None).unwrap(), &exp["logits"], TOL, "layers_block_type form");
+    for (pattern, want) in [("M-xM-", "'x' at position 2"), ("M-EM-", "'E' at position 2"), ("M-*M", "has 4 layers, num_hidden_layers is 5"), ("", "empty")] {
+        let e = with(&|c| {
+            c.insert("hybrid_override_pattern".into(), serde_json::json!(pattern));
+        })
+        .err()
+        .unwrap_or_else(|| panic!("pattern {pattern:?} loaded"));
+        assert!(e.contains("config.json") && e.contains(want), "pattern {pattern:?}: {e}");
+    }
+    let e = with(&|c| {
+        c.insert("mlp_hidden_act".into(), serde_json::json!("swiglu"));
+    })
+    .err()
+    .unwrap();
+    assert!(e.contains("config.json") && e.contains("swiglu"), "{e}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
 #[test]
 fn llama_gqa_sharded() {
     check_case("llama_gqa");

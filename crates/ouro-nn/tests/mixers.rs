@@ -41,6 +41,7 @@ fn mamba2_cfg_from_hf(c: &serde_json::Value) -> Mamba2Config {
         d_state: c["state_size"].as_u64().unwrap() as usize,
         d_conv: c["conv_kernel"].as_u64().unwrap() as usize,
         expand: c["expand"].as_u64().unwrap() as usize,
+        d_inner: None,
         headdim: c["head_dim"].as_u64().unwrap() as usize,
         ngroups: c["n_groups"].as_u64().unwrap() as usize,
         d_ssm: None,

@@ -14,8 +14,8 @@ pub struct TrainConfig {
     pub train: TrainSpec,
 }
 
-/// The model to train. `arch`: causal "mamba2", "mamba", "llama", "hawk", "griffin"; bidirectional (masked
-/// objective) "caduceus" (BiMamba, or RCPS with `rcps = true`), "hydra", "mixer" (a matrix-mixer encoder),
+/// The model to train. `arch`: causal "mamba2", "mamba", "llama", "hawk", "griffin", "hybrid" (a layer
+/// pattern, see `pattern`); bidirectional (masked objective) "caduceus" (BiMamba, or RCPS with `rcps = true`), "hydra", "mixer" (a matrix-mixer encoder),
 /// "bert" (the Llama Transformer with bidirectional attention).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -69,6 +69,12 @@ pub struct ModelSpec {
     /// arch = "mixer": sequence-aligned (input-dependent) matrices, or learned data-independent ones.
     #[serde(default = "yes")]
     pub data_dependent: bool,
+    /// arch = "hybrid": one character per layer (NVIDIA's Mamba-2-Hybrid / Nemotron-H), `M` Mamba-2 (d_state,
+    /// headdim, expand, ngroups, d_conv), `*` attention (n_heads, n_kv_heads; no positional encoding), `-` an
+    /// MLP down(relu²(up(x))) of width intermediate_size (default 4·d_model); e.g. "M-M*-M-". Its length is
+    /// n_layer. The checkpoint is an HF `NemotronHForCausalLM` config.
+    #[serde(default)]
+    pub pattern: Option<String>,
 }
 
 fn add() -> String {
@@ -233,8 +239,19 @@ impl TrainConfig {
         if m.lti && m.arch != "mamba" {
             bail!("model.lti applies to arch = \"mamba\" (an S6 mixer with data-independent Δ, B, C)");
         }
-        if !["mamba", "mamba2", "llama", "hawk", "griffin", "caduceus", "hydra", "mixer", "bert"].contains(&m.arch.as_str()) {
-            bail!("model.arch '{}' is not one of mamba, mamba2, llama, hawk, griffin, caduceus, hydra, mixer, bert", m.arch);
+        if !["mamba", "mamba2", "llama", "hawk", "griffin", "hybrid", "caduceus", "hydra", "mixer", "bert"].contains(&m.arch.as_str()) {
+            bail!("model.arch '{}' is not one of mamba, mamba2, llama, hawk, griffin, hybrid, caduceus, hydra, mixer, bert", m.arch);
+        }
+        match (&m.pattern, m.arch == "hybrid") {
+            (None, true) => bail!("model.arch = \"hybrid\" needs model.pattern (one character per layer: M Mamba-2, * attention, - MLP; e.g. \"M-M*-M-\")"),
+            (Some(_), false) => bail!("model.pattern goes with arch = \"hybrid\" and only with it"),
+            (Some(p), true) => {
+                ouro_nn::mamba_lm::parse_pattern(p).map_err(|e| candle_core::Error::Msg(format!("model.pattern: {e}")))?;
+                if p.chars().count() != m.n_layer {
+                    bail!("model.pattern \"{p}\" has {} layers, model.n_layer is {}", p.chars().count(), m.n_layer);
+                }
+            }
+            (None, false) => {}
         }
         let bidirectional = BIDIRECTIONAL.contains(&m.arch.as_str());
         if bidirectional && t.objective != "masked" {
@@ -320,6 +337,31 @@ impl ModelSpec {
                     "d_model": self.d_model, "n_layer": self.n_layer, "vocab_size": vocab, "d_intermediate": self.d_intermediate,
                     "ssm_cfg": ssm, "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": true, "residual_in_fp32": true,
                     "fused_add_norm": true, "pad_vocab_size_multiple": 8, "tie_embeddings": true, "tokenizer": tok,
+                })
+            }
+            "hybrid" => {
+                let pattern = self.pattern.clone().unwrap_or_default();
+                let heads = self.n_heads.unwrap_or((self.d_model / 64).max(1));
+                let kv = self.n_kv_heads.unwrap_or(heads);
+                if self.d_model % heads != 0 || heads % kv != 0 {
+                    bail!("model: d_model {} must be divisible by n_heads {heads}, and n_heads by n_kv_heads {kv}", self.d_model);
+                }
+                let inner = self.expand * self.d_model;
+                if inner % self.headdim != 0 || (inner / self.headdim) % self.ngroups != 0 {
+                    bail!("model: expand·d_model = {inner} must split into heads of headdim {} divisible into ngroups {}", self.headdim, self.ngroups);
+                }
+                // HF NemotronHForCausalLM's config (Hub form: the pattern string). No tied embeddings: transformers
+                // never ties this model's LM head.
+                json!({
+                    "model_type": "nemotron_h", "architectures": ["NemotronHForCausalLM"], "vocab_size": vocab,
+                    "hidden_size": self.d_model, "hybrid_override_pattern": pattern, "num_hidden_layers": self.n_layer,
+                    "mamba_num_heads": inner / self.headdim, "mamba_head_dim": self.headdim, "ssm_state_size": self.d_state(),
+                    "n_groups": self.ngroups, "conv_kernel": self.d_conv, "expand": self.expand, "chunk_size": 64,
+                    "use_bias": false, "use_conv_bias": true, "mamba_hidden_act": "silu", "time_step_min": 0.001,
+                    "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": self.d_model / heads,
+                    "attention_bias": false, "intermediate_size": self.intermediate_size.unwrap_or(4 * self.d_model),
+                    "mlp_hidden_act": "relu2", "mlp_bias": false, "layer_norm_epsilon": 1e-5,
+                    "tie_word_embeddings": false, "tokenizer": tok,
                 })
             }
             "llama" | "bert" => {

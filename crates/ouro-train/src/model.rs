@@ -140,9 +140,11 @@ impl Trainable {
                     normal(&mut rng, std)
                 } else {
                     // PyTorch's Linear default (kaiming uniform, a = √5): U(±1/√fan_in); mamba_ssm rescales the
-                    // residual-branch output projections by 1/√n_layer.
+                    // residual-branch output projections by 1/√n_layer (a hybrid pattern's attention and MLP
+                    // blocks are residual branches too).
                     let b = 1.0 / (dims[1] as f64).sqrt();
-                    let rescale = if name.ends_with("out_proj.weight") || name.ends_with("fc2.weight") { 1.0 / n_layer.sqrt() } else { 1.0 };
+                    let branch_out = name.ends_with("out_proj.weight") || name.ends_with("fc2.weight") || (arch == "nemotron_h" && (name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight")));
+                    let rescale = if branch_out { 1.0 / n_layer.sqrt() } else { 1.0 };
                     uniform(&mut rng, b * rescale)
                 }
             } else {

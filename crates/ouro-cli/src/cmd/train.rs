@@ -17,7 +17,8 @@ pub struct TrainArgs {
     #[arg(long)]
     resume: bool,
     /// Architecture: mamba2, mamba, llama, hawk or griffin (causal); caduceus, hydra, mixer or bert (masked). A model of
-    /// the same width and depth, its MLP sized to match the Mamba-2 parameter count.
+    /// the same width and depth, its MLP sized to match the Mamba-2 parameter count (a hybrid config's pattern is
+    /// dropped).
     #[arg(long)]
     model: Option<String>,
     #[arg(long)]
@@ -72,6 +73,9 @@ pub fn train(a: TrainArgs) -> Result<()> {
         (None, None) => bail!("give --config FILE.toml or --task NAME"),
     };
     if let Some(m) = a.model {
+        if m != "hybrid" {
+            cfg.model.pattern = None; // a hybrid config's depth and width, as another architecture
+        }
         cfg.model.arch = m;
         if a.out.is_none() {
             cfg.train.out = PathBuf::from(format!("{}-{}", cfg.train.out.display(), cfg.model.arch));
