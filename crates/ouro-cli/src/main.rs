@@ -33,6 +33,9 @@ enum Command {
     Logits(cmd::lm::LogitsArgs),
     /// Generates text from a prompt, streaming it (several samples decode as one batch).
     Generate(cmd::lm::GenerateArgs),
+    /// Many completions per prompt for test-time compute: continuous batching, answer extraction,
+    /// majority vote and pass@k, or a time budget instead of a sample count.
+    Sample(cmd::sample::SampleArgs),
     /// Describes a checkpoint: architecture, parameters, dtypes, state size, tensors.
     Info(cmd::lm::InfoArgs),
     /// Trains a model from a TOML config (causal or masked LM), with checkpoints, metrics and plots.
@@ -79,6 +82,7 @@ fn main() {
         Command::Doctor(a) => cmd::doctor::run(a),
         Command::Logits(a) => cmd::lm::logits(a),
         Command::Generate(a) => cmd::lm::generate_cmd(a),
+        Command::Sample(a) => cmd::sample::sample_cmd(a),
         Command::Info(a) => cmd::lm::info(a),
         Command::Train(a) => cmd::train::train(a),
         Command::Data(d) => cmd::train::data(d),

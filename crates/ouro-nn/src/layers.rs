@@ -264,11 +264,30 @@ enum QkvProj {
 
 /// The keys and values kept so far, (b, kv_heads, len, head_dim) each (with a sliding window, the last
 /// `window` of them), and how many tokens the sequence has consumed.
+///
+/// Rows of a batch may sit at different positions (continuous batching: a sequence joins a batch whose
+/// other rows are mid-way through theirs). Then `rows` says, per row, how many tokens it has consumed and
+/// how many keys it holds; a row's keys are the last `held` slots along the key axis (right-aligned, so one
+/// more token per row is still one concatenation), the slots before them are padding that attention masks,
+/// and RoPE rotates each row at its own position. Without `rows` every row has consumed `seen` tokens and
+/// holds every slot.
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
     pub k: Option<Tensor>,
     pub v: Option<Tensor>,
+    /// Tokens consumed by every row (with `rows`: the most any row has consumed).
     pub seen: usize,
+    /// Per-row positions when rows differ (see above); None: every row is at `seen`.
+    pub rows: Option<Vec<KvRow>>,
+}
+
+/// Where one row of a [`KvCache`] stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvRow {
+    /// Tokens consumed: the position of the row's next token.
+    pub seen: usize,
+    /// Keys held: the last `held` slots of the key axis (fewer than `seen` under a sliding window).
+    pub held: usize,
 }
 
 impl KvCache {
@@ -277,6 +296,91 @@ impl KvCache {
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Rows in the cache (None before the first token: the batch is not known yet).
+    pub fn batch(&self) -> Option<usize> {
+        self.k.as_ref().and_then(|k| k.dim(0).ok())
+    }
+
+    /// Where each of the `b` rows stands (the same for every row unless the rows are ragged).
+    pub fn row_states(&self, b: usize) -> Result<Vec<KvRow>> {
+        match &self.rows {
+            Some(r) if r.len() != b => bail!("kv cache: {} rows of positions for a batch of {b}", r.len()),
+            Some(r) => Ok(r.clone()),
+            None => Ok(vec![KvRow { seen: self.seen, held: self.len() }; b]),
+        }
+    }
+
+    /// A cache of per-row states: drops the padding slots that no row needs any more.
+    fn ragged(k: Tensor, v: Tensor, rows: Vec<KvRow>) -> Result<Self> {
+        let (n, keep) = (k.dim(2)?, rows.iter().map(|r| r.held).max().unwrap_or(0));
+        let (k, v) = if keep < n { (k.narrow(2, n - keep, keep)?.contiguous()?, v.narrow(2, n - keep, keep)?.contiguous()?) } else { (k, v) };
+        let seen = rows.iter().map(|r| r.seen).max().unwrap_or(0);
+        Ok(Self { k: Some(k), v: Some(v), seen, rows: Some(rows) })
+    }
+
+    fn tensors(&self) -> Result<(&Tensor, &Tensor)> {
+        match (&self.k, &self.v) {
+            (Some(k), Some(v)) => Ok((k, v)),
+            _ => bail!("kv cache: a sequence that has consumed no token cannot be batched (prefill it first)"),
+        }
+    }
+
+    /// The rows of several caches stacked into one batch (rows at different positions allowed).
+    pub fn cat(parts: &[&KvCache]) -> Result<KvCache> {
+        if parts.is_empty() {
+            bail!("kv cache: nothing to concatenate");
+        }
+        let n = parts.iter().map(|p| p.len()).max().unwrap_or(0);
+        let (mut ks, mut vs, mut rows) = (Vec::new(), Vec::new(), Vec::new());
+        for p in parts {
+            let (k, v) = p.tensors()?;
+            ks.push(k.pad_with_zeros(2, n - k.dim(2)?, 0)?);
+            vs.push(v.pad_with_zeros(2, n - v.dim(2)?, 0)?);
+            rows.extend(p.row_states(k.dim(0)?)?);
+        }
+        Self::ragged(Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?, rows)
+    }
+
+    /// Replaces row `i` by the single sequence of `src` (a cache of one row).
+    pub fn set_row(&mut self, i: usize, src: &KvCache) -> Result<()> {
+        let (sk, sv) = src.tensors()?;
+        if sk.dim(0)? != 1 {
+            bail!("kv cache: set_row takes a cache of one sequence, got {}", sk.dim(0)?);
+        }
+        let (k, v) = self.tensors()?;
+        let b = k.dim(0)?;
+        if i >= b {
+            bail!("kv cache: row {i} of a batch of {b}");
+        }
+        let mut rows = self.row_states(b)?;
+        let row = src.row_states(1)?[0];
+        // Only the held keys travel (right-aligned); either side is padded to the longer key axis.
+        let (sk, sv) = (sk.narrow(2, sk.dim(2)? - row.held, row.held)?, sv.narrow(2, sv.dim(2)? - row.held, row.held)?);
+        let n = k.dim(2)?.max(row.held);
+        let pad = |t: &Tensor| t.pad_with_zeros(2, n - t.dim(2).unwrap_or(n), 0);
+        let (k, v) = (pad(k)?.slice_scatter0(&pad(&sk)?, i)?, pad(v)?.slice_scatter0(&pad(&sv)?, i)?);
+        rows[i] = row;
+        *self = Self::ragged(k, v, rows)?;
+        Ok(())
+    }
+
+    /// The rows `idx` (new row r is old row idx[r]; repeats allowed).
+    pub fn select(&self, idx: &[u32]) -> Result<KvCache> {
+        let (k, v) = match (&self.k, &self.v) {
+            (Some(k), Some(v)) => (k, v),
+            _ => return Ok(self.clone()),
+        };
+        let t = Tensor::new(idx, k.device())?;
+        let (k, v) = (k.contiguous()?.index_select(&t, 0)?, v.contiguous()?.index_select(&t, 0)?);
+        match &self.rows {
+            None => Ok(KvCache { k: Some(k), v: Some(v), seen: self.seen, rows: None }),
+            Some(r) => {
+                let rows = idx.iter().map(|&i| r.get(i as usize).copied().ok_or_else(|| candle_core::Error::Msg(format!("kv cache: no row {i}")))).collect::<Result<Vec<_>>>()?;
+                Self::ragged(k, v, rows)
+            }
+        }
     }
 }
 
@@ -354,18 +458,24 @@ impl Attention {
         let k = k.reshape((b, l, kv, hd))?.transpose(1, 2)?.contiguous()?;
         let v = v.reshape((b, l, kv, hd))?.transpose(1, 2)?.contiguous()?;
         let offset = cache.as_ref().map_or(0, |c| c.seen);
+        // Rows at different positions: where each row stands before this call.
+        let ragged = match cache.as_ref() {
+            Some(c) if c.rows.is_some() => Some(c.row_states(b)?),
+            _ => None,
+        };
         let docs = match seq_idx {
             Some(s) => Some(ouro_kernels::seq_idx_to_vec(s, b, l)?),
             None => None,
         };
-        if docs.is_some() && offset > 0 {
+        if docs.is_some() && (offset > 0 || ragged.is_some()) {
             bail!("attention: seq_idx with a non-empty KV cache is not supported");
         }
         let positions: Vec<u32> = (0..b)
             .flat_map(|bi| {
                 let docs = docs.as_ref();
+                let base = ragged.as_ref().map_or(offset, |r| r[bi].seen);
                 (0..l).map(move |t| match docs {
-                    None => (offset + t) as u32,
+                    None => (base + t) as u32,
                     Some(d) => {
                         let row = &d[bi * l..(bi + 1) * l];
                         let start = (0..=t).rev().take_while(|&s| row[s] == row[t]).last().unwrap_or(t);
@@ -386,16 +496,21 @@ impl Attention {
                     Some(prev) => Tensor::cat(&[prev, &v], 2)?,
                     None => v,
                 };
-                c.seen += l;
                 // The cache keeps only the window: memory bounded whatever the context length. This call
                 // still attends over everything it was given (earlier queries of a chunk see older keys).
                 let n = k.dim(2)?;
-                match self.cfg.window {
-                    Some(w) if n > w => {
+                match (&ragged, self.cfg.window) {
+                    (Some(rows), w) => {
+                        let rows = rows.iter().map(|r| KvRow { seen: r.seen + l, held: w.map_or(r.held + l, |w| (r.held + l).min(w)) }).collect();
+                        *c = KvCache::ragged(k.clone(), v.clone(), rows)?;
+                    }
+                    (None, Some(w)) if n > w => {
+                        c.seen += l;
                         c.k = Some(k.narrow(2, n - w, w)?.contiguous()?);
                         c.v = Some(v.narrow(2, n - w, w)?.contiguous()?);
                     }
-                    _ => {
+                    (None, _) => {
+                        c.seen += l;
                         c.k = Some(k.clone());
                         c.v = Some(v.clone());
                     }
@@ -405,7 +520,7 @@ impl Attention {
             None => (k, v),
         };
         let total = k.dim(2)?;
-        let start = offset + l - total; // absolute position of the first key
+        let start = (offset + l).saturating_sub(total); // absolute position of the first key (uniform rows)
         // Repeat KV heads for the query heads of each group.
         let rep = h / kv;
         let (k, v) = if rep > 1 {
@@ -418,7 +533,11 @@ impl Attention {
         };
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = (q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)? * scale)?; // (b, h, l, total)
-        let scores = match self.mask(b, l, start, offset, total, docs.as_deref(), x.device())? {
+        let mask = match &ragged {
+            Some(rows) => self.ragged_mask(l, total, rows, x.device())?,
+            None => self.mask(b, l, start, offset, total, docs.as_deref(), x.device())?,
+        };
+        let scores = match mask {
             Some(m) => scores.broadcast_add(&m)?,
             None => scores,
         };
@@ -453,6 +572,38 @@ impl Attention {
             }
         }
         Ok(Some(Tensor::from_vec(m, (rows, 1, l, total), dev)?))
+    }
+
+    /// The additive mask (b, 1, l, total) of rows at different positions (`rows`: where each stood before
+    /// this call): row r's keys are its last held+l slots, the key in slot j sits at position
+    /// seen + l − total + j, and query i (at seen + i) sees it when causal and inside the window.
+    /// None when nothing is masked.
+    fn ragged_mask(&self, l: usize, total: usize, rows: &[KvRow], dev: &Device) -> Result<Option<Tensor>> {
+        let mut m = vec![0f32; rows.len() * l * total];
+        let mut masked = false;
+        for (bi, r) in rows.iter().enumerate() {
+            if r.held + l > total || r.held > r.seen {
+                bail!("attention: kv cache row {bi} holds {} keys after {} tokens in {total} slots", r.held, r.seen);
+            }
+            let first = total - (r.held + l);
+            for i in 0..l {
+                let qpos = r.seen + i;
+                for j in 0..total {
+                    let ok = j >= first && {
+                        let kpos = r.seen + l + j - total;
+                        (kpos <= qpos || !self.cfg.causal) && self.cfg.window.is_none_or(|w| qpos - kpos.min(qpos) < w)
+                    };
+                    if !ok {
+                        m[(bi * l + i) * total + j] = f32::NEG_INFINITY;
+                        masked = true;
+                    }
+                }
+            }
+        }
+        if !masked {
+            return Ok(None);
+        }
+        Ok(Some(Tensor::from_vec(m, (rows.len(), 1, l, total), dev)?))
     }
 }
 

@@ -24,6 +24,7 @@ pub mod mamba_lm;
 pub mod matrix_mixer;
 pub mod rglru;
 pub mod s4d;
+pub mod sample;
 pub mod tokenizer;
 
 pub use mamba::{Mamba, MambaConfig, MambaState};

@@ -25,7 +25,7 @@ pub enum LayerCache {
 #[derive(Clone, Debug)]
 pub struct Cache {
     pub layers: Vec<LayerCache>,
-    /// Tokens consumed so far.
+    /// Tokens consumed so far (rows at different positions, see [`Cache::set_row`]: the most by any row).
     pub seqlen: usize,
 }
 
@@ -34,7 +34,8 @@ impl Cache {
         Self { layers, seqlen: 0 }
     }
 
-    fn map(&self, f: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<Cache> {
+    /// Applies `f` to every state tensor and `kv` to every KV cache.
+    fn map(&self, f: &dyn Fn(&Tensor) -> Result<Tensor>, kv: &dyn Fn(&KvCache) -> Result<KvCache>) -> Result<Cache> {
         let layers = self
             .layers
             .iter()
@@ -43,11 +44,7 @@ impl Cache {
                     LayerCache::None => LayerCache::None,
                     LayerCache::Mamba(s) => LayerCache::Mamba(MambaState { conv: f(&s.conv)?, ssm: f(&s.ssm)? }),
                     LayerCache::Mamba2(s) => LayerCache::Mamba2(Mamba2State { conv: f(&s.conv)?, ssm: f(&s.ssm)? }),
-                    LayerCache::Attention(c) => LayerCache::Attention(KvCache {
-                        k: c.k.as_ref().map(f).transpose()?,
-                        v: c.v.as_ref().map(f).transpose()?,
-                        seen: c.seen,
-                    }),
+                    LayerCache::Attention(c) => LayerCache::Attention(kv(c)?),
                     LayerCache::RgLru(s) => LayerCache::RgLru(RgLruState { conv: f(&s.conv)?, h: f(&s.h)? }),
                 })
             })
@@ -57,20 +54,124 @@ impl Cache {
 
     /// Each sequence's state repeated `n` times along the batch (b → b·n, sequence i → rows i·n..(i+1)·n).
     pub fn repeat_interleave(&self, n: usize) -> Result<Cache> {
-        self.map(&|t: &Tensor| {
+        let f = |t: &Tensor| {
             let dims = t.dims();
             let mut expanded = vec![dims[0], n];
             expanded.extend_from_slice(&dims[1..]);
             let mut out = vec![dims[0] * n];
             out.extend_from_slice(&dims[1..]);
             t.unsqueeze(1)?.expand(expanded)?.contiguous()?.reshape(out)
+        };
+        self.map(&f, &|c: &KvCache| match (&c.rows, c.batch()) {
+            (Some(_), Some(b)) => c.select(&(0..(b * n) as u32).map(|r| r / n as u32).collect::<Vec<_>>()),
+            _ => Ok(KvCache { k: c.k.as_ref().map(f).transpose()?, v: c.v.as_ref().map(f).transpose()?, seen: c.seen, rows: None }),
         })
     }
 
-    /// The sub-batch of the given sequences.
+    /// The sub-batch of the given sequences (new row r is old row rows[r]).
     pub fn select(&self, rows: &[u32]) -> Result<Cache> {
         let idx = rows.to_vec();
-        self.map(&|t: &Tensor| t.index_select(&Tensor::new(idx.as_slice(), t.device())?, 0))
+        self.map(&|t: &Tensor| t.contiguous()?.index_select(&Tensor::new(idx.as_slice(), t.device())?, 0), &|c: &KvCache| c.select(rows))
+    }
+
+    /// Rows in the batch (None when no layer holds a tensor yet).
+    pub fn batch_size(&self) -> Option<usize> {
+        self.layers.iter().find_map(|l| match l {
+            LayerCache::None => None,
+            LayerCache::Mamba(s) => s.ssm.dim(0).ok(),
+            LayerCache::Mamba2(s) => s.ssm.dim(0).ok(),
+            LayerCache::Attention(c) => c.batch(),
+            LayerCache::RgLru(s) => s.h.dim(0).ok(),
+        })
+    }
+
+    /// The batches of several caches of one model stacked into one, in order. Attention layers whose rows
+    /// have consumed different numbers of tokens keep per-row positions ([`KvCache`]); `seqlen` becomes the
+    /// most tokens any part has consumed.
+    pub fn cat(parts: &[&Cache]) -> Result<Cache> {
+        let Some(first) = parts.first() else { bail!("cache: nothing to concatenate") };
+        if parts.iter().any(|p| p.layers.len() != first.layers.len()) {
+            bail!("cache: caches of different models");
+        }
+        let cat = |ts: Vec<&Tensor>| Tensor::cat(&ts, 0);
+        let layers = (0..first.layers.len())
+            .map(|i| {
+                let ls: Vec<&LayerCache> = parts.iter().map(|p| &p.layers[i]).collect();
+                let mismatch = || candle_core::Error::Msg(format!("cache: layer {i} differs between the caches"));
+                Ok(match ls[0] {
+                    LayerCache::None => LayerCache::None,
+                    LayerCache::Mamba(_) => {
+                        let s: Vec<&MambaState> = ls.iter().map(|l| if let LayerCache::Mamba(s) = l { Ok(s) } else { Err(mismatch()) }).collect::<Result<_>>()?;
+                        LayerCache::Mamba(MambaState { conv: cat(s.iter().map(|s| &s.conv).collect())?, ssm: cat(s.iter().map(|s| &s.ssm).collect())? })
+                    }
+                    LayerCache::Mamba2(_) => {
+                        let s: Vec<&Mamba2State> = ls.iter().map(|l| if let LayerCache::Mamba2(s) = l { Ok(s) } else { Err(mismatch()) }).collect::<Result<_>>()?;
+                        LayerCache::Mamba2(Mamba2State { conv: cat(s.iter().map(|s| &s.conv).collect())?, ssm: cat(s.iter().map(|s| &s.ssm).collect())? })
+                    }
+                    LayerCache::Attention(_) => {
+                        let c: Vec<&KvCache> = ls.iter().map(|l| if let LayerCache::Attention(c) = l { Ok(c) } else { Err(mismatch()) }).collect::<Result<_>>()?;
+                        LayerCache::Attention(KvCache::cat(&c)?)
+                    }
+                    LayerCache::RgLru(_) => {
+                        let s: Vec<&RgLruState> = ls.iter().map(|l| if let LayerCache::RgLru(s) = l { Ok(s) } else { Err(mismatch()) }).collect::<Result<_>>()?;
+                        LayerCache::RgLru(RgLruState { conv: cat(s.iter().map(|s| &s.conv).collect())?, h: cat(s.iter().map(|s| &s.h).collect())? })
+                    }
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Cache { layers, seqlen: parts.iter().map(|p| p.seqlen).max().unwrap_or(0) })
+    }
+
+    /// A batch assembled from rows of several caches of one model: new row r is row `rows[r].1` of
+    /// `parts[rows[r].0]` (continuous batching: the running rows that stay plus the sequences that join,
+    /// in two copies of the state however many rows change).
+    pub fn gather(parts: &[&Cache], rows: &[(usize, usize)]) -> Result<Cache> {
+        let mut offsets = Vec::with_capacity(parts.len());
+        let mut total = 0;
+        for (k, p) in parts.iter().enumerate() {
+            offsets.push(total);
+            total += p.batch_size().ok_or_else(|| candle_core::Error::Msg(format!("cache: part {k} holds no state yet")))?;
+        }
+        let idx = rows
+            .iter()
+            .map(|&(k, i)| match parts.get(k) {
+                Some(p) if p.batch_size().is_some_and(|b| i < b) => Ok((offsets[k] + i) as u32),
+                _ => bail!("cache: no row {i} in part {k}"),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let all = if parts.len() == 1 { parts[0].clone() } else { Cache::cat(parts)? };
+        let mut out = all.select(&idx)?;
+        out.seqlen = rows.iter().map(|&(k, _)| parts[k].seqlen).max().unwrap_or(0);
+        Ok(out)
+    }
+
+    /// Writes the single sequence of `src` (a cache of one row, e.g. a prefilled prompt) into row `i`,
+    /// leaving the other rows as they are: a new sequence joins a running batch.
+    pub fn set_row(&mut self, i: usize, src: &Cache) -> Result<()> {
+        if src.layers.len() != self.layers.len() {
+            bail!("cache: caches of different models");
+        }
+        if let Some(b) = src.batch_size().filter(|&b| b != 1) {
+            bail!("cache: set_row takes a cache of one sequence, got {b}");
+        }
+        let put = |t: &Tensor, s: &Tensor| -> Result<Tensor> {
+            if i >= t.dim(0)? {
+                bail!("cache: row {i} of a batch of {}", t.dim(0)?);
+            }
+            t.slice_scatter0(s, i)
+        };
+        for (n, (dst, s)) in self.layers.iter_mut().zip(&src.layers).enumerate() {
+            match (dst, s) {
+                (LayerCache::None, LayerCache::None) => {}
+                (LayerCache::Mamba(d), LayerCache::Mamba(s)) => *d = MambaState { conv: put(&d.conv, &s.conv)?, ssm: put(&d.ssm, &s.ssm)? },
+                (LayerCache::Mamba2(d), LayerCache::Mamba2(s)) => *d = Mamba2State { conv: put(&d.conv, &s.conv)?, ssm: put(&d.ssm, &s.ssm)? },
+                (LayerCache::Attention(d), LayerCache::Attention(s)) => d.set_row(i, s)?,
+                (LayerCache::RgLru(d), LayerCache::RgLru(s)) => *d = RgLruState { conv: put(&d.conv, &s.conv)?, h: put(&d.h, &s.h)? },
+                _ => bail!("cache: layer {n} differs between the caches"),
+            }
+        }
+        self.seqlen = self.seqlen.max(src.seqlen);
+        Ok(())
     }
 
     /// Bytes held by the cache (state of SSM layers plus KV of attention layers).

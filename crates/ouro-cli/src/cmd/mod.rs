@@ -5,5 +5,6 @@ pub mod distill;
 pub mod doctor;
 pub mod fit;
 pub mod lm;
+pub mod sample;
 pub mod train;
 pub mod pde;
