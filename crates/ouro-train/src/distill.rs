@@ -228,6 +228,11 @@ pub struct DistillSpec {
     pub seed: u64,
     /// Held-out tokens for the perplexities.
     pub eval_tokens: usize,
+    /// Wall-clock budget of stages 1, 2, 3 in seconds, instead of `tokens`: the step count is fixed from
+    /// the time of steps 3–8 (the first steps carry one-off start-up costs), and the learning-rate
+    /// schedule follows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<[f64; 3]>,
 }
 
 /// One line of metrics.jsonl.
@@ -375,6 +380,10 @@ fn trainable(student: &Student, stage: u8) -> Vec<(String, candle_core::Var)> {
 /// Runs `spec.stages` on the student. After each stage: a checkpoint in `out/stage{k}`, the perplexities
 /// of teacher and student on `valid`, metrics in `out/metrics.jsonl`. `log` receives progress lines.
 #[allow(clippy::too_many_arguments)]
+/// With a time budget, the step time is measured over steps TIMED_FROM+1 ..= TIMED_FROM+TIMED_STEPS.
+const TIMED_FROM: usize = 3;
+const TIMED_STEPS: usize = 5;
+
 pub fn distill(teacher: &Llama, student: &Student, tokenizer: &Tokenizer, train: &Stream, valid: &Stream, spec: &DistillSpec, out: &Path, progress: bool, log: &mut dyn FnMut(&str)) -> Result<Vec<StageResult>> {
     std::fs::create_dir_all(out).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", out.display())))?;
     let metrics = out.join("metrics.jsonl");
@@ -394,23 +403,36 @@ pub fn distill(teacher: &Llama, student: &Student, tokenizer: &Tokenizer, train:
         if !(1..=3).contains(&stage) {
             bail!("distill: stage {stage} does not exist (1, 2 or 3)");
         }
-        let budget = spec.tokens[stage as usize - 1];
         let per_step = (spec.batch_size * spec.seq_len) as u64;
-        if budget < per_step {
-            bail!("distill: stage {stage} has {budget} tokens, less than one step of {per_step} (batch × seq_len)");
-        }
-        let steps = (budget / per_step) as usize;
+        let seconds = spec.seconds.map(|s| s[stage as usize - 1]);
+        let mut steps = match seconds {
+            Some(s) if !(s > 0.0) => bail!("distill: stage {stage} has a time budget of {s} s"),
+            // Provisional: fixed from the measured step time after TIMED_FROM + TIMED_STEPS steps.
+            Some(_) => usize::MAX / 2,
+            None => {
+                let budget = spec.tokens[stage as usize - 1];
+                if budget < per_step {
+                    bail!("distill: stage {stage} has {budget} tokens, less than one step of {per_step} (batch × seq_len)");
+                }
+                (budget / per_step) as usize
+            }
+        };
         let lr = spec.lr[stage as usize - 1];
         let mut opt = AdamW::new(trainable(student, stage), 0.9, 0.95, 1e-8, if stage == 3 { 0.1 } else { 0.0 })?;
-        log(&format!("stage {stage}: {steps} steps of {per_step} tokens, lr {lr}, {} parameter tensors", opt.params.len()));
+        match seconds {
+            Some(s) => log(&format!("stage {stage}: {s} s of steps of {per_step} tokens, lr {lr}, {} parameter tensors", opt.params.len())),
+            None => log(&format!("stage {stage}: {steps} steps of {per_step} tokens, lr {lr}, {} parameter tensors", opt.params.len())),
+        }
         let bar = progress.then(|| {
-            let b = indicatif::ProgressBar::new(steps as u64);
+            let b = indicatif::ProgressBar::new(if seconds.is_some() { 0 } else { steps as u64 });
             b.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").unwrap());
             b
         });
         let t0 = Instant::now();
         let (mut first, mut last) = (f64::NAN, f64::NAN);
-        for step in 0..steps {
+        let mut timed_from = t0;
+        let mut step = 0;
+        while step < steps {
             let rate = lr_at(step, steps, steps / 10, lr, lr / 10.0);
             let batch = train.sample(spec.batch_size, spec.seq_len, spec.seed ^ (stage as u64) << 32, step as u64, 0, None, &dev)?;
             let mut acc = Vec::new();
@@ -427,6 +449,18 @@ pub fn distill(teacher: &Llama, student: &Student, tokenizer: &Tokenizer, train:
                 first = loss;
             }
             last = loss;
+            if let Some(budget) = seconds {
+                if step + 1 == TIMED_FROM {
+                    timed_from = Instant::now();
+                } else if step + 1 == TIMED_FROM + TIMED_STEPS {
+                    let per = timed_from.elapsed().as_secs_f64() / TIMED_STEPS as f64;
+                    steps = ((budget / per) as usize).max(step + 1);
+                    log(&format!("stage {stage}: {per:.3} s per step → {steps} steps in {budget} s"));
+                    if let Some(b) = &bar {
+                        b.set_length(steps as u64);
+                    }
+                }
+            }
             write(&DistillMetric { stage, step: step + 1, tokens: (step as u64 + 1) * per_step, seconds: t0.elapsed().as_secs_f64(), loss: Some(loss), lr: Some(rate), teacher_ppl: None, student_ppl: None })?;
             match &bar {
                 Some(b) => {
@@ -436,6 +470,7 @@ pub fn distill(teacher: &Llama, student: &Student, tokenizer: &Tokenizer, train:
                 None if (step + 1) % 10 == 0 || step + 1 == steps => log(&format!("stage {stage} step {}/{steps}: loss {loss:.5}", step + 1)),
                 None => {}
             }
+            step += 1;
         }
         if let Some(b) = bar {
             b.finish_and_clear();

@@ -33,6 +33,10 @@ pub struct DistillArgs {
     /// Token budgets of stages 1, 2, 3.
     #[arg(long, value_delimiter = ',', default_value = "1000000,1000000,4000000")]
     tokens: Vec<u64>,
+    /// Wall-clock budgets of stages 1, 2, 3 in seconds, instead of --tokens (the step count is fixed
+    /// from the measured step time after a few steps).
+    #[arg(long, value_delimiter = ',')]
+    seconds: Option<Vec<f64>>,
     /// Peak learning rates of stages 1, 2, 3.
     #[arg(long, value_delimiter = ',', default_value = "1e-3,1e-3,3e-4")]
     lr: Vec<f64>,
@@ -58,6 +62,10 @@ pub struct DistillArgs {
     data_dir: PathBuf,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// On CUDA, run f32 matmuls on the tensor cores in TF32 (10-bit mantissa products, f32 accumulation;
+    /// PyTorch's `allow_tf32`). Parameters, activations and losses stay f32.
+    #[arg(long)]
+    tf32: bool,
     #[arg(long)]
     quiet: bool,
 }
@@ -85,6 +93,12 @@ fn three<T: Copy>(v: &[T], what: &str) -> Result<[T; 3]> {
 
 pub fn distill_cmd(a: DistillArgs) -> Result<()> {
     let dev = crate::device::parse(&a.device)?;
+    if a.tf32 {
+        if !dev.is_cuda() {
+            bail!("--tf32 applies to CUDA matmuls; --device is {}", a.device);
+        }
+        candle_core::cuda::set_gemm_reduced_precision_f32(true);
+    }
     let spec = DistillSpec {
         stages: stages(&a.stage)?,
         tokens: three(&a.tokens, "tokens")?,
@@ -95,6 +109,7 @@ pub fn distill_cmd(a: DistillArgs) -> Result<()> {
         grad_clip: a.grad_clip,
         seed: a.seed,
         eval_tokens: a.eval_tokens,
+        seconds: a.seconds.as_deref().map(|s| three(s, "seconds")).transpose()?,
     };
     if a.batch_size == 0 || a.seq_len == 0 || a.temperature <= 0.0 {
         bail!("--batch-size and --seq-len must be positive, --temperature above 0");
