@@ -574,36 +574,31 @@ impl Attention {
         Ok(Some(Tensor::from_vec(m, (rows, 1, l, total), dev)?))
     }
 
-    /// The additive mask (b, 1, l, total) of rows at different positions (`rows`: where each stood before
-    /// this call): row r's keys are its last held+l slots, the key in slot j sits at position
-    /// seen + l − total + j, and query i (at seen + i) sees it when causal and inside the window.
-    /// None when nothing is masked.
+    /// The additive mask of rows at different positions (`rows`: where each stood before this call): row r's
+    /// keys are its last held+l slots, so the key in slot j sits at position seen + l − total + j and query
+    /// i at seen + i. Their distance does not depend on the row: causality and the window are the uniform
+    /// [`Self::mask`] (1, 1, l, total) of a sequence at offset total − l, and the rows differ only in their
+    /// padding slots j < total − (held + l), masked by a (b, 1, 1, total) built on the device from one number
+    /// per row. None when nothing is masked.
     fn ragged_mask(&self, l: usize, total: usize, rows: &[KvRow], dev: &Device) -> Result<Option<Tensor>> {
-        let mut m = vec![0f32; rows.len() * l * total];
-        let mut masked = false;
+        let mut first = Vec::with_capacity(rows.len()); // first key slot of each row
         for (bi, r) in rows.iter().enumerate() {
             if r.held + l > total || r.held > r.seen {
                 bail!("attention: kv cache row {bi} holds {} keys after {} tokens in {total} slots", r.held, r.seen);
             }
-            let first = total - (r.held + l);
-            for i in 0..l {
-                let qpos = r.seen + i;
-                for j in 0..total {
-                    let ok = j >= first && {
-                        let kpos = r.seen + l + j - total;
-                        (kpos <= qpos || !self.cfg.causal) && self.cfg.window.is_none_or(|w| qpos - kpos.min(qpos) < w)
-                    };
-                    if !ok {
-                        m[(bi * l + i) * total + j] = f32::NEG_INFINITY;
-                        masked = true;
-                    }
-                }
-            }
+            first.push((total - (r.held + l)) as u32);
         }
-        if !masked {
-            return Ok(None);
+        let shared = self.mask(1, l, 0, total - l, total, None, dev)?;
+        if first.iter().all(|&f| f == 0) {
+            return Ok(shared);
         }
-        Ok(Some(Tensor::from_vec(m, (rows.len(), 1, l, total), dev)?))
+        let shape = (rows.len(), 1, 1, total);
+        let keys = Tensor::arange(0, total as u32, dev)?.reshape((1, 1, 1, total))?.broadcast_ge(&Tensor::from_vec(first, (rows.len(), 1, 1, 1), dev)?)?;
+        let padding = keys.where_cond(&Tensor::zeros(shape, DType::F32, dev)?, &Tensor::full(f32::NEG_INFINITY, shape, dev)?)?;
+        Ok(Some(match shared {
+            Some(m) => padding.broadcast_add(&m)?,
+            None => padding,
+        }))
     }
 }
 
