@@ -229,6 +229,12 @@ pub fn sample_batched(
             let mut sampler = Sampler::new(SamplingParams { seed: sample_seed(opts.sampling.seed, p, s), ..opts.sampling.clone() })?;
             let tokens = vec![sampler.sample(&last)];
             stats.generated_tokens += 1;
+            if over_budget(&t0) {
+                // The prompt's prefill ran past the budget: this sample is dropped with the running ones.
+                stats.dropped += 1;
+                stats.dropped_tokens += 1;
+                break;
+            }
             if let Some(f) = ended(&tokens) {
                 finish(Completion { prompt: p, sample: s, tokens, finish: f, seconds: t0.elapsed().as_secs_f64() }, &mut stats, &mut done);
                 continue;
@@ -295,13 +301,15 @@ pub fn sample_batched(
             })
             .collect();
         let now = t0.elapsed().as_secs_f64();
+        // A step that ends past the budget finishes nothing: its rows are dropped below with the others.
+        let late = opts.time_budget.is_some_and(|b| now >= b);
         for (r, f) in rows.iter_mut().zip(ends) {
-            if let Some(f) = f {
+            if let (Some(f), false) = (f, late) {
                 let run = r.take().expect("running row");
                 finish(Completion { prompt: run.prompt, sample: run.sample, tokens: run.tokens, finish: f, seconds: now }, &mut stats, &mut done);
             }
         }
-        if over_budget(&t0) {
+        if late {
             for run in rows.iter().flatten() {
                 stats.dropped += 1;
                 stats.dropped_tokens += run.tokens.len();
