@@ -385,8 +385,8 @@ impl AnswerRule {
     /// The normalised answer of a completion (see [`normalize_answer`]), if the rule finds one.
     pub fn extract(&self, text: &str) -> Option<String> {
         let raw = match self {
-            AnswerRule::Default => match text.rfind("####") {
-                Some(at) => text[at + 4..].lines().next().unwrap_or("").to_string(),
+            AnswerRule::Default => match after_marker(text) {
+                Some(a) => a.to_string(),
                 None => last_number(text)?,
             },
             AnswerRule::Regex(r) => r.captures_iter(text).last()?.get(1)?.as_str().to_string(),
@@ -423,10 +423,12 @@ pub fn normalize_answer(s: &str) -> String {
 /// A reference answer: the text after the last "####" when it has one (GSM8K-style worked solutions),
 /// else the whole text; normalised.
 pub fn reference_answer(s: &str) -> String {
-    match s.rfind("####") {
-        Some(at) => normalize_answer(s[at + 4..].lines().next().unwrap_or("")),
-        None => normalize_answer(s),
-    }
+    normalize_answer(after_marker(s).unwrap_or(s))
+}
+
+/// The text after the last "####" (GSM8K's answer marker) up to the end of that line, if it has one.
+fn after_marker(text: &str) -> Option<&str> {
+    text.rfind("####").map(|at| text[at + 4..].lines().next().unwrap_or(""))
 }
 
 /// The most common answer and its votes (samples without an answer do not vote); a tie goes to the answer
