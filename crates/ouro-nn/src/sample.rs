@@ -411,6 +411,10 @@ pub fn normalize_answer(s: &str) -> String {
     let t = s.trim().trim_end_matches('.').trim();
     let num = t.trim_start_matches('$').trim_end_matches('%').replace(',', "");
     if !num.is_empty() && num.chars().all(|c| c.is_ascii_digit() || c == '.' || c == '-') {
+        // Integers exactly (an f64 would merge those past 2^53), the rest through f64.
+        if let Ok(i) = num.parse::<i128>() {
+            return i.to_string();
+        }
         if let Ok(x) = num.parse::<f64>() {
             if x.is_finite() {
                 return if x == x.trunc() && x.abs() < 1e15 { format!("{}", x as i64) } else { format!("{x}") };

@@ -230,6 +230,8 @@ fn answer_extraction_rules() {
     assert_eq!(normalize_answer(" $1,000. "), "1000");
     assert_eq!(normalize_answer("0.50"), "0.5");
     assert_eq!(normalize_answer("Paris"), "Paris");
+    assert_eq!(normalize_answer("-007"), "-7");
+    assert_ne!(normalize_answer("12345678901234567"), normalize_answer("12345678901234568"));
     assert_eq!(reference_answer("Natalia sold 48/2 = 24 clips.\n#### 72"), "72");
     assert_eq!(reference_answer("72.0"), "72");
 }
