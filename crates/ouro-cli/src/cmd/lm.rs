@@ -21,6 +21,26 @@ pub struct ModelArgs {
     pub device: String,
 }
 
+/// The sampler's flags (`ouro generate`, `ouro sample`).
+#[derive(clap::Args)]
+pub struct SamplingArgs {
+    /// 0 for greedy decoding.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> SamplingParams {
+        SamplingParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: self.seed }
+    }
+}
+
 #[derive(clap::Args)]
 pub struct LogitsArgs {
     #[command(flatten)]
@@ -41,15 +61,8 @@ pub struct GenerateArgs {
     prompt: String,
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
-    /// 0 for greedy decoding.
-    #[arg(long, default_value_t = 0.8)]
-    temperature: f64,
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f64,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    s: SamplingArgs,
     /// Completions of the prompt, decoded together as one batch through the recurrent state.
     #[arg(long, default_value_t = 1)]
     num_samples: usize,
@@ -150,7 +163,7 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         num_samples: a.num_samples,
-        sampling: SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
+        sampling: a.s.params(),
         stop: stop.clone(),
     };
     let stream = a.num_samples == 1;

@@ -1,10 +1,9 @@
 //! `ouro sample`: many completions per prompt for test-time compute — continuous batching, answer
 //! extraction, majority vote and pass@k (the library part is `ouro_nn::sample`).
 
-use super::lm::{write_atomic, ModelArgs};
+use super::lm::{write_atomic, ModelArgs, SamplingArgs};
 use anyhow::{bail, Context, Result};
 use ouro_nn::checkpoint::Checkpoint;
-use ouro_nn::generate::SamplingParams;
 use ouro_nn::lm::load;
 use ouro_nn::sample::{pass_ks, reference_answer, sample_batched, score, AnswerRule, Finish, SampleOptions, StopStrings};
 use ouro_nn::tokenizer::Tokenizer;
@@ -26,18 +25,11 @@ pub struct SampleArgs {
     num_samples: Option<usize>,
     #[arg(long)]
     max_new_tokens: usize,
-    /// 0 for greedy decoding.
-    #[arg(long, default_value_t = 0.8)]
-    temperature: f64,
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f64,
-    /// Sample i of prompt p draws from its own RNG, seeded from this and (p, i): the completions do not
-    /// depend on --batch-size.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Sequences decoded together; a finished one leaves its row and the next pending sample joins.
+    #[command(flatten)]
+    s: SamplingArgs,
+    /// Sequences decoded together; a finished one leaves its row and the next pending sample joins. Sample
+    /// i of prompt p draws from its own RNG, seeded from --seed and (p, i): the completions do not depend
+    /// on the batch size.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
     /// Seconds: keep starting samples, round-robin over the prompts, until the budget is spent; samples
@@ -132,7 +124,7 @@ pub fn sample_cmd(a: SampleArgs) -> Result<()> {
     let opts = SampleOptions {
         num_samples: a.num_samples,
         max_new_tokens: a.max_new_tokens,
-        sampling: SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
+        sampling: a.s.params(),
         batch_size: a.batch_size,
         time_budget: a.time_budget,
         stop_tokens: tok.eos(),
