@@ -84,12 +84,15 @@ fn sample_scores_and_writes_every_prompt() {
     // A stop string cuts the completion; a time budget records what finished in it.
     let (ok, _, err) = sample("lm/mamba2_hf", &prompts, &out, &["--num-samples", "2", "--max-new-tokens", "40", "--stop", "e", "--stop", "a", "--seed", "1"]);
     assert!(ok, "{err}");
+    let mut stopped = 0;
     for l in read_jsonl(&out) {
         for c in l["completions"].as_array().unwrap() {
             let text = c["text"].as_str().unwrap();
             assert!(!text.contains('e') && !text.contains('a'), "{text:?}");
+            stopped += (c["finish"] == "stop") as usize;
         }
     }
+    assert!(stopped > 0, "no completion hit a stop string: the cut is untested");
     let (ok, stdout, err) = sample("lm/mamba2_hf", &prompts, &out, &["--time-budget", "0.5", "--max-new-tokens", "8", "--batch-size", "8"]);
     assert!(ok, "{err}");
     let summary: Value = serde_json::from_str(stdout.trim()).unwrap();
