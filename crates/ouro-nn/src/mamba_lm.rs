@@ -472,7 +472,7 @@ impl MambaLm {
         let emb_rows = ["backbone.embeddings.weight", "backbone.embedding.weight", "model.embeddings.weight"]
             .iter()
             .find_map(|n| ck.tensor(n))
-            .ok_or_else(|| candle_core::Error::Msg(format!("{}: missing tensor 'backbone.embedding.weight' (or 'backbone.embeddings.weight')", ck.path.display())))?
+            .ok_or_else(|| candle_core::Error::Msg(format!("{}: missing tensor 'backbone.embedding.weight' (or 'backbone.embeddings.weight', 'model.embeddings.weight')", ck.path.display())))?
             .dim(0)?;
         let mut cfg = MambaLmConfig::from_json(&ck.config, arch, emb_rows).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", ck.config_path().display())))?;
         if arch == "nemotron_h" && ck.tensor("lm_head.weight").is_some() {
