@@ -1,6 +1,7 @@
 //! Training for ouro: corpora and packed batches, AdamW with decay groups, warmup + cosine schedule,
 //! the training loop (checkpoints, bit-for-bit resume, metrics, plots), and the Mamba paper's synthetic tasks.
 
+pub mod arith;
 pub mod config;
 pub mod data;
 pub mod distill;

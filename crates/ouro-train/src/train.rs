@@ -91,11 +91,20 @@ pub fn load_corpus(cfg: &TrainConfig, log: &mut dyn FnMut(&str)) -> Result<Corpu
     Ok(Corpus { train, valid, tokenizer, vocab })
 }
 
-/// A text corpus — a fetchable corpus name (fetched into `data_dir` on first use), a file or a folder of
-/// .txt files — tokenized and split into training and held-out streams by whole documents.
+/// A text corpus — a fetchable corpus name (fetched into `data_dir` on first use), "arithmetic" (generated
+/// into `data_dir/arithmetic` on first use, see [`crate::arith`]), a file or a folder of .txt files — tokenized
+/// and split into training and held-out streams by whole documents.
 pub fn load_text(corpus: &str, data_dir: &Path, tokenizer: &Tokenizer, valid_fraction: f64, seed: u64, log: &mut dyn FnMut(&str)) -> Result<(Stream, Stream)> {
     let path = Path::new(corpus);
-    let folder = if crate::fetch::SOURCES.iter().any(|s| s.name == corpus) && !path.exists() {
+    let folder = if corpus == "arithmetic" && !path.exists() {
+        // The synthetic arithmetic corpus (crate::arith), generated into data_dir on first use.
+        let dir = data_dir.join("arithmetic");
+        if !dir.join("train").is_dir() {
+            log(&format!("generating the arithmetic corpus (seed 0) into {}", dir.display()));
+            crate::arith::write_dataset(&dir, &crate::arith::ArithDataset::default())?;
+        }
+        dir.join("train")
+    } else if crate::fetch::SOURCES.iter().any(|s| s.name == corpus) && !path.exists() {
         crate::fetch::fetch(corpus, data_dir, log)?
     } else {
         path.to_path_buf()

@@ -30,6 +30,40 @@ pub enum BenchCmd {
     /// Decode throughput of any model through the candle path (tokens/s at a batch size) and its memory
     /// per sequence; `ouro bench --model` measures the CPU engine.
     Decode(DecodeArgs),
+    /// Sampling throughput of several models (e.g. an SSM, a hybrid and a Transformer of equal parameter
+    /// count): tokens/s of `ouro sample`'s batched decoding vs batch size and generation length, and the
+    /// cache memory per sequence; prints markdown tables and the ratios to a reference model.
+    Sample(SampleBenchArgs),
+}
+
+#[derive(clap::Args)]
+pub struct SampleBenchArgs {
+    /// Checkpoints to compare (repeat the flag).
+    #[arg(long = "model", required = true, action = clap::ArgAction::Append)]
+    models: Vec<std::path::PathBuf>,
+    /// Batch sizes (rows decoded together; every row samples the same prompt), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64,256,512")]
+    batches: Vec<usize>,
+    /// Generation lengths: every completion runs to exactly this many tokens (no EOS, no stop string).
+    #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
+    lens: Vec<usize>,
+    /// Prompt tokens (fixed pseudo-random ids), prefilled once per cell.
+    #[arg(long, default_value_t = 16)]
+    prompt_len: usize,
+    /// Cache memory budget in MiB: a cell whose cache at the final length — batch · (SSM state + KV per token
+    /// · (prompt + length)) — exceeds it is not run and shows as "over".
+    #[arg(long, default_value_t = 1024.0)]
+    memory_budget_mib: f64,
+    /// Wall-clock cap per cell in seconds: a cell still running then stops; its tokens/s is over the positions
+    /// it reached (marked "*" with the position).
+    #[arg(long, default_value_t = 30.0)]
+    cell_seconds: f64,
+    /// The model the ratios are taken against: an index into the --model list (default: the last).
+    #[arg(long)]
+    reference: Option<usize>,
+    /// Also write one JSON object per cell to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -130,6 +164,7 @@ pub fn run(b: Bench) -> Result<()> {
         Some(BenchCmd::Ssd(a)) => ssd_bench(a),
         Some(BenchCmd::Scan(a)) => scan_bench(a),
         Some(BenchCmd::Decode(a)) => decode_bench(a),
+        Some(BenchCmd::Sample(a)) => sample_bench(a),
         Some(BenchCmd::SsdGpu(a)) => crate::cmd::bench_gpu::ssd_gpu(a),
         None => crate::cmd::engine::bench(b.model),
     }
@@ -182,6 +217,158 @@ fn decode_bench(a: DecodeArgs) -> Result<()> {
         st.cache_bytes as f64 / (1 << 20) as f64,
         st.cache_bytes as f64 / a.batch as f64 / (1 << 20) as f64
     );
+    Ok(())
+}
+
+/// One cell of `ouro bench sample`.
+#[derive(Serialize, Clone)]
+struct SampleCell {
+    model: String,
+    parameters: usize,
+    batch: usize,
+    len: usize,
+    /// Cache bytes per sequence at the final length (SSM state + KV).
+    bytes_per_seq: usize,
+    /// None: over the memory budget, not run.
+    tokens_per_s: Option<f64>,
+    generated_tokens: usize,
+    seconds: f64,
+    /// The position every row reached when the cell was cut by --cell-seconds (None: ran to `len`).
+    partial_at: Option<usize>,
+}
+
+/// A short name for a checkpoint path: `runs/x/checkpoint` → `x`.
+fn model_name(p: &std::path::Path) -> String {
+    let p = if p.file_name().is_some_and(|n| n == "checkpoint") { p.parent().unwrap_or(p) } else { p };
+    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string())
+}
+
+fn sample_bench(a: SampleBenchArgs) -> Result<()> {
+    use ouro_nn::generate::SamplingParams;
+    use ouro_nn::sample::{sample_batched, SampleOptions};
+    if a.batches.contains(&0) || a.lens.contains(&0) || a.prompt_len == 0 {
+        bail!("--batches, --lens and --prompt-len must be at least 1");
+    }
+    if !(a.cell_seconds > 0.0) {
+        bail!("--cell-seconds must be positive");
+    }
+    let reference = a.reference.unwrap_or(a.models.len() - 1);
+    if reference >= a.models.len() {
+        bail!("--reference {reference}: there are {} models (indices from 0)", a.models.len());
+    }
+    let budget = a.memory_budget_mib * (1u64 << 20) as f64;
+    let mut json = match &a.json {
+        Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)),
+        None => None,
+    };
+    let mut cells: Vec<Vec<SampleCell>> = Vec::new();
+    let mut infos = Vec::new();
+    for path in &a.models {
+        let ck = ouro_nn::checkpoint::Checkpoint::open(path)?;
+        let model = ouro_nn::lm::load(&ck, &candle_core::Device::Cpu)?;
+        let info = model.info();
+        let name = model_name(path);
+        let params = ck.parameter_count();
+        let v = info.vocab_size as u32;
+        let prompt: Vec<u32> = (0..a.prompt_len as u32).map(|i| (i * 7 + 3) % v).collect();
+        let opts = |batch: usize, len: usize, budget: Option<f64>| SampleOptions {
+            num_samples: Some(batch),
+            max_new_tokens: len,
+            sampling: SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 0 },
+            batch_size: batch,
+            time_budget: budget,
+            stop_tokens: vec![],
+        };
+        // Warm-up at the largest batch that fits the budget (allocator arenas, thread pools): without it the
+        // first large cell pays for faulting its memory in.
+        let warm = a.batches.iter().copied().filter(|&b| (b * 4 * (info.state_floats_per_seq + info.kv_floats_per_token * (a.prompt_len + 8))) as f64 <= budget).max().unwrap_or(1);
+        sample_batched(model.as_ref(), std::slice::from_ref(&prompt), &opts(warm, 8, None), &|_| false, &mut |_| {})?;
+        eprintln!("{name}: {params} parameters, {} ({} state floats per sequence, {} KV floats per token)", info.layer_kinds.join(","), info.state_floats_per_seq, info.kv_floats_per_token);
+        let mut mine = Vec::new();
+        for &len in &a.lens {
+            let per_seq = 4 * (info.state_floats_per_seq + info.kv_floats_per_token * (a.prompt_len + len));
+            for &batch in &a.batches {
+                let mut cell = SampleCell { model: name.clone(), parameters: params, batch, len, bytes_per_seq: per_seq, tokens_per_s: None, generated_tokens: 0, seconds: 0.0, partial_at: None };
+                if (per_seq * batch) as f64 <= budget {
+                    let (_, st) = sample_batched(model.as_ref(), std::slice::from_ref(&prompt), &opts(batch, len, Some(a.cell_seconds)), &|_| false, &mut |_| {})?;
+                    cell.tokens_per_s = Some(st.generated_tokens as f64 / st.seconds.max(1e-9));
+                    cell.generated_tokens = st.generated_tokens;
+                    cell.seconds = st.seconds;
+                    if st.dropped > 0 || st.completions < batch {
+                        cell.partial_at = Some(st.generated_tokens / batch);
+                    }
+                }
+                eprintln!(
+                    "  len {len:>5} batch {batch:>4}: {}",
+                    match (cell.tokens_per_s, cell.partial_at) {
+                        (None, _) => format!("over the memory budget ({:.0} MiB of cache)", (per_seq * batch) as f64 / (1u64 << 20) as f64),
+                        (Some(t), None) => format!("{t:.0} tokens/s ({:.1} s)", cell.seconds),
+                        (Some(t), Some(p)) => format!("{t:.0} tokens/s, cut at position {p} after {:.1} s", cell.seconds),
+                    }
+                );
+                if let Some(j) = json.as_mut() {
+                    serde_json::to_writer(&mut *j, &cell)?;
+                    std::io::Write::write_all(j, b"\n")?;
+                    std::io::Write::flush(j)?;
+                }
+                mine.push(cell);
+            }
+        }
+        infos.push((name, params, info));
+        cells.push(mine);
+    }
+
+    // Tables: tokens/s per model, bytes per sequence, ratios to the reference.
+    let fmt_cell = |c: &SampleCell| match (c.tokens_per_s, c.partial_at) {
+        (None, _) => "over".to_string(),
+        (Some(t), None) => format!("{t:.0}"),
+        (Some(t), Some(p)) => format!("{t:.0}*{p}"),
+    };
+    let header = |first: &str| {
+        println!("| {first} | {} |", a.batches.iter().map(|b| format!("batch {b}")).collect::<Vec<_>>().join(" | "));
+        println!("| --- |{}", " ---: |".repeat(a.batches.len()));
+    };
+    println!(
+        "sampling throughput, CPU f32, {} threads: tokens/s (generated tokens ÷ wall time, prefill of a {}-token prompt included); \"over\": cache above {} MiB, not run; \"T*P\": cut after {} s at position P",
+        rayon::current_num_threads(),
+        a.prompt_len,
+        a.memory_budget_mib,
+        a.cell_seconds
+    );
+    for (m, (name, params, info)) in infos.iter().enumerate() {
+        println!("\n{name} ({params} parameters; {}):\n", info.layer_kinds.join(" "));
+        header("length");
+        for (li, &len) in a.lens.iter().enumerate() {
+            let row: Vec<String> = cells[m][li * a.batches.len()..(li + 1) * a.batches.len()].iter().map(fmt_cell).collect();
+            println!("| {len} | {} |", row.join(" | "));
+        }
+    }
+    println!("\ncache per sequence at the final length (bytes: SSM state + KV cache, f32):\n");
+    println!("| model | parameters | {} |", a.lens.iter().map(|l| format!("length {l}")).collect::<Vec<_>>().join(" | "));
+    println!("| --- | ---: |{}", " ---: |".repeat(a.lens.len()));
+    for (m, (name, params, _)) in infos.iter().enumerate() {
+        let row: Vec<String> = (0..a.lens.len()).map(|li| cells[m][li * a.batches.len()].bytes_per_seq.to_string()).collect();
+        println!("| {name} | {params} | {} |", row.join(" | "));
+    }
+    let rname = &infos[reference].0;
+    for (m, (name, ..)) in infos.iter().enumerate().filter(|(m, _)| *m != reference) {
+        println!("\n{name} ÷ {rname} (tokens/s; \"only {name}\": {rname} over the memory budget):\n");
+        header("length");
+        for (li, &len) in a.lens.iter().enumerate() {
+            let row: Vec<String> = (0..a.batches.len())
+                .map(|bi| {
+                    let (x, r) = (&cells[m][li * a.batches.len() + bi], &cells[reference][li * a.batches.len() + bi]);
+                    match (x.tokens_per_s, r.tokens_per_s) {
+                        (Some(x), Some(r)) => format!("{:.2}×", x / r),
+                        (Some(_), None) => format!("only {name}"),
+                        (None, Some(_)) => format!("only {rname}"),
+                        (None, None) => "over".into(),
+                    }
+                })
+                .collect();
+            println!("| {len} | {} |", row.join(" | "));
+        }
+    }
     Ok(())
 }
 

@@ -143,6 +143,33 @@ pub enum Data {
     List,
     /// Splits a labelled table into train/valid/test CSVs (seeded row shuffle).
     Split(crate::cmd::fit::SplitArgs),
+    /// Multi-step arithmetic with worked solutions ("Q: 17+25-8= A: 17+25=42 42-8=34 #### 34"): a training
+    /// corpus (OUT/train/*.txt, one problem per line) and held-out prompts for `ouro sample` (OUT/test.jsonl).
+    Arithmetic(ArithArgs),
+}
+
+#[derive(clap::Args)]
+pub struct ArithArgs {
+    /// Output folder (train/ and test.jsonl).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Training problems.
+    #[arg(long, default_value_t = 100_000)]
+    train: usize,
+    /// Training documents (.txt files) the problems are spread over (`ouro train` holds whole documents out).
+    #[arg(long, default_value_t = 20)]
+    documents: usize,
+    /// Held-out prompts (their questions never occur in the corpus).
+    #[arg(long, default_value_t = 100)]
+    test: usize,
+    /// Operands are drawn from 1..=MAX.
+    #[arg(long, default_value_t = 20)]
+    max_operand: u32,
+    /// Operations per problem, MIN-MAX.
+    #[arg(long, default_value = "2-4")]
+    ops: String,
 }
 
 pub fn data(d: Data) -> Result<()> {
@@ -152,6 +179,15 @@ pub fn data(d: Data) -> Result<()> {
             println!("{}", dir.display());
         }
         Data::Split(a) => crate::cmd::fit::split_cmd(a)?,
+        Data::Arithmetic(a) => {
+            let (lo, hi) = a.ops.split_once('-').unwrap_or((&a.ops, &a.ops));
+            let parse = |s: &str| s.trim().parse::<usize>().with_context(|| format!("--ops '{}': expected MIN-MAX, e.g. 2-4", a.ops));
+            let spec = ouro_train::arith::ArithSpec { max_operand: a.max_operand, min_ops: parse(lo)?, max_ops: parse(hi)? };
+            let d = ouro_train::arith::ArithDataset { spec, seed: a.seed, train: a.train, documents: a.documents, test: a.test };
+            let train = ouro_train::arith::write_dataset(&a.out, &d)?;
+            eprintln!("{} training problems in {} documents under {}, {} held-out prompts in {}", a.train, a.documents, train.display(), a.test, a.out.join("test.jsonl").display());
+            println!("{}", a.out.display());
+        }
         Data::List => {
             for s in ouro_train::fetch::SOURCES {
                 println!("{:<14} {} [{}]", s.name, s.description, s.package);
