@@ -419,9 +419,37 @@ __device__ __forceinline__ void frag_b(unsigned* b, const bf* s, int st, int n0,
 // any is stored (the loads' latency overlaps); consecutive threads take consecutive rows, so the
 // transposed stores are conflict-free. For 128-thread blocks; W % 8 == 0 (bf16) or W % 4 == 0 (f32).
 #define LT 128
-template <int ROWS, int W>
-__device__ __forceinline__ void load_bf16(const bf* g, long rs, int nr, const float* scale, bf* nat, int sn, bf* tr, int st) {
-    constexpr int TOTAL = ROWS * (W / 8), ITER = (TOTAL + LT - 1) / LT;
+// One 16-byte global load as bf16 for the tile: 8 bf16 kept as they are, or 4 f32 rounded; scaled by f when
+// `scaled`.
+template <typename T> struct Load16;
+template <> struct Load16<bf> {
+    static constexpr int E = 8;
+    using Packed = uint4;
+    __device__ static Packed to_bf16(uint4 v, bool scaled, float f) {
+        if (scaled) {
+            unsigned* w = reinterpret_cast<unsigned*>(&v);
+#pragma unroll
+            for (int q = 0; q < 4; ++q) w[q] = pack2(f * __uint_as_float(w[q] << 16), f * __uint_as_float(w[q] & 0xffff0000u));
+        }
+        return v;
+    }
+};
+template <> struct Load16<float> {
+    static constexpr int E = 4;
+    using Packed = uint2;
+    __device__ static Packed to_bf16(uint4 v, bool scaled, float f) {
+        float4 x = make_float4(__uint_as_float(v.x), __uint_as_float(v.y), __uint_as_float(v.z), __uint_as_float(v.w));
+        if (scaled) {
+            x.x *= f; x.y *= f; x.z *= f; x.w *= f;
+        }
+        return make_uint2(pack2(x.x, x.y), pack2(x.z, x.w));
+    }
+};
+
+template <typename T, int ROWS, int W>
+__device__ __forceinline__ void load_tile(const T* g, long rs, int nr, const float* scale, bf* nat, int sn, bf* tr, int st) {
+    using L = Load16<T>;
+    constexpr int E = L::E, TOTAL = ROWS * (W / E), ITER = (TOTAL + LT - 1) / LT;
 #pragma unroll
     for (int b0 = 0; b0 < ITER; b0 += 8) {
         uint4 v[8];
@@ -429,60 +457,22 @@ __device__ __forceinline__ void load_bf16(const bf* g, long rs, int nr, const fl
         for (int u = 0; u < 8; ++u) {
             const int e = (b0 + u) * LT + threadIdx.x, r = e % ROWS;
             v[u] = make_uint4(0u, 0u, 0u, 0u);
-            if (b0 + u < ITER && e < TOTAL && r < nr) v[u] = __ldg(reinterpret_cast<const uint4*>(g + r * rs + 8 * (e / ROWS)));
+            if (b0 + u < ITER && e < TOTAL && r < nr) v[u] = __ldg(reinterpret_cast<const uint4*>(g + r * rs + E * (e / ROWS)));
         }
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
-            const int e = (b0 + u) * LT + threadIdx.x, r = e % ROWS, s8 = 8 * (e / ROWS);
+            const int e = (b0 + u) * LT + threadIdx.x, r = e % ROWS, se = E * (e / ROWS);
             if (b0 + u >= ITER || e >= TOTAL) continue;
-            if (scale) {
-                const float f = scale[r];
-                unsigned* w = reinterpret_cast<unsigned*>(&v[u]);
-#pragma unroll
-                for (int q = 0; q < 4; ++q) w[q] = pack2(f * __uint_as_float(w[q] << 16), f * __uint_as_float(w[q] & 0xffff0000u));
-            }
-            if (nat) *reinterpret_cast<uint4*>(nat + r * sn + s8) = v[u];
-            if (tr) {
-                const bf* b = reinterpret_cast<const bf*>(&v[u]);
-#pragma unroll
-                for (int q = 0; q < 8; ++q) tr[(s8 + q) * st + r] = b[q];
-            }
-        }
-    }
-}
-
-template <int ROWS, int W>
-__device__ __forceinline__ void load_f32(const float* g, long rs, int nr, const float* scale, bf* nat, int sn, bf* tr, int st) {
-    constexpr int TOTAL = ROWS * (W / 4), ITER = (TOTAL + LT - 1) / LT;
-#pragma unroll
-    for (int b0 = 0; b0 < ITER; b0 += 8) {
-        float4 v[8];
-#pragma unroll
-        for (int u = 0; u < 8; ++u) {
-            const int e = (b0 + u) * LT + threadIdx.x, r = e % ROWS;
-            v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (b0 + u < ITER && e < TOTAL && r < nr) v[u] = __ldg(reinterpret_cast<const float4*>(g + r * rs + 4 * (e / ROWS)));
-        }
-#pragma unroll
-        for (int u = 0; u < 8; ++u) {
-            const int e = (b0 + u) * LT + threadIdx.x, r = e % ROWS, s4 = 4 * (e / ROWS);
-            if (b0 + u >= ITER || e >= TOTAL) continue;
-            float4 x = v[u];
-            if (scale) {
-                const float f = scale[r];
-                x.x *= f; x.y *= f; x.z *= f; x.w *= f;
-            }
-            const uint2 w = make_uint2(pack2(x.x, x.y), pack2(x.z, x.w));
-            if (nat) *reinterpret_cast<uint2*>(nat + r * sn + s4) = w;
+            const typename L::Packed w = L::to_bf16(v[u], scale != nullptr, scale ? scale[r] : 1.f);
+            if (nat) *reinterpret_cast<typename L::Packed*>(nat + r * sn + se) = w;
             if (tr) {
                 const bf* b = reinterpret_cast<const bf*>(&w);
 #pragma unroll
-                for (int q = 0; q < 4; ++q) tr[(s4 + q) * st + r] = b[q];
+                for (int q = 0; q < E; ++q) tr[(se + q) * st + r] = b[q];
             }
         }
     }
 }
-
 // acc[t] += A[r0..r0+16][k]·B[t·8..t·8+8][k]ᵀ summed over the k-steps kt ∈ [kt_from, K/16) (k = 16·kt),
 // for the n8 tiles t < live of TILES: A stored [row][k] (stride sa), B stored [n][k] (stride sb). UNROLL
 // is the k loop's unroll factor.
@@ -543,8 +533,8 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_state_mma(const T* x
     const float csl = cs[MQ - 1];
     for (int i = threadIdx.x; i < MQ; i += blockDim.x) w[i] = i < nq ? __expf(csl - cs[i]) * dt[(r0 + i) * H + h] : 0.f;
     __syncthreads();
-    load_bf16<MQ, P>(xbc + r0 * ROW + X_OFF + h * P, ROW, nq, w, nullptr, 0, xw, SK);
-    load_bf16<MQ, N>(xbc + r0 * ROW + B_OFF + g * N, ROW, nq, nullptr, nullptr, 0, bt, SK);
+    load_tile<bf, MQ, P>(xbc + r0 * ROW + X_OFF + h * P, ROW, nq, w, nullptr, 0, xw, SK);
+    load_tile<bf, MQ, N>(xbc + r0 * ROW + B_OFF + g * N, ROW, nq, nullptr, nullptr, 0, bt, SK);
     __syncthreads();
     pn_product(xw, bt, states + (((long)b * NC + c) * H + h) * (P * N));
     if (threadIdx.x == 0) csum[((long)b * H + h) * NC + c] = csl;
@@ -565,8 +555,8 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_dstate_mma(const T* 
     float* ecs = cs + MQ; // exp(cs_i)
     for (int i = threadIdx.x; i < MQ; i += blockDim.x) ecs[i] = __expf(cs[i]);
     __syncthreads();
-    load_f32<MQ, P>(dy + (r0 * H + h) * P, (long)H * P, nq, ecs, nullptr, 0, dt_, SK);
-    load_bf16<MQ, N>(xbc + r0 * ROW + C_OFF + g * N, ROW, nq, nullptr, nullptr, 0, ct, SK);
+    load_tile<float, MQ, P>(dy + (r0 * H + h) * P, (long)H * P, nq, ecs, nullptr, 0, dt_, SK);
+    load_tile<bf, MQ, N>(xbc + r0 * ROW + C_OFF + g * N, ROW, nq, nullptr, nullptr, 0, ct, SK);
     __syncthreads();
     pn_product(dt_, ct, dstates + (((long)b * NC + c) * H + h) * (P * N));
 }
@@ -588,10 +578,10 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_scan_mma(const T* xb
     const long r0 = (long)b * L + t0;
     chunk_cumsum(la, r0 * H + h, H, nq, cs);
     for (int i = threadIdx.x; i < MQ; i += blockDim.x) dts[i] = i < nq ? dt[(r0 + i) * H + h] : 0.f;
-    load_bf16<MQ, N>(xbc + r0 * ROW + C_OFF + g * N, ROW, nq, nullptr, cm, SN2, nullptr, 0);
-    load_bf16<MQ, N>(xbc + r0 * ROW + B_OFF + g * N, ROW, nq, nullptr, bm, SN2, nullptr, 0);
-    load_f32<P, N>(states + (((long)b * NC + c) * H + h) * (P * N), N, P, nullptr, ss, SN2, nullptr, 0);
-    load_bf16<MQ, P>(xbc + r0 * ROW + X_OFF + h * P, ROW, nq, nullptr, nullptr, 0, xt, SK);
+    load_tile<bf, MQ, N>(xbc + r0 * ROW + C_OFF + g * N, ROW, nq, nullptr, cm, SN2, nullptr, 0);
+    load_tile<bf, MQ, N>(xbc + r0 * ROW + B_OFF + g * N, ROW, nq, nullptr, bm, SN2, nullptr, 0);
+    load_tile<float, P, N>(states + (((long)b * NC + c) * H + h) * (P * N), N, P, nullptr, ss, SN2, nullptr, 0);
+    load_tile<bf, MQ, P>(xbc + r0 * ROW + X_OFF + h * P, ROW, nq, nullptr, nullptr, 0, xt, SK);
     __syncthreads();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
     const int i0 = warp * 16;
@@ -725,13 +715,13 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc
         dcs[i] = ddts[i] = us[i] = 0.f;
     }
     for (int p = threadIdx.x; p < P; p += blockDim.x) dds[p] = 0.f;
-    load_bf16<MQ, N>(xbc + r0 * ROW + C_OFF + g * N, ROW, nq, nullptr, cm, SN2, ct, SK);
-    load_bf16<MQ, N>(xbc + r0 * ROW + B_OFF + g * N, ROW, nq, nullptr, bm, SN2, bt, SK);
-    load_bf16<MQ, P>(xbc + r0 * ROW + X_OFF + h * P, ROW, nq, nullptr, xs, SP2, nullptr, 0);
-    load_f32<MQ, P>(dy + (r0 * H + h) * P, (long)H * P, nq, nullptr, dys, SP2, dyt, SK);
+    load_tile<bf, MQ, N>(xbc + r0 * ROW + C_OFF + g * N, ROW, nq, nullptr, cm, SN2, ct, SK);
+    load_tile<bf, MQ, N>(xbc + r0 * ROW + B_OFF + g * N, ROW, nq, nullptr, bm, SN2, bt, SK);
+    load_tile<bf, MQ, P>(xbc + r0 * ROW + X_OFF + h * P, ROW, nq, nullptr, xs, SP2, nullptr, 0);
+    load_tile<float, MQ, P>(dy + (r0 * H + h) * P, (long)H * P, nq, nullptr, dys, SP2, dyt, SK);
     const long so = (((long)b * NC + c) * H + h) * (P * N);
-    load_f32<P, N>(states + so, N, P, nullptr, nullptr, 0, st, SP2);
-    load_f32<P, N>(dstates + so, N, P, nullptr, dsl, SN2, dslt, SP2);
+    load_tile<float, P, N>(states + so, N, P, nullptr, nullptr, 0, st, SP2);
+    load_tile<float, P, N>(dstates + so, N, P, nullptr, dsl, SN2, dslt, SP2);
     __syncthreads();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
     const int i0 = warp * 16, ra = i0 + gq, rb = ra + 8;
