@@ -64,6 +64,9 @@ pub struct SampleBenchArgs {
     /// Also write one JSON object per cell to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// cpu or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(clap::Args)]
@@ -257,6 +260,7 @@ fn sample_bench(a: SampleBenchArgs) -> Result<()> {
         bail!("--reference {reference}: there are {} models (indices from 0)", a.models.len());
     }
     let budget = a.memory_budget_mib * (1u64 << 20) as f64;
+    let dev = crate::device::parse(&a.device)?;
     let mut json = match &a.json {
         Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)),
         None => None,
@@ -265,7 +269,7 @@ fn sample_bench(a: SampleBenchArgs) -> Result<()> {
     let mut infos = Vec::new();
     for path in &a.models {
         let ck = ouro_nn::checkpoint::Checkpoint::open(path)?;
-        let model = ouro_nn::lm::load(&ck, &candle_core::Device::Cpu)?;
+        let model = ouro_nn::lm::load(&ck, &dev)?;
         let info = model.info();
         let name = model_name(path);
         let params = ck.parameter_count();
@@ -329,7 +333,8 @@ fn sample_bench(a: SampleBenchArgs) -> Result<()> {
         println!("| --- |{}", " ---: |".repeat(a.batches.len()));
     };
     println!(
-        "sampling throughput, CPU f32, {} threads: tokens/s (generated tokens ÷ wall time, prefill of a {}-token prompt included); \"over\": cache above {} MiB, not run; \"T*P\": cut after {} s at position P",
+        "sampling throughput, {} f32, {} CPU threads: tokens/s (generated tokens ÷ wall time, prefill of a {}-token prompt included); \"over\": cache above {} MiB, not run; \"T*P\": cut after {} s at position P",
+        if dev.is_cuda() { "CUDA" } else { "CPU" },
         rayon::current_num_threads(),
         a.prompt_len,
         a.memory_budget_mib,
