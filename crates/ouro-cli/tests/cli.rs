@@ -1,20 +1,7 @@
 //! The `ouro` binary end to end on the small checkpoints of tests/fixtures (runs in CI).
 
-use std::path::PathBuf;
-use std::process::Command;
-
-fn ouro() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ouro"))
-}
-
-fn fixture(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(p)
-}
-
-fn run(cmd: &mut Command) -> (bool, String, String) {
-    let out = cmd.output().expect("runs");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
+mod common;
+use common::{fixture, ouro, run};
 
 #[test]
 fn generate_on_a_random_weight_checkpoint() {

@@ -1,21 +1,10 @@
 //! `ouro sample` end to end on the tiny random-weight checkpoints of tests/fixtures.
 
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
-fn ouro() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ouro"))
-}
-
-fn fixture(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(p)
-}
-
-fn run(cmd: &mut Command) -> (bool, String, String) {
-    let out = cmd.output().expect("runs");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
+mod common;
+use common::{fixture, ouro, run};
 
 fn sample(model: &str, prompts: &Path, out: &Path, extra: &[&str]) -> (bool, String, String) {
     run(ouro().args(["sample", "--tokenizer", "bytes", "--model"]).arg(fixture(model)).arg("--prompts").arg(prompts).arg("--out").arg(out).args(extra))

@@ -3,20 +3,9 @@
 
 use serde_json::Value;
 use std::path::PathBuf;
-use std::process::Command;
 
-fn ouro() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ouro"))
-}
-
-fn fixture(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(p)
-}
-
-fn run(cmd: &mut Command) -> (bool, String, String) {
-    let out = cmd.output().expect("runs");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
+mod common;
+use common::{fixture, ouro, run};
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("ouro-cli-ttc-{name}-{}", std::process::id()));
