@@ -212,6 +212,39 @@ fn attention_rows_at_different_positions_equal_each_row_alone() {
     }
 }
 
+/// The KV cache's growable buffer: decoding token by token through several regrowths equals the full
+/// forward, and a clone taken mid-way and the original, stepped in turn with different tokens, each equal
+/// the full forward of their own sequence (neither writes into keys the other reads).
+#[test]
+fn kv_cache_buffer_grows_and_clones_stay_apart() {
+    let cfg = AttentionConfig { d_model: 16, n_heads: 4, n_kv_heads: 2, head_dim: 4, rotary_dim: 4, rope_theta: 10000.0, qkv_bias: false, out_bias: false, window: None, causal: true };
+    let vm = VarMap::new();
+    let att = Attention::new_llama(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    let mut g = Gen::new(4);
+    for v in vm.all_vars() {
+        v.set(&g.normal(v.dims(), 0.5)).unwrap();
+    }
+    let (x, x2) = (g.normal(&[2, 60, 16], 1.0), g.normal(&[2, 29, 16], 1.0));
+    let full = att.forward(&x, None, None).unwrap();
+    let forked = Tensor::cat(&[&x.narrow(1, 0, 31).unwrap(), &x2], 1).unwrap();
+    let full_fork = att.forward(&forked, None, None).unwrap();
+    let mut c = KvCache::default();
+    att.forward(&x.narrow(1, 0, 5).unwrap(), None, Some(&mut c)).unwrap();
+    let mut fork: Option<KvCache> = None;
+    for t in 5..60 {
+        let y = att.forward(&x.narrow(1, t, 1).unwrap(), None, Some(&mut c)).unwrap();
+        assert_close(&y, &full.narrow(1, t, 1).unwrap(), 1e-5, &format!("step {t}"));
+        if let Some(f) = fork.as_mut() {
+            let y = att.forward(&forked.narrow(1, t, 1).unwrap(), None, Some(f)).unwrap();
+            assert_close(&y, &full_fork.narrow(1, t, 1).unwrap(), 1e-5, &format!("fork, step {t}"));
+        }
+        if t == 30 {
+            fork = Some(c.clone());
+        }
+    }
+    assert_eq!((c.len(), c.seen, fork.unwrap().len()), (60, 60, 60));
+}
+
 #[test]
 fn answer_extraction_rules() {
     let d = AnswerRule::Default;
