@@ -3,8 +3,9 @@
 #
 #   scripts/experiments/lyra.sh prepare                 # splits into $OUT/data (needs ../shared/data, fetches doench2016)
 #   scripts/experiments/lyra.sh run gb1 lyra [EPOCHS]   # fit on train, keep the best epoch on valid, evaluate on test
+#   scripts/experiments/lyra.sh ensemble gfp lyra 40 0,1,2,3   # the seeds fitted at once, each scored, then their mean
 #   scripts/experiments/lyra.sh summary                 # the table, from the runs so far
-# Env: OURO (binary), OUT (runs/lyra), DATA (OUT/data), DEVICE (cpu), TARGET (rank), SHARED (../shared/data),
+# Env: OURO (binary), OUT (runs/lyra), DATA (OUT/data), DEVICE (cpu), TARGET (rank), SEED (0), SHARED (../shared/data),
 #      EXTRA (more `ouro fit` flags, e.g. "--d-model 128"), TAG (suffix of the run folder).
 #
 # Tasks (regression; protein alphabet unless noted):
@@ -66,10 +67,26 @@ run() {
   mkdir -p "$r"
   local t0=$(date +%s.%N)
   "$OURO" fit --train "$D/$task/train.csv" --valid "$D/$task/valid.csv" --sequence-column "$seq" --label-column "$lab" \
-    --task regression --alphabet "$alpha" --model "$model" --epochs "$epochs" --target "$TARGET" --seed 0 --device "$DEVICE" ${EXTRA:-} --out "$r/model" --quiet 2>&1 | tee "$r/fit.log"
+    --task regression --alphabet "$alpha" --model "$model" --epochs "$epochs" --target "$TARGET" --seed "${SEED:-0}" --device "$DEVICE" ${EXTRA:-} --out "$r/model" --quiet 2>&1 | tee "$r/fit.log"
   local t1=$(date +%s.%N)
   "$OURO" evaluate --model "$r/model" --input "$D/$task/test.csv" --sequence-column "$seq" --label-column "$lab" --device "$DEVICE" --json > "$r/test.json"
   python3 -c "import json,sys; d=json.load(open('$r/test.json')); d.update(seconds=round($t1-$t0,1), epochs=$epochs, target='$TARGET', device='$DEVICE', extra='${EXTRA:-}'); json.dump(d,open('$r/test.json','w'))"
+  cat "$r/test.json"
+}
+
+ensemble() { # task model epochs seeds: one fit per seed, all at once (on the GPU they share it), then the ensemble
+  local task=$1 model=$2 epochs=${3:-30} seeds=${4:-0,1,2,3}
+  read -r seq lab alpha <<< "$(columns "$task")"
+  local pids=() dirs=() s
+  for s in ${seeds//,/ }; do
+    SEED=$s TAG=${TAG:+$TAG-}s$s run "$task" "$model" "$epochs" > /dev/null & pids+=($!)
+    dirs+=(--model "$OUT/$task-$model-${TAG:+$TAG-}s$s/model")
+  done
+  wait "${pids[@]}"
+  local r=$OUT/$task-$model-${TAG:+$TAG-}ensemble
+  mkdir -p "$r"
+  "$OURO" evaluate "${dirs[@]}" --input "$D/$task/test.csv" --sequence-column "$seq" --label-column "$lab" --device "$DEVICE" --json > "$r/test.json"
+  python3 -c "import json; d=json.load(open('$r/test.json')); d.update(members='$seeds', epochs=$epochs, target='$TARGET', device='$DEVICE', extra='${EXTRA:-}'); json.dump(d,open('$r/test.json','w'))"
   cat "$r/test.json"
 }
 
@@ -83,6 +100,9 @@ print("|---|---|---|---|---|---|---|---|---|---|---|")
 for f in sorted(glob.glob(f"{out}/*/test.json")):
     task, model = os.path.basename(os.path.dirname(f)).split("-", 1)
     d = json.load(open(f))
+    if "members" in d:  # an ensemble: the mean of the seeds' models
+        print(f"| {task} | {model} (seeds {d['members']}) | {d.get('target', 'standardized')} | | {d['epochs']} | | {d.get('device', 'cpu')} | {d['n']} | {d['spearman']:.4f} | {d['pearson']:.4f} | {d['mse']:.4f} |")
+        continue
     log = open(os.path.join(os.path.dirname(f), "fit.log")).read()
     m = re.search(r"best epoch (\d+) .*?; (\d+) parameters", log)
     best, params = (m.group(1), int(m.group(2))) if m else ("?", 0)
@@ -97,6 +117,7 @@ PY
 case ${1:-} in
   prepare) prepare ;;
   run) shift; run "$@" ;;
+  ensemble) shift; ensemble "$@" ;;
   summary) summary ;;
-  *) echo "usage: $0 prepare | run TASK MODEL [EPOCHS] | summary" >&2; exit 1 ;;
+  *) echo "usage: $0 prepare | run TASK MODEL [EPOCHS] | ensemble TASK MODEL EPOCHS SEEDS | summary" >&2; exit 1 ;;
 esac

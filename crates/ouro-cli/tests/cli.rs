@@ -123,6 +123,11 @@ fn fit_predict_and_evaluate_end_to_end() {
     let m: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(m["n"], 32);
     assert!(m["spearman"].is_number() && m["pearson"].is_number() && m["mse"].is_number(), "{m}");
+    // An ensemble: --model repeated (here the same folder twice, so the same predictions).
+    let (ok, out2, err) = run(ouro().args(["evaluate", "--model"]).arg(&model).arg("--model").arg(&model).arg("--input").arg(&valid).args(["--sequence-column", "seq", "--label-column", "y", "--json"]));
+    assert!(ok, "{err}");
+    let m2: serde_json::Value = serde_json::from_str(out2.trim()).unwrap();
+    assert!((m2["mse"].as_f64().unwrap() - m["mse"].as_f64().unwrap()).abs() < 1e-9, "{m2} vs {m}");
     // Scoring an existing column (a baseline's predictions) with the same metrics: the labels score ρ = 1.
     let (ok, out, err) = run(ouro().args(["evaluate", "--prediction-column", "y", "--label-column", "y", "--json", "--input"]).arg(&preds));
     assert!(ok, "{err}");

@@ -846,6 +846,55 @@ impl Fitted {
     }
 }
 
+/// Several fitted models of one task (e.g. the same configuration fitted with different seeds) predicting
+/// together: the mean of their predictions in label units (regression) or of their class probabilities.
+pub struct Ensemble {
+    pub members: Vec<Fitted>,
+}
+
+impl Ensemble {
+    /// Loads the model folders; they must share the task, alphabet, classes and sequence column.
+    pub fn load(dirs: &[std::path::PathBuf], dev: &Device) -> Result<Self> {
+        let Some(first) = dirs.first() else { bail!("ensemble: no model folder given") };
+        let members = dirs.iter().map(|d| Fitted::load(d, dev)).collect::<Result<Vec<_>>>()?;
+        let c0 = &members[0].cfg;
+        for (d, m) in dirs.iter().zip(&members).skip(1) {
+            let c = &m.cfg;
+            if (c.task, c.alphabet, &c.classes, &c.sequence_column) != (c0.task, c0.alphabet, &c0.classes, &c0.sequence_column) {
+                bail!(
+                    "ensemble: {} predicts {:?} over the {:?} alphabet (classes {:?}, column '{}') but {} predicts {:?} over {:?} (classes {:?}, column '{}')",
+                    d.display(), c.task, c.alphabet, c.classes, c.sequence_column,
+                    first.display(), c0.task, c0.alphabet, c0.classes, c0.sequence_column
+                );
+            }
+        }
+        Ok(Self { members })
+    }
+
+    /// The first member's configuration (task, alphabet, classes are shared by all).
+    pub fn cfg(&self) -> &FitConfig {
+        &self.members[0].cfg
+    }
+
+    pub fn parameters(&self) -> usize {
+        self.members.iter().map(|m| m.cfg.parameters).sum()
+    }
+
+    /// The members' mean prediction per sequence.
+    pub fn predict(&self, ex: &Examples, dev: &Device) -> Result<Vec<Vec<f64>>> {
+        let mut sum: Option<Vec<Vec<f64>>> = None;
+        for m in &self.members {
+            let p = m.predict(ex, dev)?;
+            sum = Some(match sum {
+                None => p,
+                Some(s) => s.into_iter().zip(p).map(|(a, b)| a.into_iter().zip(b).map(|(x, y)| x + y).collect()).collect(),
+            });
+        }
+        let k = self.members.len() as f64;
+        Ok(sum.unwrap_or_default().into_iter().map(|v| v.into_iter().map(|x| x / k).collect()).collect())
+    }
+}
+
 /// Trains on `train`, keeps the epoch with the best validation metric (Spearman or accuracy), and
 /// returns the fitted model and the per-epoch log lines.
 #[allow(clippy::too_many_arguments)]

@@ -4,7 +4,7 @@ mod common;
 
 use candle_core::Device;
 use common::tmp;
-use ouro_train::seqfit::{auroc, examples, fit, metrics, pearson, spearman, Alphabet, Examples, FitOptions, Fitted, ModelSpec, Table, Target, Task};
+use ouro_train::seqfit::{auroc, examples, fit, metrics, pearson, spearman, Alphabet, Ensemble, Examples, FitOptions, Fitted, ModelSpec, Table, Target, Task};
 
 #[test]
 fn metrics_match_hand_computed_values() {
@@ -128,6 +128,44 @@ fn lyra_learns_a_sequence_property_and_round_trips() {
         let worst = p.iter().flatten().zip(again.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f64, f64::max);
         assert!(worst < 1e-9, "{target:?}: predictions after save and load differ by {worst}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// An ensemble predicts the mean of its members' predictions (label units), and refuses members of
+/// different tasks.
+#[test]
+fn ensemble_averages_its_members() {
+    let (train, valid) = (proteins(128, 3), proteins(48, 4));
+    let opts = |seed| FitOptions { target: Target::Rank, init: None, epochs: 2, batch_size: 32, lr: 5e-3, weight_decay: 0.0, seed, progress: false };
+    let mut dirs = Vec::new();
+    let mut preds = Vec::new();
+    for seed in [0, 1] {
+        let f = fit(&train, &valid, Task::Regression, Alphabet::Protein, vec![], ModelSpec::simple("lyra", 8, "onehot", 0.0), ("sequence", "y"), &opts(seed), &Device::Cpu, &mut |_| {}).unwrap();
+        preds.push(f.predict(&valid, &Device::Cpu).unwrap());
+        let dir = tmp(&format!("seqfit-ensemble-{seed}"));
+        f.save(&dir).unwrap();
+        dirs.push(dir);
+    }
+    assert_ne!(preds[0], preds[1], "members of different seeds differ");
+    let e = Ensemble::load(&dirs, &Device::Cpu).unwrap();
+    let got = e.predict(&valid, &Device::Cpu).unwrap();
+    for (i, g) in got.iter().enumerate() {
+        let want = (preds[0][i][0] + preds[1][i][0]) / 2.0;
+        assert!((g[0] - want).abs() < 1e-9, "row {i}: {} vs {want}", g[0]);
+    }
+    assert_eq!(e.parameters(), 2 * e.cfg().parameters);
+    // A classifier cannot join a regressor.
+    let classes: Vec<f64> = train.labels.iter().map(|&y| if y > 0.2 { 1.0 } else { 0.0 }).collect();
+    let ctrain = Examples { seqs: train.seqs.clone(), labels: classes.clone() };
+    let cvalid = Examples { seqs: valid.seqs.clone(), labels: valid.labels.iter().map(|&y| if y > 0.2 { 1.0 } else { 0.0 }).collect() };
+    let opts = FitOptions { target: Target::Standardized, ..opts(0) };
+    let c = fit(&ctrain, &cvalid, Task::Classification, Alphabet::Protein, vec!["0".into(), "1".into()], ModelSpec::simple("lyra", 8, "onehot", 0.0), ("sequence", "y"), &opts, &Device::Cpu, &mut |_| {}).unwrap();
+    let cdir = tmp("seqfit-ensemble-class");
+    c.save(&cdir).unwrap();
+    let err = Ensemble::load(&[dirs[0].clone(), cdir.clone()], &Device::Cpu).err().expect("mixed tasks must fail").to_string();
+    assert!(err.contains("seqfit-ensemble-class") && err.contains("Classification") && err.contains("Regression"), "{err}");
+    for d in dirs.iter().chain([&cdir]) {
+        std::fs::remove_dir_all(d).unwrap();
     }
 }
 

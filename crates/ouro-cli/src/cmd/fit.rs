@@ -1,7 +1,7 @@
 //! `ouro fit`, `ouro predict`, `ouro evaluate`, `ouro data split`: labelled biological sequences.
 
 use anyhow::{bail, Result};
-use ouro_train::seqfit::{examples, fit, metrics, Alphabet, FitOptions, Fitted, ModelSpec, Table, Target, Task};
+use ouro_train::seqfit::{examples, fit, metrics, Alphabet, Ensemble, FitOptions, ModelSpec, Table, Target, Task};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -130,9 +130,9 @@ pub fn fit_cmd(a: FitArgs) -> Result<()> {
 
 #[derive(clap::Args)]
 pub struct PredictArgs {
-    /// A folder written by `ouro fit`.
-    #[arg(long)]
-    model: PathBuf,
+    /// A folder written by `ouro fit`; repeat it for an ensemble (the mean of the models' predictions).
+    #[arg(long, required = true)]
+    model: Vec<PathBuf>,
     #[arg(long)]
     input: PathBuf,
     #[arg(long)]
@@ -147,15 +147,16 @@ pub struct PredictArgs {
 
 pub fn predict_cmd(a: PredictArgs) -> Result<()> {
     let dev = crate::device::parse(&a.device)?;
-    let f = Fitted::load(&a.model, &dev)?;
+    let f = Ensemble::load(&a.model, &dev)?;
+    let cfg = f.cfg();
     let t = Table::read(&a.input)?;
-    let mut classes = f.cfg.classes.clone();
-    let ex = examples(&t, &a.sequence_column, None, f.cfg.alphabet, f.cfg.task, &mut classes, true)?;
+    let mut classes = cfg.classes.clone();
+    let ex = examples(&t, &a.sequence_column, None, cfg.alphabet, cfg.task, &mut classes, true)?;
     let preds = f.predict(&ex, &dev)?;
     let mut header = t.header.clone();
     header.push("prediction".into());
-    if f.cfg.task == Task::Classification {
-        header.extend(f.cfg.classes.iter().map(|c| format!("prob_{c}")));
+    if cfg.task == Task::Classification {
+        header.extend(cfg.classes.iter().map(|c| format!("prob_{c}")));
     }
     let rows: Vec<Vec<String>> = t
         .rows
@@ -163,11 +164,11 @@ pub fn predict_cmd(a: PredictArgs) -> Result<()> {
         .zip(&preds)
         .map(|(r, p)| {
             let mut r = r.clone();
-            match f.cfg.task {
+            match cfg.task {
                 Task::Regression => r.push(format!("{}", p[0])),
                 Task::Classification => {
                     let best = p.iter().enumerate().fold((0, f64::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0;
-                    r.push(f.cfg.classes[best].clone());
+                    r.push(cfg.classes[best].clone());
                     r.extend(p.iter().map(|x| format!("{x:.6}")));
                 }
             }
@@ -181,9 +182,9 @@ pub fn predict_cmd(a: PredictArgs) -> Result<()> {
 
 #[derive(clap::Args)]
 pub struct EvaluateArgs {
-    /// A folder written by `ouro fit`.
+    /// A folder written by `ouro fit`; repeat it to score an ensemble (the mean of the models' predictions).
     #[arg(long, required_unless_present = "prediction_column", conflicts_with = "prediction_column")]
-    model: Option<PathBuf>,
+    model: Vec<PathBuf>,
     /// Score the numbers already in this column instead of a model's (e.g. a published tool's predictions, as a
     /// baseline under the same metrics); regression only.
     #[arg(long)]
@@ -205,22 +206,23 @@ pub struct EvaluateArgs {
 
 pub fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
     let t = Table::read(&a.input)?;
-    let (m, n) = match (&a.model, &a.prediction_column) {
-        (Some(model), _) => {
+    let (m, n) = match (a.model.is_empty(), &a.prediction_column) {
+        (false, _) => {
             let dev = crate::device::parse(&a.device)?;
-            let f = Fitted::load(model, &dev)?;
-            let mut classes = f.cfg.classes.clone();
-            let ex = examples(&t, &a.sequence_column, Some(&a.label_column), f.cfg.alphabet, f.cfg.task, &mut classes, true)?;
+            let f = Ensemble::load(&a.model, &dev)?;
+            let cfg = f.cfg();
+            let mut classes = cfg.classes.clone();
+            let ex = examples(&t, &a.sequence_column, Some(&a.label_column), cfg.alphabet, cfg.task, &mut classes, true)?;
             let preds = f.predict(&ex, &dev)?;
-            (metrics(f.cfg.task, &preds, &ex.labels, f.cfg.classes.len().max(1)), ex.seqs.len())
+            (metrics(cfg.task, &preds, &ex.labels, cfg.classes.len().max(1)), ex.seqs.len())
         }
-        (None, Some(col)) => {
+        (true, Some(col)) => {
             let (pi, li) = (t.column(col)?, t.column(&a.label_column)?);
             let preds = (0..t.rows.len()).map(|r| t.number(r, pi, col).map(|v| vec![v])).collect::<candle_core::Result<Vec<_>>>()?;
             let labels = (0..t.rows.len()).map(|r| t.number(r, li, &a.label_column)).collect::<candle_core::Result<Vec<_>>>()?;
             (metrics(Task::Regression, &preds, &labels, 1), labels.len())
         }
-        (None, None) => bail!("give --model DIR or --prediction-column NAME"),
+        (true, None) => bail!("give --model DIR or --prediction-column NAME"),
     };
     if a.json {
         let mut o = serde_json::Map::new();
