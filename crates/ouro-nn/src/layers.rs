@@ -271,12 +271,7 @@ enum QkvProj {
 /// more token per row is still one concatenation), the slots before them are padding that attention masks,
 /// and RoPE rotates each row at its own position. Without `rows` every row has consumed `seen` tokens and
 /// holds every slot.
-///
-/// Without a sliding window the keys and values live in buffers with room to grow along the key axis
-/// (`k`/`v` are views of their first `len` slots): one more token writes one slot in place instead of
-/// copying the whole cache, and a full buffer grows by a quarter, so decoding L tokens copies O(L) keys,
-/// not O(L²).
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct KvCache {
     pub k: Option<Tensor>,
     pub v: Option<Tensor>,
@@ -284,17 +279,6 @@ pub struct KvCache {
     pub seen: usize,
     /// Per-row positions when rows differ (see above); None: every row is at `seen`.
     pub rows: Option<Vec<KvRow>>,
-    /// The growable buffers (b, kv_heads, capacity, head_dim) behind `k` and `v`; None when `k`/`v` are
-    /// tensors of their own. Invariant: when Some, `k`/`v` are their first `len()` slots.
-    pub(crate) buf: Option<(Tensor, Tensor)>,
-}
-
-/// A clone shares the keys written so far but not the buffers: its next token goes to a buffer of its
-/// own, so neither cache writes into slots the other reads.
-impl Clone for KvCache {
-    fn clone(&self) -> Self {
-        Self { k: self.k.clone(), v: self.v.clone(), seen: self.seen, rows: self.rows.clone(), buf: None }
-    }
 }
 
 /// Where one row of a [`KvCache`] stands.
@@ -333,38 +317,7 @@ impl KvCache {
         let (n, keep) = (k.dim(2)?, rows.iter().map(|r| r.held).max().unwrap_or(0));
         let (k, v) = if keep < n { (k.narrow(2, n - keep, keep)?.contiguous()?, v.narrow(2, n - keep, keep)?.contiguous()?) } else { (k, v) };
         let seen = rows.iter().map(|r| r.seen).max().unwrap_or(0);
-        Ok(Self { k: Some(k), v: Some(v), seen, rows: Some(rows), buf: None })
-    }
-
-    /// Appends keys and values (b, kv_heads, l, head_dim) at the end of the key axis and returns the whole
-    /// key and value axes (views of the buffers). Positions (`seen`, `rows`) are the caller's to update.
-    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (n, l) = (self.len(), k.dim(2)?);
-        let room = match &self.buf {
-            Some((bk, _)) => bk.dim(2)? >= n + l && bk.dim(0)? == k.dim(0)?,
-            None => false,
-        };
-        if !room {
-            // A new buffer: what is held, the new slots, and a quarter more (at least 16) of zeros.
-            let cap = (n + l) + ((n + l) / 4).max(16);
-            let grow = |old: &Option<Tensor>, new: &Tensor| -> Result<Tensor> {
-                let (b, kv, _, hd) = new.dims4()?;
-                let pad = Tensor::zeros((b, kv, cap - n - l, hd), new.dtype(), new.device())?;
-                match old {
-                    Some(o) => Tensor::cat(&[o, new, &pad], 2),
-                    None => Tensor::cat(&[new, &pad], 2),
-                }
-            };
-            self.buf = Some((grow(&self.k, k)?, grow(&self.v, v)?));
-        } else if let Some((bk, bv)) = &self.buf {
-            bk.slice_set(&k.contiguous()?, 2, n)?;
-            bv.slice_set(&v.contiguous()?, 2, n)?;
-        }
-        let (bk, bv) = self.buf.as_ref().expect("buffer set above");
-        let (k, v) = (bk.narrow(2, 0, n + l)?, bv.narrow(2, 0, n + l)?);
-        self.k = Some(k.clone());
-        self.v = Some(v.clone());
-        Ok((k, v))
+        Ok(Self { k: Some(k), v: Some(v), seen, rows: Some(rows) })
     }
 
     fn tensors(&self) -> Result<(&Tensor, &Tensor)> {
@@ -422,7 +375,7 @@ impl KvCache {
         let t = Tensor::new(idx, k.device())?;
         let (k, v) = (k.contiguous()?.index_select(&t, 0)?, v.contiguous()?.index_select(&t, 0)?);
         match &self.rows {
-            None => Ok(KvCache { k: Some(k), v: Some(v), seen: self.seen, rows: None, buf: None }),
+            None => Ok(KvCache { k: Some(k), v: Some(v), seen: self.seen, rows: None }),
             Some(r) => {
                 let rows = idx.iter().map(|&i| r.get(i as usize).copied().ok_or_else(|| candle_core::Error::Msg(format!("kv cache: no row {i}")))).collect::<Result<Vec<_>>>()?;
                 Self::ragged(k, v, rows)
@@ -534,24 +487,7 @@ impl Attention {
         let q = self.rope.apply(&q, &positions)?;
         let k = self.rope.apply(&k, &positions)?;
         let (k, v) = match cache {
-            // No window: the new slots are written into the cache's buffer (rows stay right-aligned, so
-            // one more token per row is one more slot at the end for every row).
-            Some(c) if self.cfg.window.is_none() => {
-                let (k, v) = c.append(&k, &v)?;
-                match &ragged {
-                    Some(rows) => c.rows = Some(rows.iter().map(|r| KvRow { seen: r.seen + l, held: r.held + l }).collect()),
-                    None => c.seen += l,
-                }
-                if let Some(rows) = &c.rows {
-                    c.seen = rows.iter().map(|r| r.seen).max().unwrap_or(0);
-                }
-                (k, v)
-            }
-            // A sliding window: the cache keeps only the window (memory bounded whatever the context
-            // length); this call still attends over everything it was given (earlier queries of a chunk
-            // see older keys).
             Some(c) => {
-                let w = self.cfg.window.expect("window case");
                 let k = match &c.k {
                     Some(prev) => Tensor::cat(&[prev, &k], 2)?,
                     None => k,
@@ -560,17 +496,23 @@ impl Attention {
                     Some(prev) => Tensor::cat(&[prev, &v], 2)?,
                     None => v,
                 };
+                // The cache keeps only the window: memory bounded whatever the context length. This call
+                // still attends over everything it was given (earlier queries of a chunk see older keys).
                 let n = k.dim(2)?;
-                match &ragged {
-                    Some(rows) => {
-                        let rows = rows.iter().map(|r| KvRow { seen: r.seen + l, held: (r.held + l).min(w) }).collect();
+                match (&ragged, self.cfg.window) {
+                    (Some(rows), w) => {
+                        let rows = rows.iter().map(|r| KvRow { seen: r.seen + l, held: w.map_or(r.held + l, |w| (r.held + l).min(w)) }).collect();
                         *c = KvCache::ragged(k.clone(), v.clone(), rows)?;
                     }
-                    None => {
+                    (None, Some(w)) if n > w => {
                         c.seen += l;
-                        c.buf = None;
-                        c.k = Some(if n > w { k.narrow(2, n - w, w)?.contiguous()? } else { k.clone() });
-                        c.v = Some(if n > w { v.narrow(2, n - w, w)?.contiguous()? } else { v.clone() });
+                        c.k = Some(k.narrow(2, n - w, w)?.contiguous()?);
+                        c.v = Some(v.narrow(2, n - w, w)?.contiguous()?);
+                    }
+                    (None, _) => {
+                        c.seen += l;
+                        c.k = Some(k.clone());
+                        c.v = Some(v.clone());
                     }
                 }
                 (k, v)

@@ -64,7 +64,7 @@ impl Cache {
         };
         self.map(&f, &|c: &KvCache| match (&c.rows, c.batch()) {
             (Some(_), Some(b)) => c.select(&(0..(b * n) as u32).map(|r| r / n as u32).collect::<Vec<_>>()),
-            _ => Ok(KvCache { k: c.k.as_ref().map(f).transpose()?, v: c.v.as_ref().map(f).transpose()?, seen: c.seen, rows: None, buf: None }),
+            _ => Ok(KvCache { k: c.k.as_ref().map(f).transpose()?, v: c.v.as_ref().map(f).transpose()?, seen: c.seen, rows: None }),
         })
     }
 

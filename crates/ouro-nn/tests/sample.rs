@@ -212,11 +212,11 @@ fn attention_rows_at_different_positions_equal_each_row_alone() {
     }
 }
 
-/// The KV cache's growable buffer: decoding token by token through several regrowths equals the full
-/// forward, and a clone taken mid-way and the original, stepped in turn with different tokens, each equal
-/// the full forward of their own sequence (neither writes into keys the other reads).
+/// Decoding token by token through the KV cache equals the full forward, and a clone taken mid-way and the
+/// original, stepped in turn with different tokens, each equal the full forward of their own sequence
+/// (neither sees the other's keys).
 #[test]
-fn kv_cache_buffer_grows_and_clones_stay_apart() {
+fn kv_cache_decode_and_clones_stay_apart() {
     let cfg = AttentionConfig { d_model: 16, n_heads: 4, n_kv_heads: 2, head_dim: 4, rotary_dim: 4, rope_theta: 10000.0, qkv_bias: false, out_bias: false, window: None, causal: true };
     let vm = VarMap::new();
     let att = Attention::new_llama(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
