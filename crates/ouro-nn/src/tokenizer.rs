@@ -48,7 +48,12 @@ impl Tokenizer {
         let file = dir.join("tokenizer.json");
         if file.exists() {
             let bos = config.get("bos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
-            return Self::from_file(&file, bos, eos_cfg);
+            let mut tok = Self::from_file(&file, bos, eos_cfg)?;
+            // A GGUF teacher's "prepend BOS" flag, kept in the config of checkpoints written from it.
+            if let (Tokenizer::Hf { add_bos, .. }, Some(true)) = (&mut tok, config.get("add_bos_token").and_then(|v| v.as_bool())) {
+                *add_bos = true;
+            }
+            return Ok(tok);
         }
         match config.get("tokenizer").and_then(|v| v.as_str()) {
             Some("bytes") => return Ok(Tokenizer::Bytes),
@@ -67,7 +72,8 @@ impl Tokenizer {
     }
 
     /// Writes this tokenizer beside a checkpoint in `dir` so that [`Tokenizer::for_folder`] finds it:
-    /// `tokenizer.json` plus `bos_token_id` / `eos_token_id` in `config`, or `"tokenizer"` for the
+    /// `tokenizer.json` plus `bos_token_id` / `eos_token_id` (and `add_bos_token` when a GGUF's vocabulary
+    /// asks for a BOS before every text) in `config`, or `"tokenizer"` for the
     /// character tokenizers.
     pub fn save_for_folder(&self, dir: &Path, config: &mut serde_json::Value) -> Result<()> {
         let Some(obj) = config.as_object_mut() else { bail!("tokenizer: the checkpoint config is not a JSON object") };
@@ -78,11 +84,14 @@ impl Tokenizer {
             Tokenizer::Dna => {
                 obj.insert("tokenizer".into(), "dna".into());
             }
-            Tokenizer::Hf { tok, bos, eos, .. } => {
+            Tokenizer::Hf { tok, bos, eos, add_bos } => {
                 let file = dir.join("tokenizer.json");
                 tok.save(&file, false).map_err(msg(file.display()))?;
                 if let Some(b) = bos {
                     obj.insert("bos_token_id".into(), (*b).into());
+                }
+                if *add_bos {
+                    obj.insert("add_bos_token".into(), true.into());
                 }
                 match eos.as_slice() {
                     [] => {}

@@ -269,3 +269,31 @@ fn tokenizer_json_matches_the_python_tokenizers_package() {
     let e = Tokenizer::from_file(&dir.join("missing.json"), None, vec![]).err().unwrap().to_string();
     assert!(e.contains("missing.json"), "{e}");
 }
+
+/// A tokenizer that prepends BOS (as a GGUF's `tokenizer.ggml.add_bos_token` asks) still does after it is
+/// written beside a checkpoint (e.g. a distilled student) and read back from that folder.
+#[test]
+fn the_add_bos_flag_survives_saving_beside_a_checkpoint() {
+    let dir = Fixture::path("tokenizer");
+    let plain = Tokenizer::from_file(&dir.join("tokenizer.json"), Some(0), vec![1]).unwrap();
+    let text = "hello world";
+    let ids = plain.encode(text).unwrap();
+    assert_ne!(ids.first(), Some(&0), "the fixture's tokenizer adds no BOS itself");
+    let with_bos = match plain {
+        Tokenizer::Hf { tok, bos, eos, .. } => Tokenizer::Hf { tok, bos, eos, add_bos: true },
+        _ => unreachable!("a tokenizer.json loads as Hf"),
+    };
+    let out = std::env::temp_dir().join(format!("ouro-addbos-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    let mut config = serde_json::json!({});
+    with_bos.save_for_folder(&out, &mut config).unwrap();
+    assert_eq!(config["add_bos_token"], true);
+    let back = Tokenizer::for_folder(&out, &config, None).unwrap();
+    assert_eq!(back.encode(text).unwrap(), [&[0u32][..], &ids[..]].concat());
+    // Without the flag nothing is prepended.
+    let mut config = serde_json::json!({});
+    Tokenizer::from_file(&dir.join("tokenizer.json"), Some(0), vec![1]).unwrap().save_for_folder(&out, &mut config).unwrap();
+    assert!(config.get("add_bos_token").is_none());
+    assert_eq!(Tokenizer::for_folder(&out, &config, None).unwrap().encode(text).unwrap(), ids);
+    std::fs::remove_dir_all(&out).unwrap();
+}
