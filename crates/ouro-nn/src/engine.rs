@@ -162,6 +162,69 @@ impl crate::generate::Decoder for EngineDecoder<'_> {
     }
 }
 
+impl EngineState {
+    /// The floats of one sequence in each of the three state vectors.
+    fn per_row(&self) -> (usize, usize, usize) {
+        let b = self.batch.max(1);
+        (self.conv.len() / b, self.ssm.len() / b, self.ssm_bf16.len() / b)
+    }
+}
+
+/// Continuous batching ([`crate::sample::sample_with`]) through the engine: the state's rows are plain
+/// slices, so a joining sequence is one row copied; a workspace is kept for the current batch size.
+pub struct EngineBatcher<'a> {
+    engine: &'a Mamba2Engine,
+    ws: std::sync::Mutex<Option<Workspace>>,
+}
+
+impl<'a> EngineBatcher<'a> {
+    pub fn new(engine: &'a Mamba2Engine) -> Self {
+        Self { engine, ws: std::sync::Mutex::new(None) }
+    }
+}
+
+impl crate::sample::Batcher for EngineBatcher<'_> {
+    type State = EngineState;
+    fn vocab_size(&self) -> usize {
+        self.engine.vocab
+    }
+    fn prefill(&self, prompt: &[u32]) -> Result<(EngineState, Vec<f32>)> {
+        let mut st = self.engine.new_state(1);
+        let last = self.engine.prefill(prompt, &mut st, 0)?;
+        Ok((st, last))
+    }
+    fn set_row(&self, batch: &mut EngineState, i: usize, src: &EngineState) -> Result<()> {
+        if src.batch != 1 || i >= batch.batch {
+            bail!("engine: set_row {i} of a batch of {} from a state of {} sequences", batch.batch, src.batch);
+        }
+        let (c, s, h) = batch.per_row();
+        batch.conv[i * c..(i + 1) * c].copy_from_slice(&src.conv);
+        batch.ssm[i * s..(i + 1) * s].copy_from_slice(&src.ssm);
+        batch.ssm_bf16[i * h..(i + 1) * h].copy_from_slice(&src.ssm_bf16);
+        Ok(())
+    }
+    fn gather(&self, parts: &[&EngineState], order: &[(usize, usize)]) -> Result<EngineState> {
+        let mut out = self.engine.new_state(order.len());
+        let (c, s, h) = out.per_row();
+        for (r, &(k, i)) in order.iter().enumerate() {
+            let Some(p) = parts.get(k).filter(|p| i < p.batch) else { bail!("engine: no row {i} in part {k}") };
+            out.conv[r * c..(r + 1) * c].copy_from_slice(&p.conv[i * c..(i + 1) * c]);
+            out.ssm[r * s..(r + 1) * s].copy_from_slice(&p.ssm[i * s..(i + 1) * s]);
+            out.ssm_bf16[r * h..(r + 1) * h].copy_from_slice(&p.ssm_bf16[i * h..(i + 1) * h]);
+        }
+        Ok(out)
+    }
+    fn step(&self, batch: &mut EngineState, ids: &[u32]) -> Result<Vec<f32>> {
+        let mut guard = self.ws.lock().map_err(|_| candle_core::Error::Msg("engine: workspace lock poisoned".into()))?;
+        if guard.as_ref().is_none_or(|w| w.batch != batch.batch) {
+            *guard = Some(self.engine.workspace(batch.batch));
+        }
+        let ws = guard.as_mut().expect("workspace set above");
+        self.engine.step(ids, batch, ws)?;
+        Ok(ws.logits.clone())
+    }
+}
+
 /// Buffers a step reuses (sized for one batch): decoding allocates nothing per token.
 pub struct Workspace {
     batch: usize,

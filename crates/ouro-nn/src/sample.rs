@@ -93,6 +93,48 @@ pub fn sample_seed(seed: u64, prompt: usize, sample: usize) -> u64 {
     mix(seed ^ mix(((prompt as u64) << 32) ^ sample as u64))
 }
 
+/// What continuous batching needs of a model: a one-sequence prefill, a batched step, and row operations
+/// on the batch's state. [`ModelBatcher`] serves any [`LanguageModel`] on any device (a [`Cache`]);
+/// [`crate::engine::EngineBatcher`] the Mamba-2 CPU engine (its flat state).
+pub trait Batcher {
+    type State: Clone;
+    fn vocab_size(&self) -> usize;
+    /// The state after `prompt` (one row) and the logits after its last token.
+    fn prefill(&self, prompt: &[u32]) -> Result<(Self::State, Vec<f32>)>;
+    /// Row `i` of `batch` becomes the one row of `src`.
+    fn set_row(&self, batch: &mut Self::State, i: usize, src: &Self::State) -> Result<()>;
+    /// A batch whose row r is row `order[r].1` of `parts[order[r].0]`.
+    fn gather(&self, parts: &[&Self::State], order: &[(usize, usize)]) -> Result<Self::State>;
+    /// One token per row; the logits (rows, vocab), row-major.
+    fn step(&self, batch: &mut Self::State, ids: &[u32]) -> Result<Vec<f32>>;
+}
+
+/// [`Batcher`] for any [`LanguageModel`]: the parallel forward for prompts, `step` on a [`Cache`].
+pub struct ModelBatcher<'a>(pub &'a dyn LanguageModel);
+
+impl Batcher for ModelBatcher<'_> {
+    type State = Cache;
+    fn vocab_size(&self) -> usize {
+        self.0.info().vocab_size
+    }
+    fn prefill(&self, prompt: &[u32]) -> Result<(Cache, Vec<f32>)> {
+        let mut cache = self.0.new_cache(1)?;
+        let logits = self.0.forward(&ids_tensor(&[prompt.to_vec()], self.0.device())?, None, Some(&mut cache))?;
+        let last = logits.narrow(1, prompt.len() - 1, 1)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        Ok((cache, last))
+    }
+    fn set_row(&self, batch: &mut Cache, i: usize, src: &Cache) -> Result<()> {
+        batch.set_row(i, src)
+    }
+    fn gather(&self, parts: &[&Cache], order: &[(usize, usize)]) -> Result<Cache> {
+        Cache::gather(parts, order)
+    }
+    fn step(&self, batch: &mut Cache, ids: &[u32]) -> Result<Vec<f32>> {
+        let logits = self.0.step(&Tensor::new(ids, self.0.device())?, batch)?;
+        logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
+    }
+}
+
 /// A sequence being decoded.
 struct Running {
     prompt: usize,
@@ -103,16 +145,16 @@ struct Running {
 
 /// Pending (prompt, sample) pairs: prompt by prompt, or round-robin over the prompts under a time budget;
 /// each prompt's prefilled cache is kept while samples of it remain to start.
-struct Queue<'a> {
-    model: &'a dyn LanguageModel,
+struct Queue<'a, B: Batcher> {
+    model: &'a B,
     prompts: &'a [Vec<u32>],
     opts: &'a SampleOptions,
     started: Vec<usize>,
     cursor: usize,
-    prefilled: HashMap<usize, (Cache, Vec<f32>)>,
+    prefilled: HashMap<usize, (B::State, Vec<f32>)>,
 }
 
-impl Queue<'_> {
+impl<B: Batcher> Queue<'_, B> {
     fn cap(&self) -> usize {
         self.opts.num_samples.unwrap_or(usize::MAX)
     }
@@ -135,19 +177,17 @@ impl Queue<'_> {
         Some((p, self.started[p] - 1))
     }
 
-    /// The prompt's one-row cache and the logits after its last token (prefilled on first use).
-    fn prefix(&mut self, p: usize, stats: &mut SampleStats) -> Result<(Cache, Vec<f32>)> {
+    /// The prompt's one-row state and the logits after its last token (prefilled on first use).
+    fn prefix(&mut self, p: usize, stats: &mut SampleStats) -> Result<(B::State, Vec<f32>)> {
         if let Some(hit) = self.prefilled.get(&p) {
             return Ok(hit.clone());
         }
         let t = Instant::now();
         let prompt = &self.prompts[p];
-        let mut cache = self.model.new_cache(1)?;
-        let logits = self.model.forward(&ids_tensor(std::slice::from_ref(prompt), self.model.device())?, None, Some(&mut cache))?;
-        let last = logits.narrow(1, prompt.len() - 1, 1)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let (state, last) = self.model.prefill(prompt)?;
         stats.prompt_tokens += prompt.len();
         stats.prefill_seconds += t.elapsed().as_secs_f64();
-        self.prefilled.insert(p, (cache, last));
+        self.prefilled.insert(p, (state, last));
         Ok(self.prefilled[&p].clone())
     }
 }
@@ -157,6 +197,20 @@ impl Queue<'_> {
 /// `on_done` sees each completion as it finishes. Returns the completions of each prompt in sample order.
 pub fn sample_batched(
     model: &dyn LanguageModel,
+    prompts: &[Vec<u32>],
+    opts: &SampleOptions,
+    stop: &(dyn Fn(&[u32]) -> bool + Sync),
+    on_done: &mut dyn FnMut(&Completion),
+) -> Result<(Vec<Vec<Completion>>, SampleStats)> {
+    if model.is_bidirectional() {
+        bail!("sample: {} is a bidirectional encoder and cannot generate", model.info().architecture);
+    }
+    sample_with(&ModelBatcher(model), prompts, opts, stop, on_done)
+}
+
+/// [`sample_batched`] through any [`Batcher`] (e.g. the Mamba-2 CPU engine).
+pub fn sample_with<B: Batcher>(
+    model: &B,
     prompts: &[Vec<u32>],
     opts: &SampleOptions,
     stop: &(dyn Fn(&[u32]) -> bool + Sync),
@@ -177,10 +231,7 @@ pub fn sample_batched(
     if opts.max_new_tokens == 0 || opts.batch_size == 0 {
         bail!("sample: max_new_tokens and batch_size must be at least 1");
     }
-    if model.is_bidirectional() {
-        bail!("sample: {} is a bidirectional encoder and cannot generate", model.info().architecture);
-    }
-    let vocab = model.info().vocab_size;
+    let vocab = model.vocab_size();
     check_ids(prompts, vocab)?;
     Sampler::new(opts.sampling.clone())?;
 
@@ -209,11 +260,11 @@ pub fn sample_batched(
 
     // Rows of the running batch and its cache (None: no row yet).
     let mut rows: Vec<Option<Running>> = Vec::new();
-    let mut cache: Option<Cache> = None;
+    let mut cache: Option<B::State> = None;
     loop {
         // Joins: the next pending samples take the free rows, then new rows up to the batch size. A sample
         // whose first token (from the prompt's logits) already ends it never takes a row.
-        let mut joins: Vec<(usize, Running, Cache)> = Vec::new(); // (row, sequence, its one-row cache)
+        let mut joins: Vec<(usize, Running, B::State)> = Vec::new(); // (row, sequence, its one-row state)
         let free: Vec<usize> = (0..rows.len()).filter(|&r| rows[r].is_none()).collect();
         let mut slots = free.into_iter().chain(rows.len()..opts.batch_size);
         let mut slot = slots.next();
@@ -247,7 +298,7 @@ pub fn sample_batched(
         if let (true, Some(c)) = (single, cache.as_mut()) {
             // One sequence into the one free row: one copy of the batch's state.
             let (r, run, prefix) = joins.pop().expect("one join");
-            c.set_row(r, &prefix)?;
+            model.set_row(c, r, &prefix)?;
             rows[r] = Some(run);
         } else if !joins.is_empty() || vacated > 0 {
             // Rows leave and/or several join: the batch rebuilt from the rows that stay and the new
@@ -259,7 +310,7 @@ pub fn sample_batched(
                 incoming.insert(r, (prefixes.len(), run));
                 prefixes.push(prefix);
             }
-            let mut parts: Vec<&Cache> = cache.iter().collect();
+            let mut parts: Vec<&B::State> = cache.iter().collect();
             let base = parts.len();
             parts.extend(prefixes.iter());
             let (mut order, mut next_rows) = (Vec::new(), Vec::new());
@@ -273,7 +324,7 @@ pub fn sample_batched(
                     next_rows.push(Some(run));
                 }
             }
-            let next = if order.is_empty() { None } else { Some(Cache::gather(&parts, &order)?) };
+            let next = if order.is_empty() { None } else { Some(model.gather(&parts, &order)?) };
             cache = next;
             rows = next_rows;
         }
@@ -283,8 +334,7 @@ pub fn sample_batched(
         }
         // One step for every row.
         let ids: Vec<u32> = rows.iter().map(|r| *r.as_ref().expect("running row").tokens.last().expect("a token")).collect();
-        let logits = model.step(&Tensor::new(ids.as_slice(), model.device())?, c)?;
-        let flat: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        let flat = model.step(c, &ids)?;
         if flat.len() != rows.len() * vocab {
             bail!("sample: the step returned {} logits for {} rows of vocab {vocab}", flat.len(), rows.len());
         }

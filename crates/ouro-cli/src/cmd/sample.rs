@@ -5,7 +5,9 @@ use super::lm::{write_atomic, ModelArgs, SamplingArgs};
 use anyhow::{bail, Context, Result};
 use ouro_nn::checkpoint::Checkpoint;
 use ouro_nn::lm::load;
-use ouro_nn::sample::{pass_ks, reference_answer, sample_batched, score, AnswerRule, Finish, SampleOptions, StopStrings};
+use ouro_kernels::quant::Format;
+use ouro_nn::engine::{EngineBatcher, Mamba2Engine};
+use ouro_nn::sample::{pass_ks, reference_answer, sample_batched, sample_with, score, AnswerRule, Completion, Finish, SampleOptions, StopStrings};
 use ouro_nn::tokenizer::Tokenizer;
 use serde_json::{json, Value};
 use std::io::Write;
@@ -50,6 +52,14 @@ pub struct SampleArgs {
     /// Output JSON lines: one per prompt with its completions, majority answer and scores.
     #[arg(long)]
     out: PathBuf,
+    /// Decode with the generic model code even where the CPU engine applies (pure Mamba-2 on the CPU; the
+    /// engine runs f32 weights, the same numbers up to the order of its sums).
+    #[arg(long)]
+    no_engine: bool,
+    /// Engine: f32 products everywhere (by default batches of ≥ 8 rows use bf16 matmuls where the CPU has
+    /// AVX-512 BF16).
+    #[arg(long)]
+    no_bf16: bool,
 }
 
 struct PromptLine {
@@ -107,9 +117,20 @@ pub fn sample_cmd(a: SampleArgs) -> Result<()> {
     };
     let lines = read_prompts(&a.prompts)?;
     let dev = crate::device::parse(&a.m.device)?;
-    let ck = Checkpoint::open(&a.m.model)?;
-    let model = load(&ck, &dev)?;
-    let tok = Tokenizer::for_checkpoint(&ck, a.tokenizer.as_deref())?;
+    // Pure Mamba-2 on the CPU decodes on the inference engine (fused steps; its state rows are plain
+    // slices); everything else (and --no-engine) on the generic model code.
+    let use_engine = dev.is_cpu() && !a.no_engine && Mamba2Engine::supports(&a.m.model);
+    let (tok, engine, model) = if use_engine {
+        let config = ouro_nn::checkpoint::read_config(&a.m.model)?;
+        let tok = Tokenizer::for_folder(&a.m.model, &config, a.tokenizer.as_deref())?;
+        let mut engine = Mamba2Engine::load(&a.m.model, Format::F32).with_context(|| format!("loading {}", a.m.model.display()))?;
+        engine.bf16_matmul &= !a.no_bf16;
+        (tok, Some(engine), None)
+    } else {
+        let ck = Checkpoint::open(&a.m.model)?;
+        let model = load(&ck, &dev)?;
+        (Tokenizer::for_checkpoint(&ck, a.tokenizer.as_deref())?, None, Some(model))
+    };
     let prompts = lines
         .iter()
         .map(|l| {
@@ -131,7 +152,7 @@ pub fn sample_cmd(a: SampleArgs) -> Result<()> {
     };
     let planned = a.num_samples.filter(|_| a.time_budget.is_none()).map(|n| n * prompts.len());
     let (mut finished, mut last_report) = (0usize, Instant::now());
-    let (completions, stats) = sample_batched(model.as_ref(), &prompts, &opts, &|t: &[u32]| stops.hit(t), &mut |c| {
+    let mut report = |c: &Completion| {
         finished += 1;
         if last_report.elapsed().as_secs_f64() >= 5.0 {
             last_report = Instant::now();
@@ -140,7 +161,13 @@ pub fn sample_cmd(a: SampleArgs) -> Result<()> {
                 None => eprintln!("{finished} samples done ({:.0} s)", c.seconds),
             }
         }
-    })?;
+    };
+    let stop = |t: &[u32]| stops.hit(t);
+    let (completions, stats) = match (&engine, &model) {
+        (Some(e), _) => sample_with(&EngineBatcher::new(e), &prompts, &opts, &stop, &mut report)?,
+        (None, Some(m)) => sample_batched(m.as_ref(), &prompts, &opts, &stop, &mut report)?,
+        (None, None) => unreachable!("a model or an engine is loaded"),
+    };
 
     // Answers, votes and scores per prompt.
     let mut out_lines = Vec::with_capacity(lines.len());
