@@ -38,11 +38,15 @@ fn bench_sample_tables_every_cell() {
     }
     // The SSM's cache per sequence does not grow with the length; the Transformer's does.
     let bytes = |m: &str, l: u64| rows.iter().find(|r| r["model"] == m && r["len"] == l).unwrap()["bytes_per_seq"].as_u64().unwrap();
-    assert_eq!(bytes("mamba2_hf", 4), bytes("mamba2_hf", 9));
+    // A pure Mamba-2 on the CPU runs on the inference engine, and its name says so.
+    assert_eq!(bytes("mamba2_hf (engine)", 4), bytes("mamba2_hf (engine)", 9));
     assert!(bytes("llama_gqa", 9) > bytes("llama_gqa", 4));
     assert!(bytes("nemotron_h", 9) > bytes("nemotron_h", 4));
-    assert!(out.contains("| length | batch 1 | batch 3 |") && out.contains("mamba2_hf ÷ llama_gqa") && out.contains("nemotron_h ÷ llama_gqa"), "{out}");
+    assert!(out.contains("| length | batch 1 | batch 3 |") && out.contains("mamba2_hf (engine) ÷ llama_gqa") && out.contains("nemotron_h ÷ llama_gqa"), "{out}");
     assert!(out.contains("cache per sequence"), "{out}");
+    // --no-engine: the generic model code.
+    let (ok, out, err) = run(ouro().args(["--threads", "1", "bench", "sample", "--no-engine", "--model"]).arg(fixture("lm/mamba2_hf")).args(["--batches", "1", "--lens", "4", "--prompt-len", "3"]));
+    assert!(ok && out.contains("mamba2_hf") && !out.contains("engine"), "{out}\n{err}");
 
     // A memory budget below one sequence's cache: nothing runs, every cell is "over".
     let (ok, out, err) = run(ouro()

@@ -67,6 +67,10 @@ pub struct SampleBenchArgs {
     /// cpu or cuda[:N].
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Decode pure Mamba-2 models with the generic model code even on the CPU (by default they run on the
+    /// inference engine there, as `ouro sample` does; their name then says "engine").
+    #[arg(long)]
+    no_engine: bool,
 }
 
 #[derive(clap::Args)]
@@ -247,8 +251,12 @@ fn model_name(p: &std::path::Path) -> String {
 }
 
 fn sample_bench(a: SampleBenchArgs) -> Result<()> {
+    let prompt_len = a.prompt_len as u32;
+    // The prompt of every cell: fixed pseudo-random ids.
+    let prompt_of = |vocab: usize| -> Vec<u32> { (0..prompt_len).map(|i| (i * 7 + 3) % vocab as u32).collect() };
     use ouro_nn::generate::SamplingParams;
-    use ouro_nn::sample::{sample_batched, SampleOptions};
+    use ouro_nn::engine::{EngineBatcher, Mamba2Engine};
+    use ouro_nn::sample::{sample_batched, sample_with, Completion, SampleOptions, SampleStats};
     if a.batches.contains(&0) || a.lens.contains(&0) || a.prompt_len == 0 {
         bail!("--batches, --lens and --prompt-len must be at least 1");
     }
@@ -271,10 +279,21 @@ fn sample_bench(a: SampleBenchArgs) -> Result<()> {
         let ck = ouro_nn::checkpoint::Checkpoint::open(path)?;
         let model = ouro_nn::lm::load(&ck, &dev)?;
         let info = model.info();
-        let name = model_name(path);
+        let engine = if dev.is_cpu() && !a.no_engine && Mamba2Engine::supports(path) {
+            Some(Mamba2Engine::load(path, ouro_kernels::quant::Format::F32).with_context(|| format!("loading {}", path.display()))?)
+        } else {
+            None
+        };
+        let name = if engine.is_some() { format!("{} (engine)", model_name(path)) } else { model_name(path) };
+        // `ouro sample`'s batched decoding of one prompt, on the engine where it applies.
+        let run = |o: &SampleOptions| -> Result<SampleStats> {
+            let (none, mut done) = (|_: &[u32]| false, |_: &Completion| {});
+            Ok(match &engine {
+                Some(e) => sample_with(&EngineBatcher::new(e), std::slice::from_ref(&prompt_of(info.vocab_size)), o, &none, &mut done)?.1,
+                None => sample_batched(model.as_ref(), std::slice::from_ref(&prompt_of(info.vocab_size)), o, &none, &mut done)?.1,
+            })
+        };
         let params = ck.parameter_count();
-        let v = info.vocab_size as u32;
-        let prompt: Vec<u32> = (0..a.prompt_len as u32).map(|i| (i * 7 + 3) % v).collect();
         let opts = |batch: usize, len: usize, budget: Option<f64>| SampleOptions {
             num_samples: Some(batch),
             max_new_tokens: len,
@@ -286,7 +305,7 @@ fn sample_bench(a: SampleBenchArgs) -> Result<()> {
         // Warm-up at the largest batch that fits the budget (allocator arenas, thread pools): without it the
         // first large cell pays for faulting its memory in.
         let warm = a.batches.iter().copied().filter(|&b| (b * 4 * (info.state_floats_per_seq + info.kv_floats_per_token * (a.prompt_len + 8))) as f64 <= budget).max().unwrap_or(1);
-        sample_batched(model.as_ref(), std::slice::from_ref(&prompt), &opts(warm, 8, None), &|_| false, &mut |_| {})?;
+        run(&opts(warm, 8, None))?;
         eprintln!("{name}: {params} parameters, {} ({} state floats per sequence, {} KV floats per token)", info.layer_kinds.join(","), info.state_floats_per_seq, info.kv_floats_per_token);
         let mut mine = Vec::new();
         for &len in &a.lens {
@@ -294,7 +313,7 @@ fn sample_bench(a: SampleBenchArgs) -> Result<()> {
             for &batch in &a.batches {
                 let mut cell = SampleCell { model: name.clone(), parameters: params, batch, len, bytes_per_seq: per_seq, tokens_per_s: None, generated_tokens: 0, seconds: 0.0, partial_at: None };
                 if (per_seq * batch) as f64 <= budget {
-                    let (_, st) = sample_batched(model.as_ref(), std::slice::from_ref(&prompt), &opts(batch, len, Some(a.cell_seconds)), &|_| false, &mut |_| {})?;
+                    let st = run(&opts(batch, len, Some(a.cell_seconds)))?;
                     cell.tokens_per_s = Some(st.generated_tokens as f64 / st.seconds.max(1e-9));
                     cell.generated_tokens = st.generated_tokens;
                     cell.seconds = st.seconds;
