@@ -8,6 +8,8 @@
 //! samples from it ([`Cache::set_row`], [`Cache::gather`]); attention layers then hold rows at different
 //! positions (see [`crate::layers::KvCache`]). Every sample draws from its own RNG, seeded from the seed
 //! and its (prompt, sample) index, so completions do not depend on the batch size or on the scheduling.
+//! The scheduler is written against [`Batcher`] (prefill, step, row operations): the generic model code
+//! ([`ModelBatcher`]) or the Mamba-2 CPU engine ([`crate::engine::EngineBatcher`]).
 
 use crate::generate::{Sampler, SamplingParams};
 use crate::lm::{check_ids, ids_tensor, Cache, LanguageModel};
