@@ -8,13 +8,15 @@
 # The three models are trained for STEPS steps on the arithmetic corpus (throughput does not depend on the
 # weights); every completion runs to exactly its length (no EOS or stop string). Env: OURO, STEPS (20),
 # BATCHES (1,4,16,64,256,512), LENS (256,1024,4096), CELL_SECONDS (30), BUDGET_MIB (2048), THREADS (all),
-# OUT (runs/bench/throughput: checkpoints, cells.jsonl, table.md).
+# OUT (runs/bench/throughput: checkpoints, cells.jsonl, table.md), NO_ENGINE (set: Mamba-2 on the generic model
+# code instead of the CPU inference engine, as in the first CPU table of docs/performance.md).
 set -euo pipefail
 OURO=${OURO:-target/release/ouro}
 STEPS=${STEPS:-20}; OUT=${OUT:-runs/bench/throughput}
 BATCHES=${BATCHES:-1,4,16,64,256,512}; LENS=${LENS:-256,1024,4096}
 CELL_SECONDS=${CELL_SECONDS:-30}; BUDGET_MIB=${BUDGET_MIB:-2048}
 T=(); [ -n "${THREADS:-}" ] && T=(--threads "$THREADS")
+NE=(); [ -n "${NO_ENGINE:-}" ] && NE=(--no-engine)
 mkdir -p "$OUT"
 train() { # name, config, extra args
   local name=$1 cfg=$2; shift 2
@@ -27,4 +29,4 @@ for m in mamba2 hybrid llama; do "$OURO" info --model "$OUT/$m/checkpoint" | gre
 lscpu | grep 'Model name' || true; date -u
 "$OURO" "${T[@]}" bench sample --model "$OUT/mamba2/checkpoint" --model "$OUT/hybrid/checkpoint" --model "$OUT/llama/checkpoint" \
     --batches "$BATCHES" --lens "$LENS" --cell-seconds "$CELL_SECONDS" --memory-budget-mib "$BUDGET_MIB" \
-    --json "$OUT/cells.jsonl" | tee "$OUT/table.md"
+    "${NE[@]}" --json "$OUT/cells.jsonl" | tee "$OUT/table.md"
