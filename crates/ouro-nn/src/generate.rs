@@ -127,23 +127,34 @@ impl Decoder for ModelDecoder<'_> {
     }
 
     fn start(&mut self, prompt: &[u32], n: usize) -> Result<Vec<f32>> {
-        let mut cache = self.model.new_cache(1)?;
-        let logits = self.model.forward(&ids_tensor(&[prompt.to_vec()], self.model.device())?, None, Some(&mut cache))?; // (1, l, V)
-        let last = logits.narrow(1, prompt.len() - 1, 1)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        let (cache, last) = prefill(self.model, prompt)?;
         self.cache = Some(if n > 1 { cache.repeat_interleave(n)? } else { cache });
         Ok(last)
     }
 
     fn step(&mut self, tokens: &[u32]) -> Result<&[f32]> {
         let Some(cache) = self.cache.as_mut() else { bail!("decoder: step before start") };
-        let logits = self.model.step(&Tensor::new(tokens, self.model.device())?, cache)?; // (n, V)
-        self.logits = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        self.logits = step_logits(self.model, tokens, cache)?;
         Ok(&self.logits)
     }
 
     fn cache_bytes(&self) -> usize {
         self.cache.as_ref().map_or(0, |c| c.bytes())
     }
+}
+
+/// One sequence's prompt through the parallel forward: its cache (one row) and the logits after its last token.
+pub fn prefill(model: &dyn LanguageModel, prompt: &[u32]) -> Result<(Cache, Vec<f32>)> {
+    let mut cache = model.new_cache(1)?;
+    let logits = model.forward(&ids_tensor(&[prompt.to_vec()], model.device())?, None, Some(&mut cache))?; // (1, l, V)
+    let last = logits.narrow(1, prompt.len() - 1, 1)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+    Ok((cache, last))
+}
+
+/// One token per row of `cache` through `step`: the logits (rows, vocab), row-major.
+pub fn step_logits(model: &dyn LanguageModel, tokens: &[u32], cache: &mut Cache) -> Result<Vec<f32>> {
+    let logits = model.step(&Tensor::new(tokens, model.device())?, cache)?; // (n, V)
+    logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
 }
 
 /// Generates `num_samples` continuations of `prompt` with `model`; see [`generate_with`].

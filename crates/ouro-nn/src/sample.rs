@@ -12,9 +12,9 @@
 //! ([`ModelBatcher`]) or the Mamba-2 CPU engine ([`crate::engine::EngineBatcher`]).
 
 use crate::generate::{Sampler, SamplingParams};
-use crate::lm::{check_ids, ids_tensor, Cache, LanguageModel};
+use crate::lm::{check_ids, Cache, LanguageModel};
 use crate::tokenizer::Tokenizer;
-use candle_core::{bail, DType, Result, Tensor};
+use candle_core::{bail, Result};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::time::Instant;
@@ -120,10 +120,7 @@ impl Batcher for ModelBatcher<'_> {
         self.0.info().vocab_size
     }
     fn prefill(&self, prompt: &[u32]) -> Result<(Cache, Vec<f32>)> {
-        let mut cache = self.0.new_cache(1)?;
-        let logits = self.0.forward(&ids_tensor(&[prompt.to_vec()], self.0.device())?, None, Some(&mut cache))?;
-        let last = logits.narrow(1, prompt.len() - 1, 1)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        Ok((cache, last))
+        crate::generate::prefill(self.0, prompt)
     }
     fn set_row(&self, batch: &mut Cache, i: usize, src: &Cache) -> Result<()> {
         batch.set_row(i, src)
@@ -132,8 +129,7 @@ impl Batcher for ModelBatcher<'_> {
         Cache::gather(parts, order)
     }
     fn step(&self, batch: &mut Cache, ids: &[u32]) -> Result<Vec<f32>> {
-        let logits = self.0.step(&Tensor::new(ids, self.0.device())?, batch)?;
-        logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
+        crate::generate::step_logits(self.0, ids, batch)
     }
 }
 

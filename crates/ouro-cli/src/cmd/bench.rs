@@ -251,11 +251,8 @@ fn model_name(p: &std::path::Path) -> String {
 }
 
 fn sample_bench(a: SampleBenchArgs) -> Result<()> {
-    let prompt_len = a.prompt_len as u32;
-    // The prompt of every cell: fixed pseudo-random ids.
-    let prompt_of = |vocab: usize| -> Vec<u32> { (0..prompt_len).map(|i| (i * 7 + 3) % vocab as u32).collect() };
     use ouro_nn::generate::SamplingParams;
-    use ouro_nn::engine::{EngineBatcher, Mamba2Engine};
+    use ouro_nn::engine::EngineBatcher;
     use ouro_nn::sample::{sample_batched, sample_with, Completion, SampleOptions, SampleStats};
     if a.batches.contains(&0) || a.lens.contains(&0) || a.prompt_len == 0 {
         bail!("--batches, --lens and --prompt-len must be at least 1");
@@ -279,18 +276,16 @@ fn sample_bench(a: SampleBenchArgs) -> Result<()> {
         let ck = ouro_nn::checkpoint::Checkpoint::open(path)?;
         let model = ouro_nn::lm::load(&ck, &dev)?;
         let info = model.info();
-        let engine = if dev.is_cpu() && !a.no_engine && Mamba2Engine::supports(path) {
-            Some(Mamba2Engine::load(path, ouro_kernels::quant::Format::F32).with_context(|| format!("loading {}", path.display()))?)
-        } else {
-            None
-        };
+        let engine = super::lm::cpu_engine(path, &dev, a.no_engine, ouro_kernels::quant::Format::F32)?;
         let name = if engine.is_some() { format!("{} (engine)", model_name(path)) } else { model_name(path) };
-        // `ouro sample`'s batched decoding of one prompt, on the engine where it applies.
+        let v = info.vocab_size as u32;
+        let prompt: Vec<u32> = (0..a.prompt_len as u32).map(|i| (i * 7 + 3) % v).collect();
+        // `ouro sample`'s batched decoding of the prompt, on the engine where it applies.
         let run = |o: &SampleOptions| -> Result<SampleStats> {
-            let (none, mut done) = (|_: &[u32]| false, |_: &Completion| {});
+            let (prompts, none, mut done) = (std::slice::from_ref(&prompt), |_: &[u32]| false, |_: &Completion| {});
             Ok(match &engine {
-                Some(e) => sample_with(&EngineBatcher::new(e), std::slice::from_ref(&prompt_of(info.vocab_size)), o, &none, &mut done)?.1,
-                None => sample_batched(model.as_ref(), std::slice::from_ref(&prompt_of(info.vocab_size)), o, &none, &mut done)?.1,
+                Some(e) => sample_with(&EngineBatcher::new(e), prompts, o, &none, &mut done)?.1,
+                None => sample_batched(model.as_ref(), prompts, o, &none, &mut done)?.1,
             })
         };
         let params = ck.parameter_count();

@@ -101,6 +101,34 @@ fn open(m: &ModelArgs) -> Result<(Checkpoint, Box<dyn ouro_nn::lm::LanguageModel
     Ok((ck, model))
 }
 
+/// The CPU inference engine for `path` where it applies — a pure Mamba-2 checkpoint folder on the CPU,
+/// unless `no_engine` — in weight format `fmt`.
+pub(crate) fn cpu_engine(path: &Path, dev: &candle_core::Device, no_engine: bool, fmt: Format) -> Result<Option<Mamba2Engine>> {
+    if !(dev.is_cpu() && !no_engine && Mamba2Engine::supports(path)) {
+        return Ok(None);
+    }
+    Ok(Some(Mamba2Engine::load(path, fmt).with_context(|| format!("loading {}", path.display()))?))
+}
+
+/// What decodes `m` (`ouro generate`, `ouro sample`) and its tokenizer: the CPU inference engine for a pure
+/// Mamba-2 on the CPU (fused steps, quantised weights; bf16 matmuls unless `no_bf16`), else — and with
+/// `no_engine` — the generic model code, which takes f32 weights only.
+pub(crate) type Decoding = (Tokenizer, Option<Mamba2Engine>, Option<Box<dyn ouro_nn::lm::LanguageModel>>);
+pub(crate) fn load_for_decoding(m: &ModelArgs, tokenizer: Option<&str>, fmt: Format, no_engine: bool, no_bf16: bool) -> Result<Decoding> {
+    let dev = crate::device::parse(&m.device)?;
+    if let Some(mut engine) = cpu_engine(&m.model, &dev, no_engine, fmt)? {
+        let config = ouro_nn::checkpoint::read_config(&m.model)?;
+        let tok = Tokenizer::for_folder(&m.model, &config, tokenizer)?;
+        engine.bf16_matmul &= !no_bf16;
+        return Ok((tok, Some(engine), None));
+    }
+    if fmt != Format::F32 {
+        bail!("--weights {} needs the CPU engine (a pure Mamba-2 checkpoint folder on the CPU, without --no-engine)", fmt.name());
+    }
+    let (ck, model) = open(m)?;
+    Ok((Tokenizer::for_checkpoint(&ck, tokenizer)?, None, Some(model)))
+}
+
 /// Writes `path` atomically: into a temporary file beside it, then renamed.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -129,23 +157,7 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
 
 pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
     let fmt = Format::parse(&a.weights).with_context(|| format!("--weights '{}': expected f32, f16, q8_0 or q4_0", a.weights))?;
-    // Pure Mamba-2 on the CPU runs on the inference engine (fused steps, quantised weights); everything
-    // else (and --no-engine) on the generic model code.
-    let dev = crate::device::parse(&a.m.device)?;
-    let use_engine = dev.is_cpu() && !a.no_engine && Mamba2Engine::supports(&a.m.model);
-    let (tok, engine, model) = if use_engine {
-        let config = ouro_nn::checkpoint::read_config(&a.m.model)?;
-        let tok = Tokenizer::for_folder(&a.m.model, &config, a.tokenizer.as_deref())?;
-        let mut engine = Mamba2Engine::load(&a.m.model, fmt).with_context(|| format!("loading {}", a.m.model.display()))?;
-        engine.bf16_matmul &= !a.no_bf16;
-        (tok, Some(engine), None)
-    } else {
-        if fmt != Format::F32 {
-            bail!("--weights {} needs the CPU engine (a pure Mamba-2 checkpoint folder on the CPU, without --no-engine)", a.weights);
-        }
-        let (ck, model) = open(&a.m)?;
-        (Tokenizer::for_checkpoint(&ck, a.tokenizer.as_deref())?, None, Some(model))
-    };
+    let (tok, engine, model) = load_for_decoding(&a.m, a.tokenizer.as_deref(), fmt, a.no_engine, a.no_bf16)?;
     let mut dec: Box<dyn Decoder + '_> = match (&engine, &model) {
         (Some(e), _) => Box::new(EngineDecoder::new(e)),
         (_, Some(m)) => Box::new(ModelDecoder::new(m.as_ref())),
@@ -192,7 +204,7 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
     }
     eprintln!(
         "{}prompt {} tokens, prefill {:.1} tok/s; generated {} tokens in {} sequences, {:.1} tok/s; cache {:.2} MiB",
-        if use_engine { format!("[cpu engine, {} weights] ", engine.as_ref().map_or("", |e| e.formats().0.name())) } else { String::new() },
+        engine.as_ref().map_or(String::new(), |e| format!("[cpu engine, {} weights] ", e.formats().0.name())),
         stats.prompt_tokens,
         stats.prompt_tokens as f64 / stats.prefill_seconds.max(1e-9),
         stats.generated_tokens,

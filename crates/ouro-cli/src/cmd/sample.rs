@@ -1,14 +1,11 @@
 //! `ouro sample`: many completions per prompt for test-time compute — continuous batching, answer
 //! extraction, majority vote and pass@k (the library part is `ouro_nn::sample`).
 
-use super::lm::{write_atomic, ModelArgs, SamplingArgs};
+use super::lm::{load_for_decoding, write_atomic, ModelArgs, SamplingArgs};
 use anyhow::{bail, Context, Result};
-use ouro_nn::checkpoint::Checkpoint;
-use ouro_nn::lm::load;
 use ouro_kernels::quant::Format;
-use ouro_nn::engine::{EngineBatcher, Mamba2Engine};
+use ouro_nn::engine::EngineBatcher;
 use ouro_nn::sample::{pass_ks, reference_answer, sample_batched, sample_with, score, AnswerRule, Completion, Finish, SampleOptions, StopStrings};
-use ouro_nn::tokenizer::Tokenizer;
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -116,21 +113,8 @@ pub fn sample_cmd(a: SampleArgs) -> Result<()> {
         None => AnswerRule::Default,
     };
     let lines = read_prompts(&a.prompts)?;
-    let dev = crate::device::parse(&a.m.device)?;
-    // Pure Mamba-2 on the CPU decodes on the inference engine (fused steps; its state rows are plain
-    // slices); everything else (and --no-engine) on the generic model code.
-    let use_engine = dev.is_cpu() && !a.no_engine && Mamba2Engine::supports(&a.m.model);
-    let (tok, engine, model) = if use_engine {
-        let config = ouro_nn::checkpoint::read_config(&a.m.model)?;
-        let tok = Tokenizer::for_folder(&a.m.model, &config, a.tokenizer.as_deref())?;
-        let mut engine = Mamba2Engine::load(&a.m.model, Format::F32).with_context(|| format!("loading {}", a.m.model.display()))?;
-        engine.bf16_matmul &= !a.no_bf16;
-        (tok, Some(engine), None)
-    } else {
-        let ck = Checkpoint::open(&a.m.model)?;
-        let model = load(&ck, &dev)?;
-        (Tokenizer::for_checkpoint(&ck, a.tokenizer.as_deref())?, None, Some(model))
-    };
+    // Pure Mamba-2 on the CPU decodes on the inference engine (its state rows are plain slices).
+    let (tok, engine, model) = load_for_decoding(&a.m, a.tokenizer.as_deref(), Format::F32, a.no_engine, a.no_bf16)?;
     let prompts = lines
         .iter()
         .map(|l| {
