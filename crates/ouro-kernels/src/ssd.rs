@@ -1224,6 +1224,25 @@ pub fn ssd_xbc(
     Ok((y, sf))
 }
 
+/// [`ssd_xbc`]'s y alone, from a zero initial state (training: no state in, none out). On CUDA with bf16
+/// xbc this is one op each way on the tensor-core kernels (the dt preparation inside; y, dy and the xbc
+/// gradient in bf16), and y comes back in bf16; elsewhere it is `ssd_xbc`'s y (f32).
+#[allow(clippy::too_many_arguments)]
+pub fn ssd_xbc_y(xbc: &Tensor, dt: &Tensor, shape: XbcShape, a: &Tensor, dt_bias: Option<&Tensor>, d: Option<&Tensor>, dt_softplus: bool, dt_limit: (f64, f64), seq_idx: Option<&Tensor>, algo: Algo) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if algo != Algo::Quadratic && seq_idx.is_none() && xbc.device().is_cuda() {
+        let XbcShape { heads: h, head_dim: p, groups: g, d_state: n } = shape;
+        expect_dims(a, &[h], "ssd: A")?;
+        if xbc.dim(2)? == h * p + 2 * g * n && g > 0 && h % g == 0 {
+            let lay = crate::cuda::ssd::XbcLayout::mamba2(h, p, g, n);
+            if let Some(y) = crate::cuda::ssd::scan_xbc_y(xbc, dt, a, dt_bias, d, dt_softplus, dt_limit, lay)? {
+                return Ok(y);
+            }
+        }
+    }
+    Ok(ssd_xbc(xbc, dt, shape, a, dt_bias, d, dt_softplus, dt_limit, None, seq_idx, algo)?.0)
+}
+
 /// The scan on discretised inputs, for mixers that parameterise the decay themselves (e.g. the discrete
 /// Mamba-2 of Llamba): S_t = exp(a_t)·S_{t−1} + X_t ⊗ B_t, y_t = S_t·C_t. X (b, l, h, p), a (b, l, h),
 /// B, C (b, l, g, n), initial states (b, h, p, n). Returns y and the final states in f32; differentiable.

@@ -86,3 +86,58 @@ pub(crate) fn expect_dims(t: &Tensor, dims: &[usize], what: &str) -> Result<()> 
 pub(crate) fn to_f32_contig(t: &Tensor) -> Result<Tensor> {
     t.to_dtype(DType::F32)?.contiguous()
 }
+
+/// A scalar (0) whose `backward()` hands `y` the gradient `dy` and nothing else: torch's `y.backward(dy)`
+/// (a vector–Jacobian product) in candle, whose backward starts from a scalar. `dy` must have y's shape
+/// and dtype.
+pub fn grad_seed(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    if y.shape() != dy.shape() || y.dtype() != dy.dtype() {
+        bail!("grad_seed: dy {:?} {:?} does not match y {:?} {:?}", dy.dims(), dy.dtype(), y.dims(), y.dtype());
+    }
+    y.apply_op1(GradSeed { dy: dy.detach() })
+}
+
+struct GradSeed {
+    dy: Tensor,
+}
+
+impl candle_core::CustomOp1 for GradSeed {
+    fn name(&self) -> &'static str {
+        "grad-seed"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, candle_core::Shape)> {
+        Ok((CpuStorage::F32(vec![0.0]), candle_core::Shape::from(())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendDevice;
+        let shape = candle_core::Shape::from(());
+        Ok((s.device().zeros_impl(&shape, DType::F32)?, shape))
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.dy.clone()))
+    }
+}
+
+#[cfg(test)]
+mod grad_seed_tests {
+    use super::grad_seed;
+    use candle_core::{Device, Tensor, Var};
+
+    #[test]
+    fn seeds_the_gradient_of_y_with_dy() {
+        // y = x² (elementwise): dL/dx = 2x·dy, the vector–Jacobian product with dy.
+        let x = Var::from_tensor(&Tensor::new(&[[1f32, -2.0, 3.0], [0.5, 4.0, -1.0]], &Device::Cpu).unwrap()).unwrap();
+        let dy = Tensor::new(&[[0.1f32, 1.0, -2.0], [3.0, 0.0, 0.5]], &Device::Cpu).unwrap();
+        let y = x.as_tensor().sqr().unwrap();
+        let seed = grad_seed(&y, &dy).unwrap();
+        assert_eq!(seed.to_scalar::<f32>().unwrap(), 0.0);
+        let g = seed.backward().unwrap();
+        let got: Vec<f32> = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(got, vec![0.2, -4.0, -12.0, 3.0, 0.0, -1.0]);
+        assert!(grad_seed(&y, &dy.narrow(0, 0, 1).unwrap()).is_err());
+    }
+}

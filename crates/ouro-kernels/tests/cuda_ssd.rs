@@ -162,3 +162,63 @@ fn discrete_scan_entry_matches_the_cpu() {
     let (want, got) = (run(&Device::Cpu), run(&dev));
     assert!(rel_err(&got.0, &want.0) < 1e-4 && rel_err(&got.1, &want.1) < 1e-4, "{} {}", rel_err(&got.0, &want.0), rel_err(&got.1, &want.1));
 }
+
+/// (y, grads of xbc, dt, A, dt_bias, D) of `ssd_xbc_y` (y alone, zero initial state) on `dev`, xbc in bf16.
+fn run_y(c: &Case, seed: u64, dev: &Device, with_bias: bool) -> Vec<Tensor> {
+    let mut r = Gen::new(seed);
+    let shape = XbcShape { heads: c.h, head_dim: c.p, groups: c.g, d_state: c.n };
+    let row = c.h * c.p + 2 * c.g * c.n;
+    let xbc = r.normal(&[c.b, c.l, row], 1.0).to_dtype(DType::BF16).unwrap();
+    let dt = r.normal(&[c.b, c.l, c.h], 1.0);
+    let a = r.uniform(&[c.h], -2.0, -0.3);
+    let dt_bias = r.uniform(&[c.h], -1.0, 0.5);
+    let d = if c.d_per_channel { r.normal(&[c.h, c.p], 1.0) } else { r.normal(&[c.h], 1.0) };
+    let wy = r.normal(&[c.b, c.l, c.h, c.p], 1.0);
+    let v = |t: &Tensor| Var::from_tensor(&t.to_device(dev).unwrap()).unwrap();
+    let (xbc, dt, a, dt_bias, d) = (v(&xbc), v(&dt), v(&a), v(&dt_bias), v(&d));
+    let y = ouro_kernels::ssd::ssd_xbc_y(&xbc, &dt, shape, &a, with_bias.then_some(dt_bias.as_tensor()), c.with_d.then_some(d.as_tensor()), true, c.dt_limit, None, Algo::Chunked(CPU_CHUNK)).unwrap();
+    if dev.is_cuda() {
+        assert_eq!(y.dtype(), DType::BF16, "the y-only tensor-core op did not run");
+    }
+    let loss = y.to_dtype(DType::F32).unwrap().broadcast_mul(&wy.to_device(dev).unwrap()).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let mut out = vec![y];
+    for (t, on) in [(&xbc, true), (&dt, true), (&a, true), (&dt_bias, with_bias), (&d, c.with_d)] {
+        out.push(if on { grads.get(t.as_tensor()).expect("gradient").clone() } else { Tensor::zeros(1, DType::F32, dev).unwrap() });
+    }
+    out.into_iter().map(|t| t.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap()).collect()
+}
+
+fn check_y(c: Case, with_bias: bool) {
+    let Some(dev) = cuda() else { return };
+    poison_outputs();
+    const Y_NAMES: [&str; 6] = ["y", "d xbc", "d dt", "d A", "d dt_bias", "d D"];
+    for seed in [1, 2] {
+        let want = run_y(&c, seed, &Device::Cpu, with_bias);
+        let got = run_y(&c, seed, &dev, with_bias);
+        assert_eq!(got[0].dims(), want[0].dims());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let e = rel_err(g, w);
+            eprintln!("y-only b{} l{} h{} p{} g{} n{} seed {seed}: {} rel err {e:.2e}", c.b, c.l, c.h, c.p, c.g, c.n, Y_NAMES[i]);
+            assert!(e < 1e-2, "{}: relative error {e} (tolerance 1e-2)", Y_NAMES[i]);
+        }
+    }
+}
+
+#[test]
+fn y_only_op_mamba2_sizes_dt_limit() {
+    // The training op (dt preparation inside, y / dy / dxbc in bf16) against the CPU's ssd_xbc.
+    check_y(Case { b: 2, l: 300, h: 4, p: 64, g: 1, n: 128, dt_limit: (0.001, 0.1), init: false, d_per_channel: true, with_d: true }, true);
+}
+
+#[test]
+fn y_only_op_groups_partial_chunk() {
+    check_y(Case { b: 2, l: 257, h: 8, p: 64, g: 2, n: 64, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true }, true);
+}
+
+#[test]
+fn y_only_op_short_no_skip_no_bias() {
+    for l in [37, 128] {
+        check_y(Case { b: 2, l, h: 4, p: 32, g: 4, n: 32, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: false }, false);
+    }
+}

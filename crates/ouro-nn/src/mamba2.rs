@@ -15,7 +15,7 @@ use candle_nn::{Linear, VarBuilder};
 use ouro_kernels::conv::{causal_conv1d, conv_state_after};
 use ouro_kernels::decode::{mamba2_step, StepInput};
 use ouro_kernels::norm::gated_rms_norm;
-use ouro_kernels::ssd::{ssd_xbc, Algo, XbcShape};
+use ouro_kernels::ssd::{ssd_xbc, ssd_xbc_y, Algo, XbcShape};
 use serde::{Deserialize, Serialize};
 
 /// Mixer hyper-parameters (`mamba_ssm` names).
@@ -228,12 +228,16 @@ impl Mamba2 {
         let conv_in = state.as_ref().map(|s| s.conv.clone());
         let xbc_conv = causal_conv1d(&xbc, &self.conv_weight, self.conv_bias.as_ref(), conv_in.as_ref(), seq_idx)?.silu()?;
         let shape = XbcShape { heads: c.nheads(), head_dim: c.headdim, groups: c.ngroups, d_state: c.d_state };
-        let init = state.as_ref().map(|s| s.ssm.clone());
-        let (y, final_state) = ssd_xbc(&xbc_conv, &dt, shape, &self.a()?, Some(&self.dt_bias), Some(&self.d_skip()?), true, c.dt_limit, init.as_ref(), seq_idx, algo)?;
-        if let Some(st) = state {
-            st.conv = conv_state_after(&xbc, conv_in.as_ref(), c.d_conv, seq_idx)?;
-            st.ssm = final_state;
-        }
+        let y = match state {
+            Some(st) => {
+                let (y, final_state) = ssd_xbc(&xbc_conv, &dt, shape, &self.a()?, Some(&self.dt_bias), Some(&self.d_skip()?), true, c.dt_limit, Some(&st.ssm), seq_idx, algo)?;
+                st.conv = conv_state_after(&xbc, conv_in.as_ref(), c.d_conv, seq_idx)?;
+                st.ssm = final_state;
+                y
+            }
+            // No state in or out (training): on CUDA in bf16 one op each way, y in bf16.
+            None => ssd_xbc_y(&xbc_conv, &dt, shape, &self.a()?, Some(&self.dt_bias), Some(&self.d_skip()?), true, c.dt_limit, seq_idx, algo)?.to_dtype(DType::F32)?,
+        };
         self.output(y.reshape((b, l, c.d_ssm()))?, &z, &z0, &x0)
     }
 

@@ -162,7 +162,7 @@ pub fn ssd_gpu(_: SsdGpuArgs) -> Result<()> {
 #[cfg(feature = "cuda")]
 pub fn ssd_gpu(a: SsdGpuArgs) -> Result<()> {
     use candle_core::{DType, Device, Tensor, Var};
-    use ouro_kernels::ssd::{ssd_xbc, Algo, XbcShape};
+    use ouro_kernels::ssd::{ssd_xbc, ssd_xbc_y, Algo, XbcShape};
     let dev = crate::device::parse(&a.device)?;
     if !dev.is_cuda() {
         bail!("--device: `ouro bench ssd-gpu` runs on a CUDA device");
@@ -217,8 +217,9 @@ pub fn ssd_gpu(a: SsdGpuArgs) -> Result<()> {
         let dt_bias = Tensor::rand(-4f32, -2.0, h, &dev)?;
         let d = Tensor::ones(h, DType::F32, &dev)?;
         let algo = Algo::Chunked(256);
+        // The training path: y alone (no state in or out), in the storage dtype.
         let fwd = |xbc: &Tensor, dt: &Tensor, a_: &Tensor, dt_bias: &Tensor, d: &Tensor| -> Result<Tensor> {
-            let (y, _) = ssd_xbc(xbc, dt, shape, a_, Some(dt_bias), Some(d), true, (0.0, f64::INFINITY), None, None, algo)?;
+            let y = ssd_xbc_y(xbc, dt, shape, a_, Some(dt_bias), Some(d), true, (0.0, f64::INFINITY), None, algo)?;
             Ok(y.to_dtype(dtype)?)
         };
         let check = if a.check {
@@ -248,9 +249,8 @@ pub fn ssd_gpu(a: SsdGpuArgs) -> Result<()> {
         let vars = [Var::from_tensor(&xbc)?, Var::from_tensor(&dt)?, Var::from_tensor(&a_)?, Var::from_tensor(&dt_bias)?, Var::from_tensor(&d)?];
         let fb_s = time(&mut || {
             let y = fwd(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), vars[3].as_tensor(), vars[4].as_tensor())?;
-            // Σ y·dy has gradient dy (the peer calls y.backward(dy)); summed in stages, since one
-            // all-element reduction runs in a single block on candle's CUDA backend.
-            let g = (y * &dy)?.sum(3)?.sum(2)?.sum_all()?.backward()?;
+            // y's gradient is dy, as the peer's y.backward(dy).
+            let g = ouro_kernels::util::grad_seed(&y, &dy)?.backward()?;
             if g.get(vars[0].as_tensor()).is_none() {
                 bail!("no gradient for xBC");
             }
@@ -259,7 +259,7 @@ pub fn ssd_gpu(a: SsdGpuArgs) -> Result<()> {
         if std::env::var_os("OURO_CUDA_PROFILE").is_some() {
             ouro_kernels::cuda::profile(true);
             let y = fwd(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), vars[3].as_tensor(), vars[4].as_tensor())?;
-            (y * &dy)?.sum(3)?.sum(2)?.sum_all()?.backward()?;
+            ouro_kernels::util::grad_seed(&y, &dy)?.backward()?;
             sync()?;
             for (k, secs, calls) in ouro_kernels::cuda::profile(false) {
                 eprintln!("  {name} {k}: {:.3} ms ({calls} launches)", secs * 1e3);

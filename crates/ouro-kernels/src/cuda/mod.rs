@@ -160,6 +160,9 @@ const PROBE: &str = r#"
 extern "C" __global__ void fill_f32(float* p, float v, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) p[i] = v;
 }
+extern "C" __global__ void fill_u16(unsigned short* p, int v, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) p[i] = v;
+}
 extern "C" __global__ void copy_f4(const float4* __restrict__ src, float4* __restrict__ dst, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) dst[i] = src[i];
 }
@@ -174,6 +177,58 @@ pub(crate) fn poison(dev: &CudaDevice, p: u64, len: usize) -> Result<()> {
         launch(&dev.cuda_stream(), &f, (256, 1, 1), 256, 0, &[Arg::Ptr(p), Arg::F32(f32::NAN), Arg::I64(len as i64)])?;
     }
     Ok(())
+}
+
+/// Fills bf16 `len` values at `p` with NaN when OURO_CUDA_POISON is set (as [`poison`]).
+pub(crate) fn poison_bf16(dev: &CudaDevice, p: u64, len: usize) -> Result<()> {
+    if std::env::var_os("OURO_CUDA_POISON").is_some() && len > 0 {
+        let m = module(dev, "probe", PROBE, &[])?;
+        let f = function(&m, "fill_u16", 0)?;
+        launch(&dev.cuda_stream(), &f, (256, 1, 1), 256, 0, &[Arg::Ptr(p), Arg::I32(0x7fc0), Arg::I64(len as i64)])?;
+    }
+    Ok(())
+}
+
+/// A fresh bf16 device buffer of `len` values (uninitialised, or zeroed) and its address.
+pub(crate) fn alloc_bf16(dev: &CudaDevice, len: usize, zeroed: bool) -> Result<(candle_core::cuda_backend::cudarc::driver::CudaSlice<half::bf16>, u64)> {
+    use candle_core::cuda_backend::WrapErr;
+    let stream = dev.cuda_stream();
+    let v = if zeroed { stream.alloc_zeros::<half::bf16>(len.max(1)).w()? } else { unsafe { stream.alloc::<half::bf16>(len.max(1)) }.w()? };
+    let p = v.device_ptr(&stream).0;
+    Ok((v, p))
+}
+
+/// A storage made by a kernel launch beside an op's own output (a candle op returns one storage), left
+/// here by the op and turned into a tensor by [`Stash::take`].
+#[derive(Clone, Default)]
+pub(crate) struct Stash(Arc<Mutex<Option<(CudaStorage, candle_core::Shape)>>>);
+
+impl Stash {
+    pub(crate) fn put(&self, s: CudaStorage, shape: candle_core::Shape) {
+        *self.0.lock().unwrap() = Some((s, shape));
+    }
+
+    /// The stored storage as a tensor on `like`'s device (no gradient).
+    pub(crate) fn take(&self, like: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+        like.apply_op1_no_bwd(self)
+    }
+}
+
+impl candle_core::CustomOp1 for Stash {
+    fn name(&self) -> &'static str {
+        "stash"
+    }
+
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        bail!("stash: CUDA only")
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, candle_core::Shape)> {
+        match self.0.lock().unwrap().take() {
+            Some(v) => Ok(v),
+            None => bail!("stash: taken before it was filled"),
+        }
+    }
 }
 
 /// A fresh f32 device buffer of `len` values (uninitialised, or zeroed) and its address.

@@ -13,7 +13,10 @@
 // Kernels: chunk_state (the chunk's own S contribution) → state_passing (S_in of every chunk, sequential
 // over chunks) → chunk_scan (y). Backward: the same two passes, then chunk_dstate (dL/dS_in from y) →
 // state_passing_bwd (dL/dS_out per chunk, sequential backwards) → chunk_bwd (everything per chunk).
-// All arithmetic is f32; T is the storage type of xbc (f32 or bf16).
+// All arithmetic is f32; T is the storage type of xbc (f32 or bf16). With -DIO_T=1 (the y-only training op, bf16
+// tensor-core kernels only) y is written, dy read and dx, dB, dC written in T as well; else they are f32.
+// ssd_prep_dt / ssd_prep_dt_bwd: Mamba-2's dt preparation (bias, softplus, clamp, ·A) and its backward, for
+// the op that takes the raw dt.
 
 #ifndef NT
 #define NT 256
@@ -21,6 +24,10 @@
 #define SP (P + 1)
 #define SN (N + 1)
 #define SQ (Q + 1)
+
+#ifndef IO_T
+#define IO_T 0
+#endif
 
 #if T_BF16
 typedef unsigned short T;
@@ -114,27 +121,53 @@ extern "C" __global__ void __launch_bounds__(NT) ssd_chunk_state(const T* xbc, c
 }
 
 // Grid (⌈P·N/(4·NT)⌉, H, Bt), 4 elements per thread. In place: states[b, c, h] becomes the state
-// entering chunk c; sf the final state. Loads run 4 chunks ahead (the walk over chunks is sequential).
-extern "C" __global__ void __launch_bounds__(NT) ssd_state_passing(float* states, const float* csum, const float* s0, float* sf,
-                                                                    int H, int NC) {
+// entering chunk c; sf the final state. Loads (the states and their decays) run AHEAD chunks ahead of
+// the sequential walk over chunks.
+// The _bf16 variants write the passed states (and read them back in the backward) in bf16 — the tensor-core
+// kernels round them to bf16 anyway — halving those bytes; `out` is then a separate buffer.
+#define AHEAD 8
+
+// Four consecutive f32 or bf16 values as a float4, and back (bf16 rounded to nearest even).
+__device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float4 ld4(const unsigned short* p) {
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u), __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u));
+}
+__device__ __forceinline__ void st4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
+__device__ __forceinline__ unsigned bf_bits(float f) {
+    const unsigned u = __float_as_uint(f);
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+__device__ __forceinline__ void st4(unsigned short* p, float4 v) {
+    *reinterpret_cast<uint2*>(p) = make_uint2(bf_bits(v.x) | (bf_bits(v.y) << 16), bf_bits(v.z) | (bf_bits(v.w) << 16));
+}
+
+// states (f32, the chunks' own contributions) → out[b, c, h] = the state entering chunk c (OT: f32, which
+// may be states itself, or bf16).
+template <typename OT>
+__device__ __forceinline__ void state_passing(const float* states, OT* out, const float* csum, const float* s0, float* sf, int H, int NC) {
     const int e = 4 * (blockIdx.x * NT + threadIdx.x), h = blockIdx.y, b = blockIdx.z;
     if (e >= P * N) return;
     const long bh = (long)b * H + h;
     // s0 and sf may sit at any 4-byte offset (inside packed buffers): scalar accesses.
     const float* s0e = s0 ? s0 + bh * (P * N) + e : nullptr;
     float4 run = s0e ? make_float4(s0e[0], s0e[1], s0e[2], s0e[3]) : make_float4(0.f, 0.f, 0.f, 0.f);
-    float4* base = reinterpret_cast<float4*>(states + ((long)b * NC * H + h) * (P * N) + e);
-    const long cstride = (long)H * (P * N) / 4; // float4s between chunks
-    for (int c0 = 0; c0 < NC; c0 += 4) {
-        float4 mine[4];
+    const long off = ((long)b * NC * H + h) * (P * N) + e;
+    const long cstride = (long)H * (P * N); // elements between chunks
+    for (int c0 = 0; c0 < NC; c0 += AHEAD) {
+        float4 mine[AHEAD];
+        float dk[AHEAD];
 #pragma unroll
-        for (int k = 0; k < 4; ++k)
-            if (c0 + k < NC) mine[k] = base[(c0 + k) * cstride];
-#pragma unroll
-        for (int k = 0; k < 4; ++k)
+        for (int k = 0; k < AHEAD; ++k)
             if (c0 + k < NC) {
-                const float d = __expf(csum[bh * NC + c0 + k]);
-                base[(c0 + k) * cstride] = run;
+                mine[k] = ld4(states + off + (c0 + k) * cstride);
+                dk[k] = csum[bh * NC + c0 + k];
+            }
+#pragma unroll
+        for (int k = 0; k < AHEAD; ++k)
+            if (c0 + k < NC) {
+                const float d = __expf(dk[k]);
+                st4(out + off + (c0 + k) * cstride, run);
                 run = make_float4(d * run.x + mine[k].x, d * run.y + mine[k].y, d * run.z + mine[k].z, d * run.w + mine[k].w);
             }
     }
@@ -142,6 +175,15 @@ extern "C" __global__ void __launch_bounds__(NT) ssd_state_passing(float* states
         float* o = sf + bh * (P * N) + e;
         o[0] = run.x, o[1] = run.y, o[2] = run.z, o[3] = run.w;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(NT) ssd_state_passing(float* states, const float* csum, const float* s0, float* sf, int H, int NC) {
+    state_passing(states, states, csum, s0, sf, H, NC);
+}
+
+extern "C" __global__ void __launch_bounds__(NT) ssd_state_passing_bf16(const float* states, unsigned short* out, const float* csum, const float* s0,
+                                                                         float* sf, int H, int NC) {
+    state_passing(states, out, csum, s0, sf, H, NC);
 }
 
 // Grid (NC, H, Bt). y (Bt, L, H, P) f32.
@@ -210,9 +252,11 @@ extern "C" __global__ void __launch_bounds__(NT) ssd_chunk_dstate(const T* xbc, 
 // Grid (⌈P·N/(4·NT)⌉, H, Bt), 4 elements per thread. In place: dstates[b, c, h] (dL/dS_in of chunk c
 // from its own outputs) becomes dL/dS_out of chunk c (= dL/dS_in of chunk c + 1); dcsum[b, h, c] +=
 // dL/dcs_last of chunk c through the decay of S_in; ds0 = dL/dS_in of chunk 0. dsf: dL/d(final state),
-// or null. Loads run 4 chunks ahead.
-extern "C" __global__ void __launch_bounds__(NT) ssd_state_passing_bwd(float* dstates, const float* states, const float* csum,
-                                                                        const float* dsf, float* dcsum, float* ds0, int H, int NC) {
+// or null. Loads run AHEAD chunks ahead.
+// ST: the passed states' type (f32 or bf16); the result goes to dout (OT: f32, which may be dstates
+// itself, or bf16).
+template <typename ST, typename OT>
+__device__ __forceinline__ void state_passing_bwd(const float* dstates, OT* dout, const ST* states, const float* csum, const float* dsf, float* dcsum, float* ds0, int H, int NC) {
     const int e = 4 * (blockIdx.x * NT + threadIdx.x), h = blockIdx.y, b = blockIdx.z;
     const bool live = e < P * N;
     const long bh = (long)b * H + h;
@@ -220,25 +264,27 @@ extern "C" __global__ void __launch_bounds__(NT) ssd_state_passing_bwd(float* ds
     const float* dse = (live && dsf) ? dsf + bh * (P * N) + e : nullptr;
     float4 gr = dse ? make_float4(dse[0], dse[1], dse[2], dse[3]) : z4;
     const long off = ((long)b * NC * H + h) * (P * N) + (live ? e : 0);
-    float4* dbase = reinterpret_cast<float4*>(dstates + off);
-    const float4* sbase = reinterpret_cast<const float4*>(states + off);
-    const long cstride = (long)H * (P * N) / 4;
-    for (int c0 = NC - 1; c0 >= 0; c0 -= 4) {
-        float4 mine[4], sin[4];
+    const float4* dbase = reinterpret_cast<const float4*>(dstates + off);
+    const long cstride = (long)H * (P * N) / 4; // float4s between chunks
+    for (int c0 = NC - 1; c0 >= 0; c0 -= AHEAD) {
+        float4 mine[AHEAD], sin[AHEAD];
+        float dk[AHEAD];
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
+        for (int k = 0; k < AHEAD; ++k) {
             mine[k] = sin[k] = z4;
+            dk[k] = 0.f;
+            if (c0 - k >= 0) dk[k] = csum[bh * NC + c0 - k];
             if (live && c0 - k >= 0) {
                 mine[k] = dbase[(c0 - k) * cstride];
-                sin[k] = sbase[(c0 - k) * cstride];
+                sin[k] = ld4(states + off + (c0 - k) * cstride * 4);
             }
         }
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
+        for (int k = 0; k < AHEAD; ++k) {
             const int c = c0 - k;
             if (c < 0) break;
-            const float d = __expf(csum[bh * NC + c]);
-            if (live) dbase[c * cstride] = gr;
+            const float d = __expf(dk[k]);
+            if (live) st4(dout + off + c * cstride * 4, gr);
             float part = d * (gr.x * sin[k].x + gr.y * sin[k].y + gr.z * sin[k].z + gr.w * sin[k].w);
             gr = make_float4(d * gr.x + mine[k].x, d * gr.y + mine[k].y, d * gr.z + mine[k].z, d * gr.w + mine[k].w);
 #pragma unroll
@@ -250,6 +296,16 @@ extern "C" __global__ void __launch_bounds__(NT) ssd_state_passing_bwd(float* ds
         float* o = ds0 + bh * (P * N) + e;
         o[0] = gr.x, o[1] = gr.y, o[2] = gr.z, o[3] = gr.w;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(NT) ssd_state_passing_bwd(float* dstates, const float* states, const float* csum,
+                                                                        const float* dsf, float* dcsum, float* ds0, int H, int NC) {
+    state_passing_bwd(dstates, dstates, states, csum, dsf, dcsum, ds0, H, NC);
+}
+
+extern "C" __global__ void __launch_bounds__(NT) ssd_state_passing_bwd_bf16(const float* dstates, unsigned short* dout, const unsigned short* states,
+                                                                             const float* csum, const float* dsf, float* dcsum, float* ds0, int H, int NC) {
+    state_passing_bwd(dstates, dout, states, csum, dsf, dcsum, ds0, H, NC);
 }
 
 // Grid (NC, H, Bt). Everything inside chunk c of head h: dx, dB, dC (into dxbc, f32, zeroed; B and C
@@ -371,6 +427,45 @@ extern "C" __global__ void __launch_bounds__(NT) ssd_chunk_bwd(const T* xbc, con
     }
 }
 
+// Over (rows, H) f32: dtp = clamp(softplus(dt + bias_h), lo, hi) (softplus when `softplus`; torch's
+// threshold: x > 20 → x), la = dtp·A_h.
+extern "C" __global__ void ssd_prep_dt(const float* dt, const float* A, const float* bias, float* dtp, float* la, long total, int H,
+                                       int softplus, float lo, float hi) {
+    for (long e = blockIdx.x * (long)blockDim.x + threadIdx.x; e < total; e += (long)gridDim.x * blockDim.x) {
+        const int h = e % H;
+        const float x = dt[e] + bias[h];
+        const float v = fminf(fmaxf(softplus && x <= 20.f ? log1pf(__expf(x)) : x, lo), hi);
+        dtp[e] = v;
+        la[e] = v * A[h];
+    }
+}
+
+// The backward of ssd_prep_dt, from ddtp and dla: g = ddtp + dla·A_h, ddt = g·σ(dt + bias_h) (softplus;
+// 0 where the clamp holds); dA_h += Σ dla·dtp and dbias_h += Σ ddt over the rows (dA, dbias zeroed;
+// per-block sums in shared memory, 2H floats, then one atomic per head and block).
+extern "C" __global__ void ssd_prep_dt_bwd(const float* dt, const float* A, const float* bias, const float* ddtp, const float* dla,
+                                           float* ddt, float* dA, float* dbias, long total, int H, int softplus, float lo, float hi) {
+    extern __shared__ float acc[]; // dA (H), then dbias (H)
+    for (int i = threadIdx.x; i < 2 * H; i += blockDim.x) acc[i] = 0.f;
+    __syncthreads();
+    for (long e = blockIdx.x * (long)blockDim.x + threadIdx.x; e < total; e += (long)gridDim.x * blockDim.x) {
+        const int h = e % H;
+        const float x = dt[e] + bias[h];
+        const float sp = softplus && x <= 20.f ? log1pf(__expf(x)) : x;
+        const float v = fminf(fmaxf(sp, lo), hi);
+        float g = 0.f;
+        if (sp >= lo && sp <= hi) g = (ddtp[e] + dla[e] * A[h]) * (softplus ? 1.f / (1.f + __expf(-x)) : 1.f);
+        ddt[e] = g;
+        atomicAdd(&acc[h], dla[e] * v);
+        atomicAdd(&acc[H + h], g);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < H; i += blockDim.x) {
+        atomicAdd(&dA[i], acc[i]);
+        atomicAdd(&dbias[i], acc[H + i]);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // bf16 tensor-core kernels (mma.sync m16n8k16, f32 accumulation; sm_80 and newer): Q = 64, P and N
 // multiples of 16, 128 threads (4 warps). Shared tiles are bf16 with rows padded by 8 elements (conflict-free fragment loads).
@@ -397,6 +492,24 @@ __device__ __forceinline__ bf to_bf(float f) { return (bf)(pack2(f, 0.f) & 0xfff
 
 __device__ __forceinline__ unsigned ld2(const bf* s) { return *reinterpret_cast<const unsigned*>(s); }
 
+// The type of y, dy and dx: bf16 in the y-only op (IO_T), else f32. Two adjacent elements at i (even).
+#if IO_T
+typedef bf YT;
+#else
+typedef float YT;
+#endif
+__device__ __forceinline__ void st2(float* p, long i, float a, float b) { *reinterpret_cast<float2*>(p + i) = make_float2(a, b); }
+__device__ __forceinline__ void st2(bf* p, long i, float a, float b) { *reinterpret_cast<unsigned*>(p + i) = pack2(a, b); }
+__device__ __forceinline__ float2 ld2f(const float* p, long i) { return *reinterpret_cast<const float2*>(p + i); }
+__device__ __forceinline__ float2 ld2f(const bf* p, long i) {
+    const unsigned u = *reinterpret_cast<const unsigned*>(p + i);
+    return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
+}
+// The passed states' type read by the tensor-core kernels: bf16 in the y-only op (ssd_state_passing_bf16).
+typedef YT ST;
+__device__ __forceinline__ void st1(float* p, long i, float v) { p[i] = v; }
+__device__ __forceinline__ void st1(bf* p, long i, float v) { p[i] = to_bf(v); }
+
 // The A fragment (16×16, row-major) at rows r0.., cols k0.. of a row-major tile with row stride `st`.
 __device__ __forceinline__ void frag_a(unsigned* a, const bf* s, int st, int r0, int k0) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -411,6 +524,14 @@ __device__ __forceinline__ void frag_b(unsigned* b, const bf* s, int st, int n0,
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     b[0] = ld2(s + (n0 + g) * st + k0 + 2 * t);
     b[1] = ld2(s + (n0 + g) * st + k0 + 2 * t + 8);
+}
+
+// The same B fragment from a tile stored [k][n] (row stride `st`, rows 16-byte aligned) by ldmatrix.trans:
+// lanes 0–7 address rows k0..k0+7, lanes 8–15 rows k0+8..k0+15, each at column n0.
+__device__ __forceinline__ void frag_b_t(unsigned* b, const bf* s, int st, int n0, int k0) {
+    const int r = threadIdx.x & 15;
+    const unsigned addr = (unsigned)__cvta_generic_to_shared(s + (k0 + r) * st + n0);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(b[0]), "=r"(b[1]) : "r"(addr));
 }
 
 // Tile loaders: rows [0, ROWS) of a row-major global matrix (row r at g + r·rs), columns [0, W), into a
@@ -474,9 +595,9 @@ __device__ __forceinline__ void load_tile(const T* g, long rs, int nr, const flo
     }
 }
 // acc[t] += A[r0..r0+16][k]·B[t·8..t·8+8][k]ᵀ summed over the k-steps kt ∈ [kt_from, K/16) (k = 16·kt),
-// for the n8 tiles t < live of TILES: A stored [row][k] (stride sa), B stored [n][k] (stride sb). UNROLL
-// is the k loop's unroll factor.
-template <int TILES, int K, int UNROLL>
+// for the n8 tiles t < live of TILES: A stored [row][k] (stride sa), B stored [n][k] (stride sb), or [k][n]
+// when BT (loaded by ldmatrix.trans). UNROLL is the k loop's unroll factor.
+template <int TILES, int K, int UNROLL, bool BT = false>
 __device__ __forceinline__ void strip_mma(float (*acc)[4], const bf* a, int sa, int r0, const bf* b, int sb, int kt_from = 0, int live = TILES) {
 #pragma unroll (UNROLL)
     for (int kt = 0; kt < K / 16; ++kt)
@@ -487,7 +608,8 @@ __device__ __forceinline__ void strip_mma(float (*acc)[4], const bf* a, int sa, 
             for (int t = 0; t < TILES; ++t)
                 if (t < live) {
                     unsigned fb[2];
-                    frag_b(fb, b, sb, t * 8, kt * 16);
+                    if (BT) frag_b_t(fb, b, sb, t * 8, kt * 16);
+                    else frag_b(fb, b, sb, t * 8, kt * 16);
                     mma16816(acc[t], fa, fb);
                 }
         }
@@ -541,7 +663,7 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_state_mma(const T* x
 }
 
 // Grid (NC, H, Bt), 128 threads. As ssd_chunk_dstate.
-extern "C" __global__ void __launch_bounds__(128) ssd_chunk_dstate_mma(const T* xbc, const float* la, const float* dy, float* dstates,
+extern "C" __global__ void __launch_bounds__(128) ssd_chunk_dstate_mma(const T* xbc, const float* la, const YT* dy, float* dstates,
                                                                        int L, int H, int HPG, int ROW, int C_OFF, int NC) {
     constexpr int SK = MQ + PADK;
     extern __shared__ float sm[];
@@ -555,15 +677,15 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_dstate_mma(const T* 
     float* ecs = cs + MQ; // exp(cs_i)
     for (int i = threadIdx.x; i < MQ; i += blockDim.x) ecs[i] = __expf(cs[i]);
     __syncthreads();
-    load_tile<float, MQ, P>(dy + (r0 * H + h) * P, (long)H * P, nq, ecs, nullptr, 0, dt_, SK);
+    load_tile<YT, MQ, P>(dy + (r0 * H + h) * P, (long)H * P, nq, ecs, nullptr, 0, dt_, SK);
     load_tile<bf, MQ, N>(xbc + r0 * ROW + C_OFF + g * N, ROW, nq, nullptr, nullptr, 0, ct, SK);
     __syncthreads();
     pn_product(dt_, ct, dstates + (((long)b * NC + c) * H + h) * (P * N));
 }
 
 // Grid (NC, H, Bt), 128 threads: warp w computes rows 16w..16w+15 of the chunk. As ssd_chunk_scan.
-extern "C" __global__ void __launch_bounds__(128) ssd_chunk_scan_mma(const T* xbc, const float* dt, const float* la, const float* states,
-                                                                     float* y, int L, int H, int HPG, int ROW, int X_OFF, int B_OFF,
+extern "C" __global__ void __launch_bounds__(128) ssd_chunk_scan_mma(const T* xbc, const float* dt, const float* la, const ST* states,
+                                                                     YT* y, int L, int H, int HPG, int ROW, int X_OFF, int B_OFF,
                                                                      int C_OFF, int NC, const float* D) {
     constexpr int SN2 = N + PADK, SK = MQ + PADK;
     extern __shared__ float sm[];
@@ -580,7 +702,7 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_scan_mma(const T* xb
     for (int i = threadIdx.x; i < MQ; i += blockDim.x) dts[i] = i < nq ? dt[(r0 + i) * H + h] : 0.f;
     load_tile<bf, MQ, N>(xbc + r0 * ROW + C_OFF + g * N, ROW, nq, nullptr, cm, SN2, nullptr, 0);
     load_tile<bf, MQ, N>(xbc + r0 * ROW + B_OFF + g * N, ROW, nq, nullptr, bm, SN2, nullptr, 0);
-    load_tile<float, P, N>(states + (((long)b * NC + c) * H + h) * (P * N), N, P, nullptr, ss, SN2, nullptr, 0);
+    load_tile<ST, P, N>(states + (((long)b * NC + c) * H + h) * (P * N), N, P, nullptr, ss, SN2, nullptr, 0);
     load_tile<bf, MQ, P>(xbc + r0 * ROW + X_OFF + h * P, ROW, nq, nullptr, nullptr, 0, xt, SK);
     __syncthreads();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
@@ -640,8 +762,8 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_scan_mma(const T* xb
     for (int pt = 0; pt < P / 8; ++pt) {
         const int p = pt * 8 + 2 * tq;
         const float d0 = D[h * P + p], d1 = D[h * P + p + 1];
-        if (ra < nq) *reinterpret_cast<float2*>(y + ((r0 + ra) * H + h) * P + p) = make_float2(acc[pt][0] + ea * off[pt][0] + d0 * ld(xt, p * SK + ra), acc[pt][1] + ea * off[pt][1] + d1 * ld(xt, (p + 1) * SK + ra));
-        if (rb < nq) *reinterpret_cast<float2*>(y + ((r0 + rb) * H + h) * P + p) = make_float2(acc[pt][2] + eb * off[pt][2] + d0 * ld(xt, p * SK + rb), acc[pt][3] + eb * off[pt][3] + d1 * ld(xt, (p + 1) * SK + rb));
+        if (ra < nq) st2(y, ((r0 + ra) * H + h) * P + p, acc[pt][0] + ea * off[pt][0] + d0 * ld(xt, p * SK + ra), acc[pt][1] + ea * off[pt][1] + d1 * ld(xt, (p + 1) * SK + ra));
+        if (rb < nq) st2(y, ((r0 + rb) * H + h) * P + p, acc[pt][2] + eb * off[pt][2] + d0 * ld(xt, p * SK + rb), acc[pt][3] + eb * off[pt][3] + d1 * ld(xt, (p + 1) * SK + rb));
     }
 }
 
@@ -654,17 +776,21 @@ __device__ __forceinline__ float quad_sum(float v) {
 
 // Two adjacent gradient elements of B or C (k: 0..N−1 for B, N..2N−1 for C) of head h at one row: into
 // the per-head partials part (rows, H, 2N) when given (summed by ssd_reduce_heads), else added to dxbc.
-__device__ __forceinline__ void bc_grad(float* dxbc, float* part, long row, int ROW, int col, int H, int h, int k, float v0, float v1) {
+// (The y-only op, IO_T, always passes the partials.)
+__device__ __forceinline__ void bc_grad(YT* dxbc, float* part, long row, int ROW, int col, int H, int h, int k, float v0, float v1) {
     if (part) {
         *reinterpret_cast<float2*>(part + (row * H + h) * (2 * N) + k) = make_float2(v0, v1);
-    } else {
+    }
+#if !IO_T
+    else {
         atomicAdd(dxbc + row * ROW + col, v0);
         atomicAdd(dxbc + row * ROW + col + 1, v1);
     }
+#endif
 }
 
 // dxbc's B and C columns = the per-head partials summed over the heads of each group.
-extern "C" __global__ void ssd_reduce_heads(const float* part, float* dxbc, long rows, int H, int HPG, int ROW, int B_OFF, int C_OFF) {
+extern "C" __global__ void ssd_reduce_heads(const float* part, YT* dxbc, long rows, int H, int HPG, int ROW, int B_OFF, int C_OFF) {
     const int G = H / HPG;
     const long total = rows * G * (2 * N);
     for (long e = blockIdx.x * (long)blockDim.x + threadIdx.x; e < total; e += (long)gridDim.x * blockDim.x) {
@@ -672,15 +798,15 @@ extern "C" __global__ void ssd_reduce_heads(const float* part, float* dxbc, long
         const long row = e / (2 * N * G);
         float sum = 0.f;
         for (int hh = gg * HPG; hh < (gg + 1) * HPG; ++hh) sum += part[(row * H + hh) * (2 * N) + k];
-        dxbc[row * ROW + (k < N ? B_OFF + gg * N + k : C_OFF + gg * N + k - N)] = sum;
+        st1(dxbc, row * ROW + (k < N ? B_OFF + gg * N + k : C_OFF + gg * N + k - N), sum);
     }
 }
 
 // Grid (NC, H, Bt), 128 threads: as ssd_chunk_bwd, on tensor cores. Warp w owns rows 16w..16w+15 of
 // each chunk-sized product (rows i for dC, rows j for dB and dx).
-extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc, const float* dt, const float* la, const float* states,
-                                                                    const float* dstates, const float* dcsum, const float* dy,
-                                                                    float* dxbc, float* ddt, float* dla, int L, int H, int HPG,
+extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc, const float* dt, const float* la, const ST* states,
+                                                                    const ST* dstates, const float* dcsum, const YT* dy,
+                                                                    YT* dxbc, float* ddt, float* dla, int L, int H, int HPG,
                                                                     int ROW, int X_OFF, int B_OFF, int C_OFF, int NC, float* part,
                                                                     const float* D, float* dD) {
     constexpr int SN2 = N + PADK, SK = MQ + PADK, SP2 = P + PADK;
@@ -692,17 +818,15 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc
     float* ddts = dcs + MQ;   // MQ
     float* us = ddts + MQ;    // MQ
     float* dds = us + MQ;     // P: dD of this chunk
+    // Tiles used as B operands in [k][n] order are read by ldmatrix.trans (no transposed copies), which
+    // keeps the block at 107 KB of shared memory: two blocks per multiprocessor.
     bf* cm = reinterpret_cast<bf*>(dds + P); // MQ × SN2: C [i][n]
     bf* bm = cm + MQ * SN2;   // MQ × SN2: B [j][n]
     bf* dsl = bm + MQ * SN2;  // P × SN2: dL/dS_out [p][n]
-    bf* bt = dsl + P * SN2;   // N × SK: B [n][j]
-    bf* ct = bt + N * SK;     // N × SK: C [n][i]
-    bf* st = ct + N * SK;     // N × SP2: S_in [n][p]
-    bf* dslt = st + N * SP2;  // N × SP2: dL/dS_out [n][p]
-    bf* xs = dslt + N * SP2;  // MQ × SP2: x [j][p]
+    bf* st = dsl + P * SN2;   // N × SP2: S_in [n][p]
+    bf* xs = st + N * SP2;    // MQ × SP2: x [j][p]
     bf* dys = xs + MQ * SP2;  // MQ × SP2: dy [i][p]
-    bf* dyt = dys + MQ * SP2; // P × SK: dy [p][i]
-    bf* mt = dyt + P * SK;    // MQ × SK: M [j][i]
+    bf* mt = dys + MQ * SP2;  // MQ × SK: M [j][i]
     bf* wt = mt + MQ * SK;    // MQ × SK: W [j][i]
     const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / HPG;
     const int t0 = c * MQ, nq = min(MQ, L - t0);
@@ -715,13 +839,13 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc
         dcs[i] = ddts[i] = us[i] = 0.f;
     }
     for (int p = threadIdx.x; p < P; p += blockDim.x) dds[p] = 0.f;
-    load_tile<bf, MQ, N>(xbc + r0 * ROW + C_OFF + g * N, ROW, nq, nullptr, cm, SN2, ct, SK);
-    load_tile<bf, MQ, N>(xbc + r0 * ROW + B_OFF + g * N, ROW, nq, nullptr, bm, SN2, bt, SK);
+    load_tile<bf, MQ, N>(xbc + r0 * ROW + C_OFF + g * N, ROW, nq, nullptr, cm, SN2, nullptr, 0);
+    load_tile<bf, MQ, N>(xbc + r0 * ROW + B_OFF + g * N, ROW, nq, nullptr, bm, SN2, nullptr, 0);
     load_tile<bf, MQ, P>(xbc + r0 * ROW + X_OFF + h * P, ROW, nq, nullptr, xs, SP2, nullptr, 0);
-    load_tile<float, MQ, P>(dy + (r0 * H + h) * P, (long)H * P, nq, nullptr, dys, SP2, dyt, SK);
+    load_tile<YT, MQ, P>(dy + (r0 * H + h) * P, (long)H * P, nq, nullptr, dys, SP2, nullptr, 0);
     const long so = (((long)b * NC + c) * H + h) * (P * N);
-    load_tile<float, P, N>(states + so, N, P, nullptr, nullptr, 0, st, SP2);
-    load_tile<float, P, N>(dstates + so, N, P, nullptr, dsl, SN2, dslt, SP2);
+    load_tile<ST, P, N>(states + so, N, P, nullptr, nullptr, 0, st, SP2);
+    load_tile<ST, P, N>(dstates + so, N, P, nullptr, dsl, SN2, nullptr, 0);
     __syncthreads();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
     const int i0 = warp * 16, ra = i0 + gq, rb = ra + 8;
@@ -802,7 +926,7 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc
 #pragma unroll
                 for (int nt = 0; nt < N / 8; ++nt) {
                     unsigned bb[2];
-                    frag_b(bb, bt, SK, nt * 8, kt * 16);
+                    frag_b_t(bb, bm, SN2, nt * 8, kt * 16);
                     mma16816(acc[nt], wf[kt], bb);
                 }
             }
@@ -830,19 +954,19 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc
     const float sca = wl[ja] * dts[ja], scb = wl[jb] * dts[jb];
     // dB_j = Σ_i W_ij C_i + sc_j·x_j dSL; the second term's row dot with B_j gives us_j (without dt_j).
     {
-        float acc[N / 8][4], st2[N / 8][4];
+        float acc[N / 8][4], sx[N / 8][4];
         zero<N / 8>(acc);
-        zero<N / 8>(st2);
-        strip_mma<N / 8, MQ, MQ / 16>(acc, wt, SK, i0, ct, SK, warp); // W_ij ≠ 0 for i ≥ j only
-        strip_mma<N / 8, P, 2>(st2, xs, SP2, i0, dslt, SP2);
+        zero<N / 8>(sx);
+        strip_mma<N / 8, MQ, MQ / 16, true>(acc, wt, SK, i0, cm, SN2, warp); // W_ij ≠ 0 for i ≥ j only
+        strip_mma<N / 8, P, 2, true>(sx, xs, SP2, i0, dsl, SN2);
         float rowa = 0.f, rowb = 0.f;
 #pragma unroll
         for (int nt = 0; nt < N / 8; ++nt) {
             const int n = nt * 8 + 2 * tq;
-            rowa += wl[ja] * (st2[nt][0] * ld(bm, ja * SN2 + n) + st2[nt][1] * ld(bm, ja * SN2 + n + 1));
-            rowb += wl[jb] * (st2[nt][2] * ld(bm, jb * SN2 + n) + st2[nt][3] * ld(bm, jb * SN2 + n + 1));
-            if (ja < nq) bc_grad(dxbc, part, r0 + ja, ROW, B_OFF + g * N + n, H, h, n, acc[nt][0] + sca * st2[nt][0], acc[nt][1] + sca * st2[nt][1]);
-            if (jb < nq) bc_grad(dxbc, part, r0 + jb, ROW, B_OFF + g * N + n, H, h, n, acc[nt][2] + scb * st2[nt][2], acc[nt][3] + scb * st2[nt][3]);
+            rowa += wl[ja] * (sx[nt][0] * ld(bm, ja * SN2 + n) + sx[nt][1] * ld(bm, ja * SN2 + n + 1));
+            rowb += wl[jb] * (sx[nt][2] * ld(bm, jb * SN2 + n) + sx[nt][3] * ld(bm, jb * SN2 + n + 1));
+            if (ja < nq) bc_grad(dxbc, part, r0 + ja, ROW, B_OFF + g * N + n, H, h, n, acc[nt][0] + sca * sx[nt][0], acc[nt][1] + sca * sx[nt][1]);
+            if (jb < nq) bc_grad(dxbc, part, r0 + jb, ROW, B_OFF + g * N + n, H, h, n, acc[nt][2] + scb * sx[nt][2], acc[nt][3] + scb * sx[nt][3]);
         }
         rowa = quad_sum(rowa);
         rowb = quad_sum(rowb);
@@ -853,20 +977,20 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc
     }
     // dx_j = Σ_i M_ij dy_i + sc_j·dSL B_j.
     {
-        float acc[P / 8][4], st2[P / 8][4];
+        float acc[P / 8][4], sx[P / 8][4];
         zero<P / 8>(acc);
-        zero<P / 8>(st2);
-        strip_mma<P / 8, MQ, MQ / 16>(acc, mt, SK, i0, dyt, SK, warp); // M_ij ≠ 0 for i ≥ j only
-        strip_mma<P / 8, N, 2>(st2, bm, SN2, i0, dsl, SN2);
+        zero<P / 8>(sx);
+        strip_mma<P / 8, MQ, MQ / 16, true>(acc, mt, SK, i0, dys, SP2, warp); // M_ij ≠ 0 for i ≥ j only
+        strip_mma<P / 8, N, 2>(sx, bm, SN2, i0, dsl, SN2);
 #pragma unroll
         for (int pt = 0; pt < P / 8; ++pt) {
             const int p = pt * 8 + 2 * tq;
             const float d0 = D[h * P + p], d1 = D[h * P + p + 1];
             // The skip y += D·x, with dy in f32 from memory (rows past the chunk's end read as zero).
-            const float2 dya = ja < nq ? *reinterpret_cast<const float2*>(dy + ((r0 + ja) * H + h) * P + p) : make_float2(0.f, 0.f);
-            const float2 dyb = jb < nq ? *reinterpret_cast<const float2*>(dy + ((r0 + jb) * H + h) * P + p) : make_float2(0.f, 0.f);
-            if (ja < nq) *reinterpret_cast<float2*>(dxbc + (r0 + ja) * ROW + X_OFF + h * P + p) = make_float2(acc[pt][0] + sca * st2[pt][0] + d0 * dya.x, acc[pt][1] + sca * st2[pt][1] + d1 * dya.y);
-            if (jb < nq) *reinterpret_cast<float2*>(dxbc + (r0 + jb) * ROW + X_OFF + h * P + p) = make_float2(acc[pt][2] + scb * st2[pt][2] + d0 * dyb.x, acc[pt][3] + scb * st2[pt][3] + d1 * dyb.y);
+            const float2 dya = ja < nq ? ld2f(dy, ((r0 + ja) * H + h) * P + p) : make_float2(0.f, 0.f);
+            const float2 dyb = jb < nq ? ld2f(dy, ((r0 + jb) * H + h) * P + p) : make_float2(0.f, 0.f);
+            if (ja < nq) st2(dxbc, (r0 + ja) * ROW + X_OFF + h * P + p, acc[pt][0] + sca * sx[pt][0] + d0 * dya.x, acc[pt][1] + sca * sx[pt][1] + d1 * dya.y);
+            if (jb < nq) st2(dxbc, (r0 + jb) * ROW + X_OFF + h * P + p, acc[pt][2] + scb * sx[pt][2] + d0 * dyb.x, acc[pt][3] + scb * sx[pt][3] + d1 * dyb.y);
             // dD: this warp's rows, summed over the 8 row groups of the warp.
             float s0 = ld(xs, ja * SP2 + p) * dya.x + ld(xs, jb * SP2 + p) * dyb.x;
             float s1 = ld(xs, ja * SP2 + p + 1) * dya.y + ld(xs, jb * SP2 + p + 1) * dyb.y;

@@ -5,7 +5,7 @@
 //! each chunk), then chunk_dstate → state_passing_bwd → chunk_bwd. The chunk size is the largest of
 //! 64, 32, 16 whose backward fits in one block's shared memory.
 
-use super::{alloc_f32, function, launch, max_shared, module, poison, ptr, Arg};
+use super::{alloc_bf16, alloc_f32, function, launch, max_shared, module, poison, poison_bf16, ptr, Arg, Stash};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::CudaStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -59,7 +59,7 @@ fn smem_mma(p: usize, n: usize) -> [usize; 4] {
         8 * q + 2 * (p * sk + n * sk),
         8 * q + 2 * (2 * q * sn + p * sn + p * sk),
         8 * q + 2 * (p * sk + n * sk),
-        24 * q + 4 * p + 2 * (2 * q * sn + p * sn + 2 * n * sk + 2 * n * sp + 2 * q * sp + p * sk + 2 * q * sk),
+        24 * q + 4 * p + 2 * (2 * q * sn + p * sn + n * sp + 2 * q * sp + 2 * q * sk),
     ]
 }
 
@@ -349,5 +349,226 @@ impl CustomOp3 for SsdCudaBwd {
             ])?;
         }
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(total)))
+    }
+}
+
+/// The SSD layer for training, on the bf16 tensor-core kernels: y alone (no initial or final state), the
+/// dt preparation (bias, softplus, clamp, ·A) inside the op, y written in bf16, and a backward that reads
+/// dy and writes the xbc gradient in bf16 — no candle ops around the scan in either direction. `xbc` (b,
+/// l, row) bf16 per `lay`, raw `dt` (b, l, h), `a` and `dt_bias` (h), the skip `d` (h) or (h, p).
+/// Returns y (b, l, h, p) bf16, or None where these kernels do not apply (then [`scan_xbc`] does).
+/// Differentiable w.r.t. xbc, dt, a, dt_bias and d.
+#[allow(clippy::too_many_arguments)]
+pub fn scan_xbc_y(xbc: &Tensor, dt: &Tensor, a: &Tensor, dt_bias: Option<&Tensor>, d: Option<&Tensor>, softplus: bool, dt_limit: (f64, f64), lay: XbcLayout) -> Result<Option<Tensor>> {
+    let (b, l, row) = xbc.dims3()?;
+    let XbcLayout { heads: h, head_dim: p, groups: g, d_state: n, .. } = lay;
+    if xbc.dtype() != DType::BF16 || g == 0 || h % g != 0 || std::env::var_os("OURO_SSD_ATOMICS").is_some() {
+        return Ok(None);
+    }
+    if lay.x_off + h * p > row || lay.b_off + g * n > row || lay.c_off + g * n > row || ![row, lay.x_off, lay.b_off, lay.c_off].iter().all(|v| v % 8 == 0) {
+        return Ok(None);
+    }
+    if plan(xbc.device(), DType::BF16, p, n) != Some((MMA_CHUNK, true)) {
+        return Ok(None);
+    }
+    if dt.dims() != [b, l, h] {
+        bail!("ssd (cuda): dt must be ({b}, {l}, {h}), got shape {:?}", dt.dims());
+    }
+    let xbc = xbc.contiguous()?;
+    let xbc = if xbc.layout().start_offset() % 8 != 0 { xbc.copy()? } else { xbc };
+    let f = |t: &Tensor| t.to_dtype(DType::F32);
+    let d = match d {
+        Some(d) if d.dims() == [h] => f(d)?.reshape((h, 1))?.broadcast_as((h, p))?,
+        Some(d) if d.dims() == [h, p] => f(d)?,
+        Some(d) => bail!("ssd (cuda): D must be ({h}) or ({h}, {p}), got shape {:?}", d.dims()),
+        None => Tensor::zeros((h, p), DType::F32, xbc.device())?,
+    };
+    let bias = match dt_bias {
+        Some(t) => f(t)?,
+        None => Tensor::zeros(h, DType::F32, xbc.device())?,
+    };
+    // [dt (b·l·h) | A (h) | dt_bias (h) | D (h·p)], f32.
+    let packed = Tensor::cat(&[f(dt)?.flatten_all()?, f(a)?.flatten_all()?, bias.flatten_all()?, d.flatten_all()?], 0)?;
+    if packed.elem_count() != b * l * h + 2 * h + h * p {
+        bail!("ssd (cuda): A and dt_bias must be ({h})");
+    }
+    let (lo, hi) = dt_limit;
+    let op = SsdYCuda { lay, softplus, lo: lo as f32, hi: if hi.is_finite() { hi as f32 } else { f32::INFINITY } };
+    Ok(Some(xbc.apply_op2(&packed, op)?.reshape((b, l, h, p))?))
+}
+
+#[derive(Clone, Copy)]
+struct SsdYCuda {
+    lay: XbcLayout,
+    softplus: bool,
+    lo: f32,
+    hi: f32,
+}
+
+impl SsdYCuda {
+    /// The kernels of the y-only op (IO_T: y, dy and dx in bf16) and the shared launch sizes.
+    fn module(&self, s: &CudaStorage) -> Result<std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaModule>> {
+        let XbcLayout { head_dim: p, d_state: n, .. } = self.lay;
+        module(&s.device, "ssd.cu", SOURCE, &[("T_BF16", 1), ("P", p as i64), ("N", n as i64), ("Q", MMA_CHUNK as i64), ("IO_T", 1)])
+    }
+
+    fn full(&self) -> SsdCuda {
+        SsdCuda { lay: self.lay, q: MMA_CHUNK, has_s0: false, mma: true }
+    }
+
+    /// dtp and la (each b·l·h f32) from the raw dt and the parameters at the head of `packed`.
+    fn prep(&self, dev: &candle_core::cuda_backend::CudaDevice, m: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaModule>, packed: u64, blh: usize) -> Result<(candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>, u64, u64)> {
+        let h = self.lay.heads;
+        let (buf, pb) = alloc_f32(dev, 2 * blh, false)?;
+        let (pa, pbias) = (packed + 4 * blh as u64, packed + 4 * (blh + h) as u64);
+        launch(&dev.cuda_stream(), &function(m, "ssd_prep_dt", 0)?, (blh.div_ceil(256).min(4096) as u32, 1, 1), 256, 0, &[
+            Arg::Ptr(packed), Arg::Ptr(pa), Arg::Ptr(pbias), Arg::Ptr(pb), Arg::Ptr(pb + 4 * blh as u64), Arg::I64(blh as i64), Arg::I32(h as i32),
+            Arg::I32(self.softplus as i32), Arg::F32(self.lo), Arg::F32(self.hi),
+        ])?;
+        Ok((buf, pb, pb + 4 * blh as u64))
+    }
+}
+
+impl CustomOp2 for SsdYCuda {
+    fn name(&self) -> &'static str {
+        "ssd-y-cuda"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("ssd-y-cuda: runs on CUDA devices only")
+    }
+
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        let f = self.full();
+        let z = f.sizes(l1)?;
+        let XbcLayout { heads: h, head_dim: p, d_state: n, b_off, c_off, .. } = self.lay;
+        let dev = s1.device.clone();
+        let stream = dev.cuda_stream();
+        let m = self.module(s1)?;
+        let (xbc, packed) = (ptr(s1, l1, "ssd xbc")?, ptr(s2, l2, "ssd dt/params")?);
+        let blh = z.b * z.l * h;
+        let dskip = packed + 4 * (blh + 2 * h) as u64;
+        let (_prep, dtp, la) = self.prep(&dev, &m, packed, blh)?;
+        let ny = z.b * z.l * h * p;
+        let (y, py) = alloc_bf16(&dev, ny, false)?;
+        poison_bf16(&dev, py, ny)?;
+        let nst = z.b * z.nc * h * p * n;
+        let (_states, pst) = alloc_f32(&dev, nst, false)?;
+        let (_passed, ppass) = alloc_bf16(&dev, nst, false)?;
+        let (_csum, pcs) = alloc_f32(&dev, z.b * h * z.nc, false)?;
+        let k = f.kernels();
+        let grid = (z.nc as u32, h as u32, z.b as u32);
+        let pass_grid = ((p * n).div_ceil(4 * NT as usize) as u32, h as u32, z.b as u32);
+        let c = f.common(&z);
+        launch(&stream, &function(&m, k.state, k.smem[0])?, grid, k.threads, k.smem[0], &[
+            &[Arg::Ptr(xbc), Arg::Ptr(dtp), Arg::Ptr(la), Arg::Ptr(pst), Arg::Ptr(pcs)][..], &c, &[Arg::I32(b_off as i32), Arg::I32(z.nc as i32)],
+        ].concat())?;
+        launch(&stream, &function(&m, "ssd_state_passing_bf16", 0)?, pass_grid, NT, 0, &[
+            Arg::Ptr(pst), Arg::Ptr(ppass), Arg::Ptr(pcs), Arg::Ptr(0), Arg::Ptr(0), Arg::I32(h as i32), Arg::I32(z.nc as i32),
+        ])?;
+        launch(&stream, &function(&m, k.scan, k.smem[1])?, grid, k.threads, k.smem[1], &[
+            &[Arg::Ptr(xbc), Arg::Ptr(dtp), Arg::Ptr(la), Arg::Ptr(ppass), Arg::Ptr(py)][..], &c,
+            &[Arg::I32(b_off as i32), Arg::I32(c_off as i32), Arg::I32(z.nc as i32), Arg::Ptr(dskip)],
+        ].concat())?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from(ny)))
+    }
+
+    fn bwd(&self, t1: &Tensor, t2: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // dy in bf16, 16-byte aligned (the tiles load it 16 bytes at a time).
+        let grad = grad.detach().to_dtype(DType::BF16)?.contiguous()?;
+        let grad = if grad.layout().start_offset() % 8 != 0 { grad.copy()? } else { grad };
+        let stash = Stash::default();
+        let dxbc = t1.detach().apply_op3_no_bwd(&t2.detach(), &grad, &SsdYCudaBwd { fwd: *self, stash: stash.clone() })?;
+        let dpacked = stash.take(t2)?;
+        Ok((Some(dxbc.reshape(t1.shape())?), Some(dpacked)))
+    }
+}
+
+/// (xbc, [dt | A | dt_bias | D], dy bf16) → dxbc (bf16) as the output, and [ddt | dA | ddt_bias | dD]
+/// (f32) left in the stash.
+struct SsdYCudaBwd {
+    fwd: SsdYCuda,
+    stash: Stash,
+}
+
+impl CustomOp3 for SsdYCudaBwd {
+    fn name(&self) -> &'static str {
+        "ssd-y-cuda-bwd"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("ssd-y-cuda-bwd: runs on CUDA devices only")
+    }
+
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
+        let y = &self.fwd;
+        let f = y.full();
+        let z = f.sizes(l1)?;
+        let XbcLayout { heads: h, head_dim: p, d_state: n, b_off, c_off, groups, x_off } = f.lay;
+        let dev = s1.device.clone();
+        let stream = dev.cuda_stream();
+        let m = y.module(s1)?;
+        let (xbc, packed, dy) = (ptr(s1, l1, "ssd xbc")?, ptr(s2, l2, "ssd dt/params")?, ptr(s3, l3, "ssd dy")?);
+        let blh = z.b * z.l * h;
+        let dskip = packed + 4 * (blh + 2 * h) as u64;
+        let (_prep, dtp, la) = y.prep(&dev, &m, packed, blh)?;
+        let nx = z.b * z.l * z.row;
+        // Columns of a row outside x, B and C get no gradient: zero them first.
+        let covered = z.row == h * p + 2 * groups * n && x_off == 0;
+        let (dx, pdx) = alloc_bf16(&dev, nx, !covered)?;
+        if covered {
+            poison_bf16(&dev, pdx, nx)?;
+        }
+        let total = blh + 2 * h + h * p;
+        let (dpk, pdpk) = alloc_f32(&dev, total, true)?;
+        let (pddt, pda, pdbias, pdd) = (pdpk, pdpk + 4 * blh as u64, pdpk + 4 * (blh + h) as u64, pdpk + 4 * (blh + 2 * h) as u64);
+        poison(&dev, pddt, blh)?;
+        poison(&dev, pdd, h * p)?;
+        let nst = z.b * z.nc * h * p * n;
+        let (_states, pst) = alloc_f32(&dev, nst, false)?;
+        let (_dstates, pdst) = alloc_f32(&dev, nst, false)?;
+        let (_csum, pcs) = alloc_f32(&dev, z.b * h * z.nc, false)?;
+        let (_dcsum, pdcs) = alloc_f32(&dev, z.b * h * z.nc, true)?;
+        let (_passed, ppass) = alloc_bf16(&dev, nst, false)?;
+        let (_dpassed, pdpass) = alloc_bf16(&dev, nst, false)?;
+        let (_dprep, pddtp) = alloc_f32(&dev, 2 * blh, false)?;
+        let pdla = pddtp + 4 * blh as u64;
+        let (_part, ppart) = alloc_f32(&dev, z.b * z.l * h * 2 * n, false)?;
+        let (_ddp, pddp) = alloc_f32(&dev, z.b * z.nc * h * p, false)?;
+        let k = f.kernels();
+        let ([sm_state, _, sm_dstate, sm_bwd], nt) = (k.smem, k.threads);
+        let grid = (z.nc as u32, h as u32, z.b as u32);
+        let pass_grid = ((p * n).div_ceil(4 * NT as usize) as u32, h as u32, z.b as u32);
+        let c = f.common(&z);
+        let (hi, hpg, nci) = (Arg::I32(h as i32), Arg::I32((h / groups) as i32), Arg::I32(z.nc as i32));
+        launch(&stream, &function(&m, k.state, sm_state)?, grid, nt, sm_state, &[
+            &[Arg::Ptr(xbc), Arg::Ptr(dtp), Arg::Ptr(la), Arg::Ptr(pst), Arg::Ptr(pcs)][..], &c, &[Arg::I32(b_off as i32), nci],
+        ].concat())?;
+        launch(&stream, &function(&m, "ssd_state_passing_bf16", 0)?, pass_grid, NT, 0, &[Arg::Ptr(pst), Arg::Ptr(ppass), Arg::Ptr(pcs), Arg::Ptr(0), Arg::Ptr(0), hi, nci])?;
+        launch(&stream, &function(&m, k.dstate, sm_dstate)?, grid, nt, sm_dstate, &[
+            Arg::Ptr(xbc), Arg::Ptr(la), Arg::Ptr(dy), Arg::Ptr(pdst), Arg::I32(z.l as i32), hi, hpg, Arg::I32(z.row as i32), Arg::I32(c_off as i32), nci,
+        ])?;
+        launch(&stream, &function(&m, "ssd_state_passing_bwd_bf16", 0)?, pass_grid, NT, 0, &[
+            Arg::Ptr(pdst), Arg::Ptr(pdpass), Arg::Ptr(ppass), Arg::Ptr(pcs), Arg::Ptr(0), Arg::Ptr(pdcs), Arg::Ptr(0), hi, nci,
+        ])?;
+        launch(&stream, &function(&m, k.bwd, sm_bwd)?, grid, nt, sm_bwd, &[
+            &[Arg::Ptr(xbc), Arg::Ptr(dtp), Arg::Ptr(la), Arg::Ptr(ppass), Arg::Ptr(pdpass), Arg::Ptr(pdcs), Arg::Ptr(dy), Arg::Ptr(pdx), Arg::Ptr(pddtp), Arg::Ptr(pdla)][..],
+            &c,
+            &[Arg::I32(b_off as i32), Arg::I32(c_off as i32), nci, Arg::Ptr(ppart), Arg::Ptr(dskip), Arg::Ptr(pddp)],
+        ].concat())?;
+        launch(&stream, &function(&m, "ssd_reduce_dd", 0)?, ((h * p).div_ceil(256) as u32, 1, 1), 256, 0, &[
+            Arg::Ptr(pddp), Arg::Ptr(pdd), Arg::I32((z.b * z.nc) as i32), Arg::I32((h * p) as i32),
+        ])?;
+        let blocks = ((z.b * z.l * groups * 2 * n).div_ceil(256)).min(65535) as u32;
+        launch(&stream, &function(&m, "ssd_reduce_heads", 0)?, (blocks, 1, 1), 256, 0, &[
+            Arg::Ptr(ppart), Arg::Ptr(pdx), Arg::I64((z.b * z.l) as i64), hi, hpg, Arg::I32(z.row as i32), Arg::I32(b_off as i32), Arg::I32(c_off as i32),
+        ])?;
+        let (pa, pbias) = (packed + 4 * blh as u64, packed + 4 * (blh + h) as u64);
+        launch(&stream, &function(&m, "ssd_prep_dt_bwd", 0)?, (blh.div_ceil(256).min(1024) as u32, 1, 1), 256, 8 * h, &[
+            Arg::Ptr(packed), Arg::Ptr(pa), Arg::Ptr(pbias), Arg::Ptr(pddtp), Arg::Ptr(pdla), Arg::Ptr(pddt), Arg::Ptr(pda), Arg::Ptr(pdbias),
+            Arg::I64(blh as i64), hi, Arg::I32(y.softplus as i32), Arg::F32(y.lo), Arg::F32(y.hi),
+        ])?;
+        self.stash.put(CudaStorage::wrap_cuda_slice(dpk, dev.clone()), Shape::from(total));
+        Ok((CudaStorage::wrap_cuda_slice(dx, dev), Shape::from(nx)))
     }
 }
