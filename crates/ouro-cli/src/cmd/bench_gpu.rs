@@ -114,7 +114,8 @@ struct Row {
     dtype: String,
     chunk: usize,
     fwd_ms: f64,
-    /// the scan kernels alone (no dt preparation, D skip or dtype conversion)
+    /// the general op (`scan_xbc`: f32 y and the final state, dt and the decay prepared outside the timing),
+    /// which prefill with a state uses
     fwd_kernels_ms: f64,
     fwd_bwd_ms: f64,
     fwd_tb_s: f64,
@@ -237,7 +238,7 @@ pub fn ssd_gpu(a: SsdGpuArgs) -> Result<()> {
             fwd(&xbc, &dt, &a_, &dt_bias, &d)?;
             Ok(())
         })?;
-        // The scan kernels alone (dt and the decay prepared outside the timing; y in f32).
+        // The general op (dt and the decay prepared outside the timing; y and the final state in f32).
         let dtp = ouro_kernels::act::softplus(&dt.broadcast_add(&dt_bias)?)?;
         let la = dtp.broadcast_mul(&a_.reshape((1, 1, h))?)?;
         let lay = ouro_kernels::cuda::ssd::XbcLayout::mamba2(h, p, 1, n);
@@ -298,7 +299,7 @@ pub fn ssd_gpu(a: SsdGpuArgs) -> Result<()> {
         }
         return Ok(());
     }
-    println!("| shape b×l×h×p×n | chunk | fwd ms (kernels alone) | fwd TB/s | fwd TFLOP/s | fwd ÷ floor | fwd+bwd ms | fwd+bwd ÷ floor | Triton fwd ms | Triton fwd+bwd ms | ouro speed-up fwd / fwd+bwd | check |");
+    println!("| shape b×l×h×p×n | chunk | fwd ms (general op) | fwd TB/s | fwd TFLOP/s | fwd ÷ floor | fwd+bwd ms | fwd+bwd ÷ floor | Triton fwd ms | Triton fwd+bwd ms | ouro speed-up fwd / fwd+bwd | check |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         let peer = match (r.peer_fwd_ms, r.peer_fwd_bwd_ms) {
