@@ -1230,7 +1230,7 @@ pub fn ssd_xbc(
 #[allow(clippy::too_many_arguments)]
 pub fn ssd_xbc_y(xbc: &Tensor, dt: &Tensor, shape: XbcShape, a: &Tensor, dt_bias: Option<&Tensor>, d: Option<&Tensor>, dt_softplus: bool, dt_limit: (f64, f64), seq_idx: Option<&Tensor>, algo: Algo) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if algo != Algo::Quadratic && seq_idx.is_none() && xbc.device().is_cuda() {
+    if algo != Algo::Quadratic && seq_idx.is_none() && xbc.device().is_cuda() && xbc.dim(1)? > 0 {
         let XbcShape { heads: h, head_dim: p, groups: g, d_state: n } = shape;
         expect_dims(a, &[h], "ssd: A")?;
         if xbc.dim(2)? == h * p + 2 * g * n && g > 0 && h % g == 0 {

@@ -207,6 +207,126 @@ impl SsdCuda {
         let lay = self.lay;
         [Arg::I32(z.l as i32), Arg::I32(lay.heads as i32), Arg::I32((lay.heads / lay.groups) as i32), Arg::I32(z.row as i32), Arg::I32(lay.x_off as i32)]
     }
+
+    /// The chunk grid (NC, H, Bt) and the state-passing grid.
+    fn grids(&self, z: &Sizes) -> ((u32, u32, u32), (u32, u32, u32)) {
+        let XbcLayout { heads: h, head_dim: p, d_state: n, .. } = self.lay;
+        ((z.nc as u32, h as u32, z.b as u32), ((p * n).div_ceil(4 * NT as usize) as u32, h as u32, z.b as u32))
+    }
+
+    /// chunk_state, then state passing: each chunk's own state (f32, at `pst`) and total decay (`pcs`), then the
+    /// state entering every chunk, in place at `pst` or, given `bf16`, there in bf16 (what the y-only op's kernels
+    /// read); the final state to `sf` (0: none) from `s0` (0: zeros). Returns the passed states' address.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_states(&self, m: &Module, stream: &Stream, z: &Sizes, [xbc, dt, la]: [u64; 3], s0: u64, sf: u64, pst: u64, pcs: u64, bf16: Option<u64>) -> Result<u64> {
+        let k = self.kernels();
+        let (grid, pass_grid) = self.grids(z);
+        let (hi, nci) = (Arg::I32(self.lay.heads as i32), Arg::I32(z.nc as i32));
+        launch(stream, &function(m, k.state, k.smem[0])?, grid, k.threads, k.smem[0], &[
+            &[Arg::Ptr(xbc), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(pst), Arg::Ptr(pcs)][..], &self.common(z), &[Arg::I32(self.lay.b_off as i32), nci],
+        ].concat())?;
+        match bf16 {
+            None => {
+                launch(stream, &function(m, "ssd_state_passing", 0)?, pass_grid, NT, 0, &[Arg::Ptr(pst), Arg::Ptr(pcs), Arg::Ptr(s0), Arg::Ptr(sf), hi, nci])?;
+                Ok(pst)
+            }
+            Some(out) => {
+                launch(stream, &function(m, "ssd_state_passing_bf16", 0)?, pass_grid, NT, 0, &[Arg::Ptr(pst), Arg::Ptr(out), Arg::Ptr(pcs), Arg::Ptr(s0), Arg::Ptr(sf), hi, nci])?;
+                Ok(out)
+            }
+        }
+    }
+
+    /// chunk_scan: y (f32, or bf16 in the y-only op) from the passed states, with the D skip `dskip`.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_scan(&self, m: &Module, stream: &Stream, z: &Sizes, [xbc, dt, la]: [u64; 3], passed: u64, y: u64, dskip: u64) -> Result<()> {
+        let k = self.kernels();
+        let XbcLayout { b_off, c_off, .. } = self.lay;
+        launch(stream, &function(m, k.scan, k.smem[1])?, self.grids(z).0, k.threads, k.smem[1], &[
+            &[Arg::Ptr(xbc), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(passed), Arg::Ptr(y)][..], &self.common(z),
+            &[Arg::I32(b_off as i32), Arg::I32(c_off as i32), Arg::I32(z.nc as i32), Arg::Ptr(dskip)],
+        ].concat())
+    }
+
+    /// The backward from the passed states on: chunk_dstate, state_passing_bwd (dL/dS_out of every chunk, in
+    /// place in `dstates` or, given `dpassed`, there in bf16), chunk_bwd, then the sums of the per-chunk dD
+    /// partials (`dd_part`, tensor-core kernels; the f32 ones add into `dd`) and of the per-head B/C
+    /// partials (`part`).
+    fn launch_bwd(&self, m: &Module, stream: &Stream, z: &Sizes, g: &BwdPtrs) -> Result<()> {
+        let k = self.kernels();
+        let XbcLayout { heads: h, head_dim: p, groups, b_off, c_off, .. } = self.lay;
+        let (grid, pass_grid) = self.grids(z);
+        let (hi, hpg, nci) = (Arg::I32(h as i32), Arg::I32((h / groups) as i32), Arg::I32(z.nc as i32));
+        launch(stream, &function(m, k.dstate, k.smem[2])?, grid, k.threads, k.smem[2], &[
+            Arg::Ptr(g.xbc), Arg::Ptr(g.la), Arg::Ptr(g.dy), Arg::Ptr(g.dstates), Arg::I32(z.l as i32), hi, hpg, Arg::I32(z.row as i32), Arg::I32(c_off as i32), nci,
+        ])?;
+        let dpassed = match g.dpassed {
+            None => {
+                launch(stream, &function(m, "ssd_state_passing_bwd", 0)?, pass_grid, NT, 0, &[
+                    Arg::Ptr(g.dstates), Arg::Ptr(g.passed), Arg::Ptr(g.csum), Arg::Ptr(g.dsf), Arg::Ptr(g.dcsum), Arg::Ptr(g.ds0), hi, nci,
+                ])?;
+                g.dstates
+            }
+            Some(out) => {
+                launch(stream, &function(m, "ssd_state_passing_bwd_bf16", 0)?, pass_grid, NT, 0, &[
+                    Arg::Ptr(g.dstates), Arg::Ptr(out), Arg::Ptr(g.passed), Arg::Ptr(g.csum), Arg::Ptr(g.dsf), Arg::Ptr(g.dcsum), Arg::Ptr(g.ds0), hi, nci,
+                ])?;
+                out
+            }
+        };
+        let mut args = [
+            &[Arg::Ptr(g.xbc), Arg::Ptr(g.dt), Arg::Ptr(g.la), Arg::Ptr(g.passed), Arg::Ptr(dpassed), Arg::Ptr(g.dcsum), Arg::Ptr(g.dy), Arg::Ptr(g.dx), Arg::Ptr(g.ddt), Arg::Ptr(g.dla)][..],
+            &self.common(z),
+            &[Arg::I32(b_off as i32), Arg::I32(c_off as i32), nci],
+        ]
+        .concat();
+        if self.mma {
+            args.push(Arg::Ptr(g.part.unwrap_or(0)));
+        }
+        args.extend([Arg::Ptr(g.dskip), Arg::Ptr(g.dd_part.unwrap_or(g.dd))]);
+        launch(stream, &function(m, k.bwd, k.smem[3])?, grid, k.threads, k.smem[3], &args)?;
+        if let Some(dp) = g.dd_part {
+            launch(stream, &function(m, "ssd_reduce_dd", 0)?, ((h * p).div_ceil(256) as u32, 1, 1), 256, 0, &[
+                Arg::Ptr(dp), Arg::Ptr(g.dd), Arg::I32((z.b * z.nc) as i32), Arg::I32((h * p) as i32),
+            ])?;
+        }
+        if let Some(part) = g.part {
+            let blocks = ((z.b * z.l * groups * 2 * self.lay.d_state).div_ceil(256)).min(65535) as u32;
+            launch(stream, &function(m, "ssd_reduce_heads", 0)?, (blocks, 1, 1), 256, 0, &[
+                Arg::Ptr(part), Arg::Ptr(g.dx), Arg::I64((z.b * z.l) as i64), hi, hpg, Arg::I32(z.row as i32), Arg::I32(b_off as i32), Arg::I32(c_off as i32),
+            ])?;
+        }
+        Ok(())
+    }
+}
+
+type Module = std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaModule>;
+type Stream = std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>;
+
+/// Device addresses of one backward call (0 for none): the inputs, the passed states and decays from
+/// [`SsdCuda::launch_states`], the scratch and the outputs.
+struct BwdPtrs {
+    xbc: u64,
+    dt: u64,
+    la: u64,
+    dy: u64,
+    passed: u64,
+    csum: u64,
+    /// dL/d(final state), dL/d(initial state)
+    dsf: u64,
+    ds0: u64,
+    /// f32 scratch of the chunks' state gradients (b·nc·h·p·n), and the bf16 buffer for them when the
+    /// passed states are bf16
+    dstates: u64,
+    dpassed: Option<u64>,
+    dcsum: u64,
+    dx: u64,
+    ddt: u64,
+    dla: u64,
+    part: Option<u64>,
+    dskip: u64,
+    dd: u64,
+    dd_part: Option<u64>,
 }
 
 impl CustomOp2 for SsdCuda {
@@ -220,7 +340,7 @@ impl CustomOp2 for SsdCuda {
 
     fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
         let z = self.sizes(l1)?;
-        let XbcLayout { heads: h, head_dim: p, d_state: n, b_off, c_off, .. } = self.lay;
+        let XbcLayout { heads: h, head_dim: p, d_state: n, .. } = self.lay;
         let dev = s1.device.clone();
         let stream = dev.cuda_stream();
         let m = self.module(s1)?;
@@ -233,21 +353,8 @@ impl CustomOp2 for SsdCuda {
         let (_states, pst) = alloc_f32(&dev, z.b * z.nc * h * p * n, false)?;
         let (_csum, pcs) = alloc_f32(&dev, z.b * h * z.nc, false)?;
         poison(&dev, po, ny + ns)?;
-        let k = self.kernels();
-        let (k_state, k_scan, threads, sm_state, sm_scan) = (k.state, k.scan, k.threads, k.smem[0], k.smem[1]);
-        let grid = (z.nc as u32, h as u32, z.b as u32);
-        let pass_grid = ((p * n).div_ceil(4 * NT as usize) as u32, h as u32, z.b as u32);
-        let c = self.common(&z);
-        launch(&stream, &function(&m, k_state, sm_state)?, grid, threads, sm_state, &[
-            &[Arg::Ptr(xbc), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(pst), Arg::Ptr(pcs)][..], &c, &[Arg::I32(b_off as i32), Arg::I32(z.nc as i32)],
-        ].concat())?;
-        launch(&stream, &function(&m, "ssd_state_passing", 0)?, pass_grid, NT, 0, &[
-            Arg::Ptr(pst), Arg::Ptr(pcs), Arg::Ptr(s0), Arg::Ptr(po + 4 * ny as u64), Arg::I32(h as i32), Arg::I32(z.nc as i32),
-        ])?;
-        launch(&stream, &function(&m, k_scan, sm_scan)?, grid, threads, sm_scan, &[
-            &[Arg::Ptr(xbc), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(pst), Arg::Ptr(po)][..], &c,
-            &[Arg::I32(b_off as i32), Arg::I32(c_off as i32), Arg::I32(z.nc as i32), Arg::Ptr(dskip)],
-        ].concat())?;
+        let passed = self.launch_states(&m, &stream, &z, [xbc, dt, la], s0, po + 4 * ny as u64, pst, pcs, None)?;
+        self.launch_scan(&m, &stream, &z, [xbc, dt, la], passed, po, dskip)?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(ny + ns)))
     }
 
@@ -280,7 +387,7 @@ impl CustomOp3 for SsdCudaBwd {
     fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
         let f = &self.fwd;
         let z = f.sizes(l1)?;
-        let XbcLayout { heads: h, head_dim: p, d_state: n, b_off, c_off, .. } = f.lay;
+        let XbcLayout { heads: h, head_dim: p, d_state: n, .. } = f.lay;
         let dev = s1.device.clone();
         let stream = dev.cuda_stream();
         let m = f.module(s1)?;
@@ -304,50 +411,16 @@ impl CustomOp3 for SsdCudaBwd {
         if f.has_s0 {
             poison(&dev, pds0, ns)?;
         }
-        let k = f.kernels();
-        let ([sm_state, _, sm_dstate, sm_bwd], nt) = (k.smem, k.threads);
-        let grid = (z.nc as u32, h as u32, z.b as u32);
-        let pass_grid = ((p * n).div_ceil(4 * NT as usize) as u32, h as u32, z.b as u32);
-        let c = f.common(&z);
-        let (hi, hpg, nci) = (Arg::I32(h as i32), Arg::I32((h / f.lay.groups) as i32), Arg::I32(z.nc as i32));
-        launch(&stream, &function(&m, k.state, sm_state)?, grid, nt, sm_state, &[
-            &[Arg::Ptr(xbc), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(pst), Arg::Ptr(pcs)][..], &c, &[Arg::I32(b_off as i32), nci],
-        ].concat())?;
-        launch(&stream, &function(&m, "ssd_state_passing", 0)?, pass_grid, NT, 0, &[Arg::Ptr(pst), Arg::Ptr(pcs), Arg::Ptr(s0), Arg::Ptr(0), hi, nci])?;
-        launch(&stream, &function(&m, k.dstate, sm_dstate)?, grid, nt, sm_dstate, &[
-            Arg::Ptr(xbc), Arg::Ptr(la), Arg::Ptr(dy), Arg::Ptr(pdst), Arg::I32(z.l as i32), hi, hpg, Arg::I32(z.row as i32), Arg::I32(c_off as i32), nci,
-        ])?;
-        launch(&stream, &function(&m, "ssd_state_passing_bwd", 0)?, pass_grid, NT, 0, &[
-            Arg::Ptr(pdst), Arg::Ptr(pst), Arg::Ptr(pcs), Arg::Ptr(dsf), Arg::Ptr(pdcs), Arg::Ptr(pds0), hi, nci,
-        ])?;
+        let passed = f.launch_states(&m, &stream, &z, [xbc, dt, la], s0, 0, pst, pcs, None)?;
         // Tensor-core path: B and C gradients per head into partials, then summed per group (plain
         // stores instead of atomics contended by every head of a group; OURO_SSD_ATOMICS=1 for atomics).
         let part = (f.mma && std::env::var_os("OURO_SSD_ATOMICS").is_none()).then(|| alloc_f32(&dev, z.b * z.l * h * 2 * n, false)).transpose()?;
-        let ppart = part.as_ref().map_or(0, |v| v.1);
-        let mut args = [
-            &[Arg::Ptr(xbc), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(pst), Arg::Ptr(pdst), Arg::Ptr(pdcs), Arg::Ptr(dy), Arg::Ptr(pdx), Arg::Ptr(pddt), Arg::Ptr(pdla)][..],
-            &c,
-            &[Arg::I32(b_off as i32), Arg::I32(c_off as i32), nci],
-        ]
-        .concat();
-        // The tensor-core kernel writes dD per chunk (reduced below); the f32 one adds into pdd.
+        // The tensor-core kernel writes dD per chunk (reduced after it); the f32 one adds into pdd.
         let dd_part = f.mma.then(|| alloc_f32(&dev, z.b * z.nc * h * p, false)).transpose()?;
-        if f.mma {
-            args.push(Arg::Ptr(ppart));
-        }
-        args.extend([Arg::Ptr(dskip), Arg::Ptr(dd_part.as_ref().map_or(pdd, |v| v.1))]);
-        launch(&stream, &function(&m, k.bwd, sm_bwd)?, grid, nt, sm_bwd, &args)?;
-        if let Some((_, dp)) = &dd_part {
-            launch(&stream, &function(&m, "ssd_reduce_dd", 0)?, ((h * p).div_ceil(256) as u32, 1, 1), 256, 0, &[
-                Arg::Ptr(*dp), Arg::Ptr(pdd), Arg::I32((z.b * z.nc) as i32), Arg::I32((h * p) as i32),
-            ])?;
-        }
-        if part.is_some() {
-            let blocks = ((z.b * z.l * f.lay.groups * 2 * n).div_ceil(256)).min(65535) as u32;
-            launch(&stream, &function(&m, "ssd_reduce_heads", 0)?, (blocks, 1, 1), 256, 0, &[
-                Arg::Ptr(ppart), Arg::Ptr(pdx), Arg::I64((z.b * z.l) as i64), hi, hpg, Arg::I32(z.row as i32), Arg::I32(b_off as i32), Arg::I32(c_off as i32),
-            ])?;
-        }
+        f.launch_bwd(&m, &stream, &z, &BwdPtrs {
+            xbc, dt, la, dy, passed, csum: pcs, dsf, ds0: pds0, dstates: pdst, dpassed: None, dcsum: pdcs, dx: pdx, ddt: pddt, dla: pdla,
+            part: part.as_ref().map(|v| v.1), dskip, dd: pdd, dd_part: dd_part.as_ref().map(|v| v.1),
+        })?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(total)))
     }
 }
@@ -441,7 +514,7 @@ impl CustomOp2 for SsdYCuda {
     fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
         let f = self.full();
         let z = f.sizes(l1)?;
-        let XbcLayout { heads: h, head_dim: p, d_state: n, b_off, c_off, .. } = self.lay;
+        let XbcLayout { heads: h, head_dim: p, d_state: n, .. } = self.lay;
         let dev = s1.device.clone();
         let stream = dev.cuda_stream();
         let m = self.module(s1)?;
@@ -456,20 +529,8 @@ impl CustomOp2 for SsdYCuda {
         let (_states, pst) = alloc_f32(&dev, nst, false)?;
         let (_passed, ppass) = alloc_bf16(&dev, nst, false)?;
         let (_csum, pcs) = alloc_f32(&dev, z.b * h * z.nc, false)?;
-        let k = f.kernels();
-        let grid = (z.nc as u32, h as u32, z.b as u32);
-        let pass_grid = ((p * n).div_ceil(4 * NT as usize) as u32, h as u32, z.b as u32);
-        let c = f.common(&z);
-        launch(&stream, &function(&m, k.state, k.smem[0])?, grid, k.threads, k.smem[0], &[
-            &[Arg::Ptr(xbc), Arg::Ptr(dtp), Arg::Ptr(la), Arg::Ptr(pst), Arg::Ptr(pcs)][..], &c, &[Arg::I32(b_off as i32), Arg::I32(z.nc as i32)],
-        ].concat())?;
-        launch(&stream, &function(&m, "ssd_state_passing_bf16", 0)?, pass_grid, NT, 0, &[
-            Arg::Ptr(pst), Arg::Ptr(ppass), Arg::Ptr(pcs), Arg::Ptr(0), Arg::Ptr(0), Arg::I32(h as i32), Arg::I32(z.nc as i32),
-        ])?;
-        launch(&stream, &function(&m, k.scan, k.smem[1])?, grid, k.threads, k.smem[1], &[
-            &[Arg::Ptr(xbc), Arg::Ptr(dtp), Arg::Ptr(la), Arg::Ptr(ppass), Arg::Ptr(py)][..], &c,
-            &[Arg::I32(b_off as i32), Arg::I32(c_off as i32), Arg::I32(z.nc as i32), Arg::Ptr(dskip)],
-        ].concat())?;
+        let passed = f.launch_states(&m, &stream, &z, [xbc, dtp, la], 0, 0, pst, pcs, Some(ppass))?;
+        f.launch_scan(&m, &stream, &z, [xbc, dtp, la], passed, py, dskip)?;
         Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from(ny)))
     }
 
@@ -504,7 +565,7 @@ impl CustomOp3 for SsdYCudaBwd {
         let y = &self.fwd;
         let f = y.full();
         let z = f.sizes(l1)?;
-        let XbcLayout { heads: h, head_dim: p, d_state: n, b_off, c_off, groups, x_off } = f.lay;
+        let XbcLayout { heads: h, head_dim: p, d_state: n, groups, x_off, .. } = f.lay;
         let dev = s1.device.clone();
         let stream = dev.cuda_stream();
         let m = y.module(s1)?;
@@ -535,34 +596,12 @@ impl CustomOp3 for SsdYCudaBwd {
         let pdla = pddtp + 4 * blh as u64;
         let (_part, ppart) = alloc_f32(&dev, z.b * z.l * h * 2 * n, false)?;
         let (_ddp, pddp) = alloc_f32(&dev, z.b * z.nc * h * p, false)?;
-        let k = f.kernels();
-        let ([sm_state, _, sm_dstate, sm_bwd], nt) = (k.smem, k.threads);
-        let grid = (z.nc as u32, h as u32, z.b as u32);
-        let pass_grid = ((p * n).div_ceil(4 * NT as usize) as u32, h as u32, z.b as u32);
-        let c = f.common(&z);
-        let (hi, hpg, nci) = (Arg::I32(h as i32), Arg::I32((h / groups) as i32), Arg::I32(z.nc as i32));
-        launch(&stream, &function(&m, k.state, sm_state)?, grid, nt, sm_state, &[
-            &[Arg::Ptr(xbc), Arg::Ptr(dtp), Arg::Ptr(la), Arg::Ptr(pst), Arg::Ptr(pcs)][..], &c, &[Arg::I32(b_off as i32), nci],
-        ].concat())?;
-        launch(&stream, &function(&m, "ssd_state_passing_bf16", 0)?, pass_grid, NT, 0, &[Arg::Ptr(pst), Arg::Ptr(ppass), Arg::Ptr(pcs), Arg::Ptr(0), Arg::Ptr(0), hi, nci])?;
-        launch(&stream, &function(&m, k.dstate, sm_dstate)?, grid, nt, sm_dstate, &[
-            Arg::Ptr(xbc), Arg::Ptr(la), Arg::Ptr(dy), Arg::Ptr(pdst), Arg::I32(z.l as i32), hi, hpg, Arg::I32(z.row as i32), Arg::I32(c_off as i32), nci,
-        ])?;
-        launch(&stream, &function(&m, "ssd_state_passing_bwd_bf16", 0)?, pass_grid, NT, 0, &[
-            Arg::Ptr(pdst), Arg::Ptr(pdpass), Arg::Ptr(ppass), Arg::Ptr(pcs), Arg::Ptr(0), Arg::Ptr(pdcs), Arg::Ptr(0), hi, nci,
-        ])?;
-        launch(&stream, &function(&m, k.bwd, sm_bwd)?, grid, nt, sm_bwd, &[
-            &[Arg::Ptr(xbc), Arg::Ptr(dtp), Arg::Ptr(la), Arg::Ptr(ppass), Arg::Ptr(pdpass), Arg::Ptr(pdcs), Arg::Ptr(dy), Arg::Ptr(pdx), Arg::Ptr(pddtp), Arg::Ptr(pdla)][..],
-            &c,
-            &[Arg::I32(b_off as i32), Arg::I32(c_off as i32), nci, Arg::Ptr(ppart), Arg::Ptr(dskip), Arg::Ptr(pddp)],
-        ].concat())?;
-        launch(&stream, &function(&m, "ssd_reduce_dd", 0)?, ((h * p).div_ceil(256) as u32, 1, 1), 256, 0, &[
-            Arg::Ptr(pddp), Arg::Ptr(pdd), Arg::I32((z.b * z.nc) as i32), Arg::I32((h * p) as i32),
-        ])?;
-        let blocks = ((z.b * z.l * groups * 2 * n).div_ceil(256)).min(65535) as u32;
-        launch(&stream, &function(&m, "ssd_reduce_heads", 0)?, (blocks, 1, 1), 256, 0, &[
-            Arg::Ptr(ppart), Arg::Ptr(pdx), Arg::I64((z.b * z.l) as i64), hi, hpg, Arg::I32(z.row as i32), Arg::I32(b_off as i32), Arg::I32(c_off as i32),
-        ])?;
+        let passed = f.launch_states(&m, &stream, &z, [xbc, dtp, la], 0, 0, pst, pcs, Some(ppass))?;
+        f.launch_bwd(&m, &stream, &z, &BwdPtrs {
+            xbc, dt: dtp, la, dy, passed, csum: pcs, dsf: 0, ds0: 0, dstates: pdst, dpassed: Some(pdpass), dcsum: pdcs, dx: pdx, ddt: pddtp, dla: pdla,
+            part: Some(ppart), dskip, dd: pdd, dd_part: Some(pddp),
+        })?;
+        let hi = Arg::I32(h as i32);
         let (pa, pbias) = (packed + 4 * blh as u64, packed + 4 * (blh + h) as u64);
         launch(&stream, &function(&m, "ssd_prep_dt_bwd", 0)?, (blh.div_ceil(256).min(1024) as u32, 1, 1), 256, 8 * h, &[
             Arg::Ptr(packed), Arg::Ptr(pa), Arg::Ptr(pbias), Arg::Ptr(pddtp), Arg::Ptr(pdla), Arg::Ptr(pddt), Arg::Ptr(pda), Arg::Ptr(pdbias),
