@@ -109,7 +109,8 @@ fn default_headdim() -> usize {
 pub struct DataSpec {
     /// A corpus name (`ouro data fetch NAME`: shakespeare, kjv, austen, celegans-chrx, ecoli), "arithmetic"
     /// (worked multi-step arithmetic, generated on first use; `ouro data arithmetic`), a text file, a folder of
-    /// .txt files, or a synthetic task (selective-copying, induction-heads).
+    /// .txt files, several of those joined by '+' ("austen+kjv+shakespeare"), or a synthetic task
+    /// (selective-copying, induction-heads).
     pub corpus: String,
     /// "bytes", "dna" (Caduceus' DNA characters, with a complement map) or a path to a tokenizer.json.
     #[serde(default = "bytes")]

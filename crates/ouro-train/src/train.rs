@@ -92,9 +92,38 @@ pub fn load_corpus(cfg: &TrainConfig, log: &mut dyn FnMut(&str)) -> Result<Corpu
 }
 
 /// A text corpus — a fetchable corpus name (fetched into `data_dir` on first use), "arithmetic" (generated
-/// into `data_dir/arithmetic` on first use, see [`crate::arith`]), a file or a folder of .txt files — tokenized
-/// and split into training and held-out streams by whole documents.
+/// into `data_dir/arithmetic` on first use, see [`crate::arith`]), a file or a folder of .txt files, or several
+/// of those joined by `+` (e.g. "austen+kjv+shakespeare": their documents together, each name prefixed with its
+/// corpus) — tokenized and split into training and held-out streams by whole documents.
 pub fn load_text(corpus: &str, data_dir: &Path, tokenizer: &Tokenizer, valid_fraction: f64, seed: u64, log: &mut dyn FnMut(&str)) -> Result<(Stream, Stream)> {
+    let texts = if corpus.contains('+') && !Path::new(corpus).exists() {
+        let mut all = Vec::new();
+        for part in corpus.split('+') {
+            if part.is_empty() {
+                bail!("corpus '{corpus}': an empty name between '+'");
+            }
+            all.extend(text_documents(part, data_dir, log)?.into_iter().map(|(name, text)| (format!("{part}/{name}"), text)));
+        }
+        all
+    } else {
+        text_documents(corpus, data_dir, log)?
+    };
+    let docs = tokenize(texts, tokenizer)?;
+    let (train, valid) = split(docs, valid_fraction, seed);
+    log(&format!(
+        "corpus {}: {} training documents ({} tokens), {} validation documents ({} tokens: {})",
+        corpus,
+        train.len(),
+        train.iter().map(|x| x.tokens.len()).sum::<usize>(),
+        valid.len(),
+        valid.iter().map(|x| x.tokens.len()).sum::<usize>(),
+        valid.iter().map(|x| x.name.as_str()).collect::<Vec<_>>().join(", ")
+    ));
+    Ok((Stream::new(&train), Stream::new(&valid)))
+}
+
+/// The (name, text) documents of one corpus (see [`load_text`]), fetching or generating it first if needed.
+fn text_documents(corpus: &str, data_dir: &Path, log: &mut dyn FnMut(&str)) -> Result<Vec<(String, String)>> {
     let path = Path::new(corpus);
     let folder = if corpus == "arithmetic" && !path.exists() {
         // The synthetic arithmetic corpus (crate::arith), generated into data_dir on first use.
@@ -109,18 +138,7 @@ pub fn load_text(corpus: &str, data_dir: &Path, tokenizer: &Tokenizer, valid_fra
     } else {
         path.to_path_buf()
     };
-    let docs = tokenize(crate::data::read_text_documents(&folder)?, tokenizer)?;
-    let (train, valid) = split(docs, valid_fraction, seed);
-    log(&format!(
-        "corpus {}: {} training documents ({} tokens), {} validation documents ({} tokens: {})",
-        corpus,
-        train.len(),
-        train.iter().map(|x| x.tokens.len()).sum::<usize>(),
-        valid.len(),
-        valid.iter().map(|x| x.tokens.len()).sum::<usize>(),
-        valid.iter().map(|x| x.name.as_str()).collect::<Vec<_>>().join(", ")
-    ));
-    Ok((Stream::new(&train), Stream::new(&valid)))
+    crate::data::read_text_documents(&folder)
 }
 
 /// Replaces a `prob` fraction of input tokens with `mask_id` and scores only those (BERT-style, no

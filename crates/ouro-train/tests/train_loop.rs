@@ -134,3 +134,35 @@ fn bad_configs_are_clear_errors() {
     assert!(e.contains("empty"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn corpora_joined_with_plus_load_together() {
+    // "a+b": the documents of both folders, names prefixed with their corpus; the split is by whole documents.
+    use ouro_nn::tokenizer::Tokenizer;
+    use ouro_train::train::load_text;
+    let dir = tmp("plus");
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    for (d, n) in [(&a, 3), (&b, 2)] {
+        std::fs::create_dir_all(d).unwrap();
+        for i in 0..n {
+            std::fs::write(d.join(format!("doc{i}.txt")), format!("{} document {i}\n", d.display()).repeat(50)).unwrap();
+        }
+    }
+    let joined = format!("{}+{}", a.display(), b.display());
+    let mut log = Vec::new();
+    let (train, valid) = load_text(&joined, &dir, &Tokenizer::Bytes, 0.2, 0, &mut |m| log.push(m.to_string())).unwrap();
+    let names: Vec<&String> = train.names.iter().chain(&valid.names).collect();
+    assert_eq!(names.len(), 5, "{names:?}");
+    for (d, n) in [(&a, 3), (&b, 2)] {
+        let prefix = format!("{}/", d.display());
+        assert_eq!(names.iter().filter(|x| x.starts_with(&prefix)).count(), n, "{names:?}");
+    }
+    assert!(!valid.is_empty() && !train.is_empty());
+    // One part alone gives the same tokens as that part within the join (documents are not altered).
+    let (ta, va) = load_text(&a.display().to_string(), &dir, &Tokenizer::Bytes, 0.0, 0, &mut |_| {}).unwrap();
+    assert!(va.is_empty());
+    assert_eq!(ta.len(), std::fs::read_dir(&a).unwrap().map(|f| std::fs::read(f.unwrap().path()).unwrap().len()).sum::<usize>());
+    // An empty name between '+' is a clear error.
+    let err = load_text(&format!("{}++{}", a.display(), b.display()), &dir, &Tokenizer::Bytes, 0.2, 0, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("empty name"), "{err}");
+}

@@ -18,7 +18,7 @@ pub struct DistillArgs {
     /// teacher (configs/distill/llamba-135m.toml).
     #[arg(long)]
     student_config: PathBuf,
-    /// A corpus name (`ouro data list`), a text file or a folder of .txt files.
+    /// A corpus name (`ouro data list`), a text file or a folder of .txt files; several joined by '+'.
     #[arg(long)]
     data: String,
     /// 1, 2, 3 or all (1 then 2 then 3).
