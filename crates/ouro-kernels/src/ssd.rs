@@ -1233,7 +1233,8 @@ pub fn ssd_xbc_y(xbc: &Tensor, dt: &Tensor, shape: XbcShape, a: &Tensor, dt_bias
     if algo != Algo::Quadratic && seq_idx.is_none() && xbc.device().is_cuda() && xbc.dim(1)? > 0 {
         let XbcShape { heads: h, head_dim: p, groups: g, d_state: n } = shape;
         expect_dims(a, &[h], "ssd: A")?;
-        if xbc.dim(2)? == h * p + 2 * g * n && g > 0 && h % g == 0 {
+        // Rows of another width are left to ssd_xbc's error; groups that do not divide the heads to scan_xbc_y's None.
+        if xbc.dim(2)? == h * p + 2 * g * n {
             let lay = crate::cuda::ssd::XbcLayout::mamba2(h, p, g, n);
             if let Some(y) = crate::cuda::ssd::scan_xbc_y(xbc, dt, a, dt_bias, d, dt_softplus, dt_limit, lay)? {
                 return Ok(y);

@@ -151,11 +151,6 @@ pub(crate) fn ptr(s: &CudaStorage, layout: &Layout, what: &str) -> Result<u64> {
     Ok(base + (layout.start_offset() * esize) as u64)
 }
 
-/// The device address of an f32 buffer.
-pub(crate) fn ptr_f32(v: &candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>, stream: &Arc<CudaStream>) -> u64 {
-    v.device_ptr(stream).0
-}
-
 const PROBE: &str = r#"
 extern "C" __global__ void fill_f32(float* p, float v, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) p[i] = v;
@@ -168,34 +163,42 @@ extern "C" __global__ void copy_f4(const float4* __restrict__ src, float4* __res
 }
 "#;
 
-/// Fills f32 `len` values at `p` with NaN when OURO_CUDA_POISON is set (tests: every output element a
-/// kernel claims to write must be written).
-pub(crate) fn poison(dev: &CudaDevice, p: u64, len: usize) -> Result<()> {
+/// Fills `len` values at `p` with NaN by the probe kernel `fill` (NaN given as `nan`) when OURO_CUDA_POISON
+/// is set (tests: every output element a kernel claims to write must be written).
+fn poison_with(dev: &CudaDevice, fill: &str, nan: Arg, p: u64, len: usize) -> Result<()> {
     if std::env::var_os("OURO_CUDA_POISON").is_some() && len > 0 {
         let m = module(dev, "probe", PROBE, &[])?;
-        let f = function(&m, "fill_f32", 0)?;
-        launch(&dev.cuda_stream(), &f, (256, 1, 1), 256, 0, &[Arg::Ptr(p), Arg::F32(f32::NAN), Arg::I64(len as i64)])?;
+        launch(&dev.cuda_stream(), &function(&m, fill, 0)?, (256, 1, 1), 256, 0, &[Arg::Ptr(p), nan, Arg::I64(len as i64)])?;
     }
     Ok(())
 }
 
-/// Fills bf16 `len` values at `p` with NaN when OURO_CUDA_POISON is set (as [`poison`]).
+/// [`poison_with`] for f32 values.
+pub(crate) fn poison(dev: &CudaDevice, p: u64, len: usize) -> Result<()> {
+    poison_with(dev, "fill_f32", Arg::F32(f32::NAN), p, len)
+}
+
+/// [`poison_with`] for bf16 values (0x7fc0: a quiet NaN).
 pub(crate) fn poison_bf16(dev: &CudaDevice, p: u64, len: usize) -> Result<()> {
-    if std::env::var_os("OURO_CUDA_POISON").is_some() && len > 0 {
-        let m = module(dev, "probe", PROBE, &[])?;
-        let f = function(&m, "fill_u16", 0)?;
-        launch(&dev.cuda_stream(), &f, (256, 1, 1), 256, 0, &[Arg::Ptr(p), Arg::I32(0x7fc0), Arg::I64(len as i64)])?;
-    }
-    Ok(())
+    poison_with(dev, "fill_u16", Arg::I32(0x7fc0), p, len)
+}
+
+/// A fresh device buffer of `len` values of T (uninitialised, or zeroed) and its address.
+fn alloc<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits>(
+    dev: &CudaDevice,
+    len: usize,
+    zeroed: bool,
+) -> Result<(candle_core::cuda_backend::cudarc::driver::CudaSlice<T>, u64)> {
+    use candle_core::cuda_backend::WrapErr;
+    let stream = dev.cuda_stream();
+    let v = if zeroed { stream.alloc_zeros::<T>(len.max(1)).w()? } else { unsafe { stream.alloc::<T>(len.max(1)) }.w()? };
+    let p = v.device_ptr(&stream).0;
+    Ok((v, p))
 }
 
 /// A fresh bf16 device buffer of `len` values (uninitialised, or zeroed) and its address.
 pub(crate) fn alloc_bf16(dev: &CudaDevice, len: usize, zeroed: bool) -> Result<(candle_core::cuda_backend::cudarc::driver::CudaSlice<half::bf16>, u64)> {
-    use candle_core::cuda_backend::WrapErr;
-    let stream = dev.cuda_stream();
-    let v = if zeroed { stream.alloc_zeros::<half::bf16>(len.max(1)).w()? } else { unsafe { stream.alloc::<half::bf16>(len.max(1)) }.w()? };
-    let p = v.device_ptr(&stream).0;
-    Ok((v, p))
+    alloc(dev, len, zeroed)
 }
 
 /// A storage made by a kernel launch beside an op's own output (a candle op returns one storage), left
@@ -233,11 +236,7 @@ impl candle_core::CustomOp1 for Stash {
 
 /// A fresh f32 device buffer of `len` values (uninitialised, or zeroed) and its address.
 pub(crate) fn alloc_f32(dev: &CudaDevice, len: usize, zeroed: bool) -> Result<(candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>, u64)> {
-    use candle_core::cuda_backend::WrapErr;
-    let stream = dev.cuda_stream();
-    let v = if zeroed { stream.alloc_zeros::<f32>(len.max(1)).w()? } else { unsafe { stream.alloc::<f32>(len.max(1)) }.w()? };
-    let p = ptr_f32(&v, &stream);
-    Ok((v, p))
+    alloc(dev, len, zeroed)
 }
 
 /// Document ids (b·l) on the device, or None (address 0) for an unsegmented batch.

@@ -427,14 +427,16 @@ extern "C" __global__ void __launch_bounds__(NT) ssd_chunk_bwd(const T* xbc, con
     }
 }
 
-// Over (rows, H) f32: dtp = clamp(softplus(dt + bias_h), lo, hi) (softplus when `softplus`; torch's
-// threshold: x > 20 → x), la = dtp·A_h.
+// softplus(x) with torch's threshold (x > 20 → x) when `on`, else x.
+__device__ __forceinline__ float maybe_softplus(float x, int on) { return on && x <= 20.f ? log1pf(__expf(x)) : x; }
+
+// Over (rows, H) f32: dtp = clamp(softplus(dt + bias_h), lo, hi) (softplus when `softplus`), la = dtp·A_h.
 extern "C" __global__ void ssd_prep_dt(const float* dt, const float* A, const float* bias, float* dtp, float* la, long total, int H,
                                        int softplus, float lo, float hi) {
     for (long e = blockIdx.x * (long)blockDim.x + threadIdx.x; e < total; e += (long)gridDim.x * blockDim.x) {
         const int h = e % H;
         const float x = dt[e] + bias[h];
-        const float v = fminf(fmaxf(softplus && x <= 20.f ? log1pf(__expf(x)) : x, lo), hi);
+        const float v = fminf(fmaxf(maybe_softplus(x, softplus), lo), hi);
         dtp[e] = v;
         la[e] = v * A[h];
     }
@@ -451,7 +453,7 @@ extern "C" __global__ void ssd_prep_dt_bwd(const float* dt, const float* A, cons
     for (long e = blockIdx.x * (long)blockDim.x + threadIdx.x; e < total; e += (long)gridDim.x * blockDim.x) {
         const int h = e % H;
         const float x = dt[e] + bias[h];
-        const float sp = softplus && x <= 20.f ? log1pf(__expf(x)) : x;
+        const float sp = maybe_softplus(x, softplus);
         const float v = fminf(fmaxf(sp, lo), hi);
         float g = 0.f;
         if (sp >= lo && sp <= hi) g = (ddtp[e] + dla[e] * A[h]) * (softplus ? 1.f / (1.f + __expf(-x)) : 1.f);

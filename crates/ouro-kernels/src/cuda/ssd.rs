@@ -120,13 +120,7 @@ pub fn scan_xbc(xbc: &Tensor, dt: &Tensor, la: &Tensor, d: Option<&Tensor>, s0: 
     let plan_dtype = if aligned { xbc.dtype() } else { DType::F32 };
     let Some((q, mma)) = plan(xbc.device(), plan_dtype, p, n) else { bail!("ssd (cuda): head_dim {p} and d_state {n} do not fit the kernels") };
     let xbc = if mma && xbc.layout().start_offset() % 8 != 0 { xbc.copy()? } else { xbc };
-    // D as (h, p) f32 (zeros without a skip); its gradient flows back through the broadcast.
-    let d = match d {
-        Some(d) if d.dims() == [h] => d.to_dtype(DType::F32)?.reshape((h, 1))?.broadcast_as((h, p))?,
-        Some(d) if d.dims() == [h, p] => d.to_dtype(DType::F32)?,
-        Some(d) => bail!("ssd (cuda): D must be ({h}) or ({h}, {p}), got shape {:?}", d.dims()),
-        None => Tensor::zeros((h, p), DType::F32, xbc.device())?,
-    };
+    let d = skip_hp(d, h, p, xbc.device())?;
     for (t, what) in [(dt, "dt"), (la, "la")] {
         if t.dims() != [b, l, h] {
             bail!("ssd (cuda): {what} must be ({b}, {l}, {h}), got shape {:?}", t.dims());
@@ -145,9 +139,19 @@ pub fn scan_xbc(xbc: &Tensor, dt: &Tensor, la: &Tensor, d: Option<&Tensor>, s0: 
     if packed.elem_count() != 2 * b * l * h + h * p + if s0.is_some() { b * h * p * n } else { 0 } {
         bail!("ssd (cuda): dt and la must be ({b}, {l}, {h}) and the initial states ({b}, {h}, {p}, {n})");
     }
-    let out = xbc.apply_op2(&packed, SsdCuda { lay, q, has_s0: s0.is_some(), mma })?;
+    let out = xbc.apply_op2(&packed, SsdCuda { lay, q, has_s0: s0.is_some(), mma, io_t: false })?;
     let ny = b * l * h * p;
     Ok((out.narrow(0, 0, ny)?.reshape((b, l, h, p))?, out.narrow(0, ny, b * h * p * n)?.reshape((b, h, p, n))?))
+}
+
+/// The skip D as (h, p) f32 (zeros without one); its gradient flows back through the broadcast.
+fn skip_hp(d: Option<&Tensor>, h: usize, p: usize, dev: &candle_core::Device) -> Result<Tensor> {
+    Ok(match d {
+        Some(d) if d.dims() == [h] => d.to_dtype(DType::F32)?.reshape((h, 1))?.broadcast_as((h, p))?,
+        Some(d) if d.dims() == [h, p] => d.to_dtype(DType::F32)?,
+        Some(d) => bail!("ssd (cuda): D must be ({h}) or ({h}, {p}), got shape {:?}", d.dims()),
+        None => Tensor::zeros((h, p), DType::F32, dev)?,
+    })
 }
 
 #[derive(Clone, Copy)]
@@ -157,6 +161,8 @@ struct SsdCuda {
     has_s0: bool,
     /// bf16 tensor-core kernels (q = 64) instead of the f32 ones.
     mma: bool,
+    /// y, dy and dx in bf16 and the passed states in bf16 (the y-only op's kernels, compiled with IO_T).
+    io_t: bool,
 }
 
 /// (chunk_state, chunk_scan, chunk_dstate, chunk_bwd) of one variant.
@@ -183,14 +189,14 @@ impl SsdCuda {
         Ok(Sizes { b, l, row, nc: l.div_ceil(self.q) })
     }
 
-    fn module(&self, s: &CudaStorage) -> Result<std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaModule>> {
+    fn module(&self, s: &CudaStorage) -> Result<Module> {
         let bf16 = match s.dtype() {
             DType::BF16 => 1,
             DType::F32 => 0,
             d => bail!("ssd (cuda): xbc must be f32 or bf16, got {d:?}"),
         };
         let XbcLayout { head_dim: p, d_state: n, .. } = self.lay;
-        module(&s.device, "ssd.cu", SOURCE, &[("T_BF16", bf16), ("P", p as i64), ("N", n as i64), ("Q", self.q as i64)])
+        module(&s.device, "ssd.cu", SOURCE, &[("T_BF16", bf16), ("P", p as i64), ("N", n as i64), ("Q", self.q as i64), ("IO_T", self.io_t as i64)])
     }
 
     /// The kernel names, threads per block and shared memory of this call's variant.
@@ -450,12 +456,7 @@ pub fn scan_xbc_y(xbc: &Tensor, dt: &Tensor, a: &Tensor, dt_bias: Option<&Tensor
     let xbc = xbc.contiguous()?;
     let xbc = if xbc.layout().start_offset() % 8 != 0 { xbc.copy()? } else { xbc };
     let f = |t: &Tensor| t.to_dtype(DType::F32);
-    let d = match d {
-        Some(d) if d.dims() == [h] => f(d)?.reshape((h, 1))?.broadcast_as((h, p))?,
-        Some(d) if d.dims() == [h, p] => f(d)?,
-        Some(d) => bail!("ssd (cuda): D must be ({h}) or ({h}, {p}), got shape {:?}", d.dims()),
-        None => Tensor::zeros((h, p), DType::F32, xbc.device())?,
-    };
+    let d = skip_hp(d, h, p, xbc.device())?;
     let bias = match dt_bias {
         Some(t) => f(t)?,
         None => Tensor::zeros(h, DType::F32, xbc.device())?,
@@ -479,21 +480,22 @@ struct SsdYCuda {
 }
 
 impl SsdYCuda {
-    /// The kernels of the y-only op (IO_T: y, dy and dx in bf16) and the shared launch sizes.
-    fn module(&self, s: &CudaStorage) -> Result<std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaModule>> {
-        let XbcLayout { head_dim: p, d_state: n, .. } = self.lay;
-        module(&s.device, "ssd.cu", SOURCE, &[("T_BF16", 1), ("P", p as i64), ("N", n as i64), ("Q", MMA_CHUNK as i64), ("IO_T", 1)])
+    /// The launch plan of the y-only op: the tensor-core kernels with y, dy and dx in bf16.
+    fn full(&self) -> SsdCuda {
+        SsdCuda { lay: self.lay, q: MMA_CHUNK, has_s0: false, mma: true, io_t: true }
     }
 
-    fn full(&self) -> SsdCuda {
-        SsdCuda { lay: self.lay, q: MMA_CHUNK, has_s0: false, mma: true }
+    /// Addresses of A, dt_bias and D in `packed` ([dt (blh) | A (h) | dt_bias (h) | D (h·p)]).
+    fn params(&self, packed: u64, blh: usize) -> [u64; 3] {
+        let h = self.lay.heads;
+        [packed + 4 * blh as u64, packed + 4 * (blh + h) as u64, packed + 4 * (blh + 2 * h) as u64]
     }
 
     /// dtp and la (each b·l·h f32) from the raw dt and the parameters at the head of `packed`.
-    fn prep(&self, dev: &candle_core::cuda_backend::CudaDevice, m: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaModule>, packed: u64, blh: usize) -> Result<(candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>, u64, u64)> {
+    fn prep(&self, dev: &candle_core::cuda_backend::CudaDevice, m: &Module, packed: u64, blh: usize) -> Result<(candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>, u64, u64)> {
         let h = self.lay.heads;
         let (buf, pb) = alloc_f32(dev, 2 * blh, false)?;
-        let (pa, pbias) = (packed + 4 * blh as u64, packed + 4 * (blh + h) as u64);
+        let [pa, pbias, _] = self.params(packed, blh);
         launch(&dev.cuda_stream(), &function(m, "ssd_prep_dt", 0)?, (blh.div_ceil(256).min(4096) as u32, 1, 1), 256, 0, &[
             Arg::Ptr(packed), Arg::Ptr(pa), Arg::Ptr(pbias), Arg::Ptr(pb), Arg::Ptr(pb + 4 * blh as u64), Arg::I64(blh as i64), Arg::I32(h as i32),
             Arg::I32(self.softplus as i32), Arg::F32(self.lo), Arg::F32(self.hi),
@@ -517,10 +519,10 @@ impl CustomOp2 for SsdYCuda {
         let XbcLayout { heads: h, head_dim: p, d_state: n, .. } = self.lay;
         let dev = s1.device.clone();
         let stream = dev.cuda_stream();
-        let m = self.module(s1)?;
+        let m = f.module(s1)?;
         let (xbc, packed) = (ptr(s1, l1, "ssd xbc")?, ptr(s2, l2, "ssd dt/params")?);
         let blh = z.b * z.l * h;
-        let dskip = packed + 4 * (blh + 2 * h) as u64;
+        let [_, _, dskip] = self.params(packed, blh);
         let (_prep, dtp, la) = self.prep(&dev, &m, packed, blh)?;
         let ny = z.b * z.l * h * p;
         let (y, py) = alloc_bf16(&dev, ny, false)?;
@@ -568,10 +570,10 @@ impl CustomOp3 for SsdYCudaBwd {
         let XbcLayout { heads: h, head_dim: p, d_state: n, groups, x_off, .. } = f.lay;
         let dev = s1.device.clone();
         let stream = dev.cuda_stream();
-        let m = y.module(s1)?;
+        let m = f.module(s1)?;
         let (xbc, packed, dy) = (ptr(s1, l1, "ssd xbc")?, ptr(s2, l2, "ssd dt/params")?, ptr(s3, l3, "ssd dy")?);
         let blh = z.b * z.l * h;
-        let dskip = packed + 4 * (blh + 2 * h) as u64;
+        let [pa, pbias, dskip] = y.params(packed, blh);
         let (_prep, dtp, la) = y.prep(&dev, &m, packed, blh)?;
         let nx = z.b * z.l * z.row;
         // Columns of a row outside x, B and C get no gradient: zero them first.
@@ -582,7 +584,8 @@ impl CustomOp3 for SsdYCudaBwd {
         }
         let total = blh + 2 * h + h * p;
         let (dpk, pdpk) = alloc_f32(&dev, total, true)?;
-        let (pddt, pda, pdbias, pdd) = (pdpk, pdpk + 4 * blh as u64, pdpk + 4 * (blh + h) as u64, pdpk + 4 * (blh + 2 * h) as u64);
+        // The gradient of `packed`, laid out as it is.
+        let (pddt, [pda, pdbias, pdd]) = (pdpk, y.params(pdpk, blh));
         poison(&dev, pddt, blh)?;
         poison(&dev, pdd, h * p)?;
         let nst = z.b * z.nc * h * p * n;
@@ -602,7 +605,6 @@ impl CustomOp3 for SsdYCudaBwd {
             part: Some(ppart), dskip, dd: pdd, dd_part: Some(pddp),
         })?;
         let hi = Arg::I32(h as i32);
-        let (pa, pbias) = (packed + 4 * blh as u64, packed + 4 * (blh + h) as u64);
         launch(&stream, &function(&m, "ssd_prep_dt_bwd", 0)?, (blh.div_ceil(256).min(1024) as u32, 1, 1), 256, 8 * h, &[
             Arg::Ptr(packed), Arg::Ptr(pa), Arg::Ptr(pbias), Arg::Ptr(pddtp), Arg::Ptr(pdla), Arg::Ptr(pddt), Arg::Ptr(pda), Arg::Ptr(pdbias),
             Arg::I64(blh as i64), hi, Arg::I32(y.softplus as i32), Arg::F32(y.lo), Arg::F32(y.hi),
