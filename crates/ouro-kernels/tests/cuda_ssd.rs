@@ -222,3 +222,17 @@ fn y_only_op_short_no_skip_no_bias() {
         check_y(Case { b: 2, l, h: 4, p: 32, g: 4, n: 32, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: false }, false);
     }
 }
+
+#[test]
+fn every_heads_per_block_matches_the_cpu() {
+    // chunk_state_mma / chunk_scan_mma take 1, 2, 4 or 8 heads of a group per block (B, C and C·Bᵀ shared,
+    // x and S_in double-buffered by cp.async): the same numbers with each, a partial chunk included.
+    let Some(_) = cuda() else { return };
+    for hb in ["1", "2", "4", "8"] {
+        std::env::set_var("OURO_SSD_HEADS_PER_BLOCK", hb);
+        eprintln!("heads per block {hb}");
+        check(Case { b: 2, l: 200, h: 8, p: 64, g: 1, n: 64, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: true, with_d: true }, DType::BF16, 1e-2);
+        check_y(Case { b: 1, l: 150, h: 16, p: 32, g: 2, n: 128, dt_limit: (0.001, 0.1), init: false, d_per_channel: false, with_d: true }, true);
+    }
+    std::env::remove_var("OURO_SSD_HEADS_PER_BLOCK");
+}

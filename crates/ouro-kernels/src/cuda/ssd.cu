@@ -29,6 +29,14 @@
 #define IO_T 0
 #endif
 
+// The chunks' own states and their gradients (written by chunk_state / chunk_dstate, read by the state
+// passing): bf16 in the y-only op (IO_T: its y and gradients are bf16 too), else f32.
+#if IO_T
+typedef unsigned short CT;
+#else
+typedef float CT;
+#endif
+
 #if T_BF16
 typedef unsigned short T;
 __device__ __forceinline__ float ld(const T* p, long i) { return __uint_as_float(((unsigned)p[i]) << 16); }
@@ -144,8 +152,8 @@ __device__ __forceinline__ void st4(unsigned short* p, float4 v) {
 
 // states (f32, the chunks' own contributions) → out[b, c, h] = the state entering chunk c (OT: f32, which
 // may be states itself, or bf16).
-template <typename OT>
-__device__ __forceinline__ void state_passing(const float* states, OT* out, const float* csum, const float* s0, float* sf, int H, int NC) {
+template <typename IT, typename OT>
+__device__ __forceinline__ void state_passing(const IT* states, OT* out, const float* csum, const float* s0, float* sf, int H, int NC) {
     const int e = 4 * (blockIdx.x * NT + threadIdx.x), h = blockIdx.y, b = blockIdx.z;
     if (e >= P * N) return;
     const long bh = (long)b * H + h;
@@ -181,7 +189,7 @@ extern "C" __global__ void __launch_bounds__(NT) ssd_state_passing(float* states
     state_passing(states, states, csum, s0, sf, H, NC);
 }
 
-extern "C" __global__ void __launch_bounds__(NT) ssd_state_passing_bf16(const float* states, unsigned short* out, const float* csum, const float* s0,
+extern "C" __global__ void __launch_bounds__(NT) ssd_state_passing_bf16(const CT* states, unsigned short* out, const float* csum, const float* s0,
                                                                          float* sf, int H, int NC) {
     state_passing(states, out, csum, s0, sf, H, NC);
 }
@@ -255,8 +263,8 @@ extern "C" __global__ void __launch_bounds__(NT) ssd_chunk_dstate(const T* xbc, 
 // or null. Loads run AHEAD chunks ahead.
 // ST: the passed states' type (f32 or bf16); the result goes to dout (OT: f32, which may be dstates
 // itself, or bf16).
-template <typename ST, typename OT>
-__device__ __forceinline__ void state_passing_bwd(const float* dstates, OT* dout, const ST* states, const float* csum, const float* dsf, float* dcsum, float* ds0, int H, int NC) {
+template <typename DT, typename ST, typename OT>
+__device__ __forceinline__ void state_passing_bwd(const DT* dstates, OT* dout, const ST* states, const float* csum, const float* dsf, float* dcsum, float* ds0, int H, int NC) {
     const int e = 4 * (blockIdx.x * NT + threadIdx.x), h = blockIdx.y, b = blockIdx.z;
     const bool live = e < P * N;
     const long bh = (long)b * H + h;
@@ -264,7 +272,6 @@ __device__ __forceinline__ void state_passing_bwd(const float* dstates, OT* dout
     const float* dse = (live && dsf) ? dsf + bh * (P * N) + e : nullptr;
     float4 gr = dse ? make_float4(dse[0], dse[1], dse[2], dse[3]) : z4;
     const long off = ((long)b * NC * H + h) * (P * N) + (live ? e : 0);
-    const float4* dbase = reinterpret_cast<const float4*>(dstates + off);
     const long cstride = (long)H * (P * N) / 4; // float4s between chunks
     for (int c0 = NC - 1; c0 >= 0; c0 -= AHEAD) {
         float4 mine[AHEAD], sin[AHEAD];
@@ -275,7 +282,7 @@ __device__ __forceinline__ void state_passing_bwd(const float* dstates, OT* dout
             dk[k] = 0.f;
             if (c0 - k >= 0) dk[k] = csum[bh * NC + c0 - k];
             if (live && c0 - k >= 0) {
-                mine[k] = dbase[(c0 - k) * cstride];
+                mine[k] = ld4(dstates + off + (c0 - k) * cstride * 4);
                 sin[k] = ld4(states + off + (c0 - k) * cstride * 4);
             }
         }
@@ -303,7 +310,7 @@ extern "C" __global__ void __launch_bounds__(NT) ssd_state_passing_bwd(float* ds
     state_passing_bwd(dstates, dstates, states, csum, dsf, dcsum, ds0, H, NC);
 }
 
-extern "C" __global__ void __launch_bounds__(NT) ssd_state_passing_bwd_bf16(const float* dstates, unsigned short* dout, const unsigned short* states,
+extern "C" __global__ void __launch_bounds__(NT) ssd_state_passing_bwd_bf16(const CT* dstates, unsigned short* dout, const unsigned short* states,
                                                                              const float* csum, const float* dsf, float* dcsum, float* ds0, int H, int NC) {
     state_passing_bwd(dstates, dout, states, csum, dsf, dcsum, ds0, H, NC);
 }
@@ -507,9 +514,12 @@ __device__ __forceinline__ float2 ld2f(const bf* p, long i) {
     const unsigned u = *reinterpret_cast<const unsigned*>(p + i);
     return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
 }
-// The passed states' type read by the tensor-core kernels: bf16 in the y-only op (ssd_state_passing_bf16).
-typedef YT ST;
+// The passed states' type read by the tensor-core kernels: bf16 (ssd_state_passing_bf16; the products round
+// them to bf16 anyway).
+typedef bf ST;
 __device__ __forceinline__ void st1(float* p, long i, float v) { p[i] = v; }
+__device__ __forceinline__ float ld1(const float* p, long i) { return p[i]; }
+__device__ __forceinline__ float ld1(const bf* p, long i) { return __uint_as_float((unsigned)p[i] << 16); }
 __device__ __forceinline__ void st1(bf* p, long i, float v) { p[i] = to_bf(v); }
 
 // The A fragment (16×16, row-major) at rows r0.., cols k0.. of a row-major tile with row stride `st`.
@@ -596,6 +606,51 @@ __device__ __forceinline__ void load_tile(const T* g, long rs, int nr, const flo
         }
     }
 }
+// The A fragment (16×16, rows m, cols k) at m0, k0 from a tile stored [k][m] (row stride `st`, rows 16-byte
+// aligned) by ldmatrix.x4.trans: lanes 8q..8q+7 address the rows of 8×8 block q (q & 1: m + 8, q & 2: k + 8).
+__device__ __forceinline__ void frag_a_t(unsigned* a, const bf* s, int st, int m0, int k0) {
+    const int lane = threadIdx.x & 31, q = lane >> 3;
+    const unsigned addr = (unsigned)__cvta_generic_to_shared(s + (k0 + (lane & 7) + (q & 2) * 4) * st + m0 + (q & 1) * 8);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]) : "r"(addr));
+}
+
+// Asynchronous copies (cp.async, sm_80): 16 bytes global → shared, zero-filled when !valid; a group of them
+// is committed, then waited for with W groups left in flight.
+__device__ __forceinline__ void cp16(void* dst, const void* src, bool valid) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int W>
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(W)); }
+
+// Rows [0, ROWS) × W bf16 columns of a row-major global matrix (row r at g + r·rs) into a shared tile stored
+// as is (s[r·sn + k]), by cp.async, rows ≥ nr zero-filled. Consecutive threads take consecutive 16-byte
+// pieces of a row. For 128-thread blocks; W % 8 == 0.
+template <int ROWS, int W>
+__device__ __forceinline__ void cp_tile(const bf* g, long rs, int nr, bf* s, int sn) {
+    constexpr int PR = W / 8;
+#pragma unroll 4
+    for (int e = threadIdx.x; e < ROWS * PR; e += 128) {
+        const int r = e / PR, k = 8 * (e % PR);
+        cp16(s + r * sn + k, r < nr ? g + r * rs + k : g, r < nr);
+    }
+}
+
+// Rows of a tile loaded by cp_tile<ROWS, W>, each scaled by w[r] in place: the pieces this thread copied
+// (call after its cp_wait, before the barrier that shows the tile to the other threads).
+template <int ROWS, int W>
+__device__ __forceinline__ void scale_own_rows(bf* s, int sn, const float* w) {
+    constexpr int PR = W / 8;
+#pragma unroll 4
+    for (int e = threadIdx.x; e < ROWS * PR; e += 128) {
+        const int r = e / PR, k = 8 * (e % PR);
+        uint4* v = reinterpret_cast<uint4*>(s + r * sn + k);
+        *v = Load16<bf>::to_bf16(*v, true, w[r]);
+    }
+}
+
 // acc[t] += A[r0..r0+16][k]·B[t·8..t·8+8][k]ᵀ summed over the k-steps kt ∈ [kt_from, K/16) (k = 16·kt),
 // for the n8 tiles t < live of TILES: A stored [row][k] (stride sa), B stored [n][k] (stride sb), or [k][n]
 // when BT (loaded by ldmatrix.trans). UNROLL is the k loop's unroll factor.
@@ -623,149 +678,186 @@ __device__ __forceinline__ void zero(float (*acc)[4]) {
     for (int t = 0; t < TILES; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
 }
 
-// out[p][n] = Σ_j at[p][j]·bt[n][j] over the chunk (tiles stored with row stride MQ + PADK), f32.
-__device__ __forceinline__ void pn_product(const bf* at, const bf* bt, float* out) {
-    constexpr int SK = MQ + PADK;
+// out_k[p][n] = Σ_j w_k[j]·v_k[j][p]·u[j][n] over the chunk, for the HB heads k of a block (one group): u
+// (MQ rows of N, shared by the heads) loaded once; each head's v (MQ rows of P at v + k·P, row stride vrs)
+// arrives by cp.async a head ahead of its product (two buffers) and is scaled in place by w_k (f32 v is
+// loaded, scaled and converted synchronously instead); out_k at out + k·P·N (CT). Shared memory: um
+// (MQ × (N + PADK)) and vs (2 × MQ × (P + PADK)). Reads w (HB × MQ) after its first barrier.
+template <typename VT>
+__device__ __forceinline__ void pn_heads(const bf* u, long urs, const VT* v, long vrs, int nq, const float* w, CT* out, int HB, bf* um, bf* vs) {
+    constexpr int SN2 = N + PADK, SP2 = P + PADK;
+    constexpr bool async = sizeof(VT) == 2;
+    auto issue = [&](int k) { // head k's v into buffer k & 1
+        if constexpr (async) cp_tile<MQ, P>(v + k * P, vrs, nq, vs + (k & 1) * MQ * SP2, SP2);
+        cp_commit();
+    };
+    cp_tile<MQ, N>(u, urs, nq, um, SN2);
+    issue(0);
+    if (HB > 1) issue(1);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
-    for (int strip = warp; strip < P / 16; strip += 4) {
-        float acc[N / 8][4];
-        zero<N / 8>(acc);
-        strip_mma<N / 8, MQ, MQ / 16>(acc, at, SK, strip * 16, bt, SK);
+    for (int k = 0; k < HB; ++k) {
+        bf* vk = vs + (k & 1) * MQ * SP2;
+        if (k + 1 < HB) cp_wait<1>();
+        else cp_wait<0>();
+        if (k == 0) __syncthreads(); // w written by the caller
+        if constexpr (async) scale_own_rows<MQ, P>(vk, SP2, w + k * MQ);
+        else load_tile<VT, MQ, P>(v + k * P, vrs, nq, w + k * MQ, vk, SP2, nullptr, 0);
+        __syncthreads();
+        // A = v_kᵀ and B = u, both read transposed by ldmatrix.
+        CT* o = out + (long)k * P * N;
+        for (int strip = warp; strip < P / 16; strip += 4) {
+            float acc[N / 8][4];
+            zero<N / 8>(acc);
 #pragma unroll
-        for (int nt = 0; nt < N / 8; ++nt) {
-            const int p = strip * 16 + gq, n = nt * 8 + 2 * tq;
-            *reinterpret_cast<float2*>(out + p * N + n) = make_float2(acc[nt][0], acc[nt][1]);
-            *reinterpret_cast<float2*>(out + (p + 8) * N + n) = make_float2(acc[nt][2], acc[nt][3]);
+            for (int kt = 0; kt < MQ / 16; ++kt) {
+                unsigned fa[4];
+                frag_a_t(fa, vk, SP2, strip * 16, kt * 16);
+#pragma unroll
+                for (int nt = 0; nt < N / 8; ++nt) {
+                    unsigned fb[2];
+                    frag_b_t(fb, um, SN2, nt * 8, kt * 16);
+                    mma16816(acc[nt], fa, fb);
+                }
+            }
+#pragma unroll
+            for (int nt = 0; nt < N / 8; ++nt) {
+                const int pp = strip * 16 + gq, n = nt * 8 + 2 * tq;
+                st2(o, pp * N + n, acc[nt][0], acc[nt][1]);
+                st2(o, (pp + 8) * N + n, acc[nt][2], acc[nt][3]);
+            }
         }
+        __syncthreads(); // buffer k & 1 is free
+        if (k + 2 < HB) issue(k + 2);
     }
 }
 
-// Grid (NC, H, Bt), 128 threads. As ssd_chunk_state.
-extern "C" __global__ void __launch_bounds__(128) ssd_chunk_state_mma(const T* xbc, const float* dt, const float* la, float* states,
+// Grid (NC, H/HB, Bt), 128 threads. As ssd_chunk_state, for the HB heads h0.. of one group (HB divides HPG),
+// by pn_heads: v = x, u = B, w_j = exp(cs_last − cs_j)·dt_j.
+extern "C" __global__ void __launch_bounds__(128) ssd_chunk_state_mma(const T* xbc, const float* dt, const float* la, CT* states,
                                                                       float* csum, int L, int H, int HPG, int ROW, int X_OFF,
-                                                                      int B_OFF, int NC) {
-    constexpr int SK = MQ + PADK;
+                                                                      int B_OFF, int NC, int HB) {
+    constexpr int SN2 = N + PADK;
     extern __shared__ float sm[];
-    float* cs = sm;                                   // MQ
-    float* w = cs + MQ;                               // MQ
-    bf* xw = reinterpret_cast<bf*>(w + MQ);           // P × SK: (w_j·x_j)[p], stored [p][j]
-    bf* bt = xw + P * SK;                             // N × SK: B stored [n][j]
-    const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / HPG;
+    float* cs = sm;                                   // HB × MQ
+    float* w = cs + HB * MQ;                          // HB × MQ
+    bf* um = reinterpret_cast<bf*>(w + HB * MQ);      // MQ × SN2: B [j][n]
+    bf* vs = um + MQ * SN2;                           // 2 × MQ × SP2: x [j][p]
+    const int c = blockIdx.x, h0 = blockIdx.y * HB, b = blockIdx.z, g = h0 / HPG;
     const int t0 = c * MQ, nq = min(MQ, L - t0);
     const long r0 = (long)b * L + t0;
-    chunk_cumsum(la, r0 * H + h, H, nq, cs);
-    const float csl = cs[MQ - 1];
-    for (int i = threadIdx.x; i < MQ; i += blockDim.x) w[i] = i < nq ? __expf(csl - cs[i]) * dt[(r0 + i) * H + h] : 0.f;
-    __syncthreads();
-    load_tile<bf, MQ, P>(xbc + r0 * ROW + X_OFF + h * P, ROW, nq, w, nullptr, 0, xw, SK);
-    load_tile<bf, MQ, N>(xbc + r0 * ROW + B_OFF + g * N, ROW, nq, nullptr, nullptr, 0, bt, SK);
-    __syncthreads();
-    pn_product(xw, bt, states + (((long)b * NC + c) * H + h) * (P * N));
-    if (threadIdx.x == 0) csum[((long)b * H + h) * NC + c] = csl;
+    for (int k = 0; k < HB; ++k) chunk_cumsum(la, r0 * H + h0 + k, H, nq, cs + k * MQ);
+    for (int e = threadIdx.x; e < HB * MQ; e += blockDim.x) {
+        const int k = e / MQ, i = e % MQ;
+        w[e] = i < nq ? __expf(cs[k * MQ + MQ - 1] - cs[e]) * dt[(r0 + i) * H + h0 + k] : 0.f;
+    }
+    if (threadIdx.x < HB) csum[((long)b * H + h0 + threadIdx.x) * NC + c] = cs[threadIdx.x * MQ + MQ - 1];
+    pn_heads(xbc + r0 * ROW + B_OFF + g * N, ROW, xbc + r0 * ROW + X_OFF + h0 * P, ROW, nq, w, states + (((long)b * NC + c) * H + h0) * (P * N), HB, um, vs);
 }
 
-// Grid (NC, H, Bt), 128 threads. As ssd_chunk_dstate.
-extern "C" __global__ void __launch_bounds__(128) ssd_chunk_dstate_mma(const T* xbc, const float* la, const YT* dy, float* dstates,
-                                                                       int L, int H, int HPG, int ROW, int C_OFF, int NC) {
-    constexpr int SK = MQ + PADK;
+// Grid (NC, H/HB, Bt), 128 threads. As ssd_chunk_dstate, for the HB heads h0.. of one group (HB divides HPG),
+// by pn_heads: v = dy, u = C, w_i = exp(cs_i).
+extern "C" __global__ void __launch_bounds__(128) ssd_chunk_dstate_mma(const T* xbc, const float* la, const YT* dy, CT* dstates,
+                                                                       int L, int H, int HPG, int ROW, int C_OFF, int NC, int HB) {
+    constexpr int SN2 = N + PADK;
     extern __shared__ float sm[];
-    float* cs = sm;                                   // MQ
-    bf* dt_ = reinterpret_cast<bf*>(cs + 2 * MQ);     // P × SK: exp(cs_i)·dy_i[p], stored [p][i]
-    bf* ct = dt_ + P * SK;                            // N × SK: C stored [n][i]
-    const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / HPG;
+    float* cs = sm;                                   // HB × MQ
+    float* w = cs + HB * MQ;                          // HB × MQ
+    bf* um = reinterpret_cast<bf*>(w + HB * MQ);      // MQ × SN2: C [i][n]
+    bf* vs = um + MQ * SN2;                           // 2 × MQ × SP2: dy [i][p]
+    const int c = blockIdx.x, h0 = blockIdx.y * HB, b = blockIdx.z, g = h0 / HPG;
     const int t0 = c * MQ, nq = min(MQ, L - t0);
     const long r0 = (long)b * L + t0;
-    chunk_cumsum(la, r0 * H + h, H, nq, cs);
-    float* ecs = cs + MQ; // exp(cs_i)
-    for (int i = threadIdx.x; i < MQ; i += blockDim.x) ecs[i] = __expf(cs[i]);
-    __syncthreads();
-    load_tile<YT, MQ, P>(dy + (r0 * H + h) * P, (long)H * P, nq, ecs, nullptr, 0, dt_, SK);
-    load_tile<bf, MQ, N>(xbc + r0 * ROW + C_OFF + g * N, ROW, nq, nullptr, nullptr, 0, ct, SK);
-    __syncthreads();
-    pn_product(dt_, ct, dstates + (((long)b * NC + c) * H + h) * (P * N));
+    for (int k = 0; k < HB; ++k) chunk_cumsum(la, r0 * H + h0 + k, H, nq, cs + k * MQ);
+    for (int e = threadIdx.x; e < HB * MQ; e += blockDim.x) w[e] = __expf(cs[e]);
+    pn_heads(xbc + r0 * ROW + C_OFF + g * N, ROW, dy + (r0 * H + h0) * P, (long)H * P, nq, w, dstates + (((long)b * NC + c) * H + h0) * (P * N), HB, um, vs);
 }
 
-// Grid (NC, H, Bt), 128 threads: warp w computes rows 16w..16w+15 of the chunk. As ssd_chunk_scan.
+// Grid (NC, H/HB, Bt), 128 threads: warp w computes rows 16w..16w+15 of the chunk. As ssd_chunk_scan, for the
+// HB heads h0.. of one group (HB divides HPG): C and B loaded and C·Bᵀ computed once for them; each head's x
+// and S_in arrive by cp.async a head ahead of its products (two buffers).
 extern "C" __global__ void __launch_bounds__(128) ssd_chunk_scan_mma(const T* xbc, const float* dt, const float* la, const ST* states,
                                                                      YT* y, int L, int H, int HPG, int ROW, int X_OFF, int B_OFF,
-                                                                     int C_OFF, int NC, const float* D) {
-    constexpr int SN2 = N + PADK, SK = MQ + PADK;
+                                                                     int C_OFF, int NC, const float* D, int HB) {
+    constexpr int SN2 = N + PADK, SP2 = P + PADK;
     extern __shared__ float sm[];
-    float* cs = sm;                                   // MQ
-    float* dts = cs + MQ;                             // MQ
-    bf* cm = reinterpret_cast<bf*>(dts + MQ);         // MQ × SN2: C [i][n]
+    float* cs = sm;                                   // HB × MQ
+    float* dts = cs + HB * MQ;                        // HB × MQ
+    bf* cm = reinterpret_cast<bf*>(dts + HB * MQ);    // MQ × SN2: C [i][n]
     bf* bm = cm + MQ * SN2;                           // MQ × SN2: B [j][n]
-    bf* ss = bm + MQ * SN2;                           // P × SN2: S_in [p][n]
-    bf* xt = ss + P * SN2;                            // P × SK: x stored [p][j]
-    const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / HPG;
+    bf* ss = bm + MQ * SN2;                           // 2 × P × SN2: S_in [p][n]
+    bf* xs = ss + 2 * P * SN2;                        // 2 × MQ × SP2: x [j][p]
+    const int c = blockIdx.x, h0 = blockIdx.y * HB, b = blockIdx.z, g = h0 / HPG;
     const int t0 = c * MQ, nq = min(MQ, L - t0);
     const long r0 = (long)b * L + t0;
-    chunk_cumsum(la, r0 * H + h, H, nq, cs);
-    for (int i = threadIdx.x; i < MQ; i += blockDim.x) dts[i] = i < nq ? dt[(r0 + i) * H + h] : 0.f;
-    load_tile<bf, MQ, N>(xbc + r0 * ROW + C_OFF + g * N, ROW, nq, nullptr, cm, SN2, nullptr, 0);
-    load_tile<bf, MQ, N>(xbc + r0 * ROW + B_OFF + g * N, ROW, nq, nullptr, bm, SN2, nullptr, 0);
-    load_tile<ST, P, N>(states + (((long)b * NC + c) * H + h) * (P * N), N, P, nullptr, ss, SN2, nullptr, 0);
-    load_tile<bf, MQ, P>(xbc + r0 * ROW + X_OFF + h * P, ROW, nq, nullptr, nullptr, 0, xt, SK);
-    __syncthreads();
+    auto issue = [&](int k) { // head h0 + k's x and S_in into buffer k & 1
+        cp_tile<MQ, P>(xbc + r0 * ROW + X_OFF + (h0 + k) * P, ROW, nq, xs + (k & 1) * MQ * SP2, SP2);
+        cp_tile<P, N>(states + (((long)b * NC + c) * H + h0 + k) * (P * N), N, P, ss + (k & 1) * P * SN2, SN2);
+        cp_commit();
+    };
+    cp_tile<MQ, N>(xbc + r0 * ROW + C_OFF + g * N, ROW, nq, cm, SN2);
+    cp_tile<MQ, N>(xbc + r0 * ROW + B_OFF + g * N, ROW, nq, bm, SN2);
+    issue(0);
+    if (HB > 1) issue(1);
+    for (int k = 0; k < HB; ++k) chunk_cumsum(la, r0 * H + h0 + k, H, nq, cs + k * MQ);
+    for (int e = threadIdx.x; e < HB * MQ; e += blockDim.x) {
+        const int k = e / MQ, i = e % MQ;
+        dts[e] = i < nq ? dt[(r0 + i) * H + h0 + k] : 0.f;
+    }
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
-    const int i0 = warp * 16;
+    const int i0 = warp * 16, ra = i0 + gq, rb = ra + 8;
     const int jt_end = 2 * (warp + 1); // n8 tiles of j that reach the causal triangle of these rows
-    float cb[MQ / 8][4], off[P / 8][4], acc[P / 8][4];
-    zero<MQ / 8>(cb);
-    zero<P / 8>(off);
-    zero<P / 8>(acc);
-    // C·Bᵀ (causal tiles only) and C·S_inᵀ share the A fragments of C.
-#pragma unroll 2
-    for (int k = 0; k < N; k += 16) {
-        unsigned a[4];
-        frag_a(a, cm, SN2, i0, k);
+    float cb[MQ / 8][4];
+    for (int k = 0; k < HB; ++k) {
+        const int h = h0 + k;
+        const bf* xk = xs + (k & 1) * MQ * SP2;
+        const bf* sk = ss + (k & 1) * P * SN2;
+        const float* csk = cs + k * MQ;
+        const float* dtk = dts + k * MQ;
+        if (k + 1 < HB) cp_wait<1>();
+        else cp_wait<0>();
+        __syncthreads();
+        if (k == 0) { // C·Bᵀ, the causal tiles, for every head
+            zero<MQ / 8>(cb);
+            strip_mma<MQ / 8, N, 2>(cb, cm, SN2, i0, bm, SN2, 0, jt_end);
+        }
+        float off[P / 8][4], acc[P / 8][4];
+        zero<P / 8>(off);
+        zero<P / 8>(acc);
+        strip_mma<P / 8, N, 2>(off, cm, SN2, i0, sk, SN2); // C·S_inᵀ
+        // M = C·Bᵀ ∘ exp(cs_i − cs_j)·dt_j (j ≤ i), turned into A fragments in registers; then M·X.
+        const float csa = csk[ra], csb = csk[rb];
 #pragma unroll
-        for (int jt = 0; jt < MQ / 8; ++jt) {
-            if (jt < jt_end) {
-                unsigned bb[2];
-                frag_b(bb, bm, SN2, jt * 8, k);
-                mma16816(cb[jt], a, bb);
+        for (int kt = 0; kt < MQ / 16; ++kt) {
+            if (kt <= warp) {
+                float m[2][4];
+#pragma unroll
+                for (int s = 0; s < 2; ++s) {
+                    const int j = (2 * kt + s) * 8 + 2 * tq;
+                    const float e0 = dtk[j], e1 = dtk[j + 1], c0 = csk[j], c1 = csk[j + 1];
+                    m[s][0] = j <= ra ? cb[2 * kt + s][0] * __expf(csa - c0) * e0 : 0.f;
+                    m[s][1] = j + 1 <= ra ? cb[2 * kt + s][1] * __expf(csa - c1) * e1 : 0.f;
+                    m[s][2] = j <= rb ? cb[2 * kt + s][2] * __expf(csb - c0) * e0 : 0.f;
+                    m[s][3] = j + 1 <= rb ? cb[2 * kt + s][3] * __expf(csb - c1) * e1 : 0.f;
+                }
+                unsigned a[4] = {pack2(m[0][0], m[0][1]), pack2(m[0][2], m[0][3]), pack2(m[1][0], m[1][1]), pack2(m[1][2], m[1][3])};
+#pragma unroll
+                for (int pt = 0; pt < P / 8; ++pt) {
+                    unsigned bb[2];
+                    frag_b_t(bb, xk, SP2, pt * 8, kt * 16);
+                    mma16816(acc[pt], a, bb);
+                }
             }
         }
+        const float ea = __expf(csa), eb = __expf(csb);
 #pragma unroll
         for (int pt = 0; pt < P / 8; ++pt) {
-            unsigned bb[2];
-            frag_b(bb, ss, SN2, pt * 8, k);
-            mma16816(off[pt], a, bb);
+            const int p = pt * 8 + 2 * tq;
+            const float d0 = D[h * P + p], d1 = D[h * P + p + 1];
+            if (ra < nq) st2(y, ((r0 + ra) * H + h) * P + p, acc[pt][0] + ea * off[pt][0] + d0 * ld(xk, ra * SP2 + p), acc[pt][1] + ea * off[pt][1] + d1 * ld(xk, ra * SP2 + p + 1));
+            if (rb < nq) st2(y, ((r0 + rb) * H + h) * P + p, acc[pt][2] + eb * off[pt][2] + d0 * ld(xk, rb * SP2 + p), acc[pt][3] + eb * off[pt][3] + d1 * ld(xk, rb * SP2 + p + 1));
         }
-    }
-    // M = C·Bᵀ ∘ exp(cs_i − cs_j)·dt_j (j ≤ i), turned into A fragments in registers; then M·X.
-    const int ra = i0 + gq, rb = ra + 8;
-    const float csa = cs[ra], csb = cs[rb];
-#pragma unroll
-    for (int kt = 0; kt < MQ / 16; ++kt) {
-        if (kt <= warp) {
-            float m[2][4];
-#pragma unroll
-            for (int s = 0; s < 2; ++s) {
-                const int j = (2 * kt + s) * 8 + 2 * tq;
-                const float e0 = dts[j], e1 = dts[j + 1], c0 = cs[j], c1 = cs[j + 1];
-                m[s][0] = j <= ra ? cb[2 * kt + s][0] * __expf(csa - c0) * e0 : 0.f;
-                m[s][1] = j + 1 <= ra ? cb[2 * kt + s][1] * __expf(csa - c1) * e1 : 0.f;
-                m[s][2] = j <= rb ? cb[2 * kt + s][2] * __expf(csb - c0) * e0 : 0.f;
-                m[s][3] = j + 1 <= rb ? cb[2 * kt + s][3] * __expf(csb - c1) * e1 : 0.f;
-            }
-            unsigned a[4] = {pack2(m[0][0], m[0][1]), pack2(m[0][2], m[0][3]), pack2(m[1][0], m[1][1]), pack2(m[1][2], m[1][3])};
-#pragma unroll
-            for (int pt = 0; pt < P / 8; ++pt) {
-                unsigned bb[2];
-                frag_b(bb, xt, SK, pt * 8, kt * 16);
-                mma16816(acc[pt], a, bb);
-            }
-        }
-    }
-    const float ea = __expf(csa), eb = __expf(csb);
-#pragma unroll
-    for (int pt = 0; pt < P / 8; ++pt) {
-        const int p = pt * 8 + 2 * tq;
-        const float d0 = D[h * P + p], d1 = D[h * P + p + 1];
-        if (ra < nq) st2(y, ((r0 + ra) * H + h) * P + p, acc[pt][0] + ea * off[pt][0] + d0 * ld(xt, p * SK + ra), acc[pt][1] + ea * off[pt][1] + d1 * ld(xt, (p + 1) * SK + ra));
-        if (rb < nq) st2(y, ((r0 + rb) * H + h) * P + p, acc[pt][2] + eb * off[pt][2] + d0 * ld(xt, p * SK + rb), acc[pt][3] + eb * off[pt][3] + d1 * ld(xt, (p + 1) * SK + rb));
+        __syncthreads(); // buffer k & 1 is free
+        if (k + 2 < HB) issue(k + 2);
     }
 }
 
@@ -779,9 +871,9 @@ __device__ __forceinline__ float quad_sum(float v) {
 // Two adjacent gradient elements of B or C (k: 0..N−1 for B, N..2N−1 for C) of head h at one row: into
 // the per-head partials part (rows, H, 2N) when given (summed by ssd_reduce_heads), else added to dxbc.
 // (The y-only op, IO_T, always passes the partials.)
-__device__ __forceinline__ void bc_grad(YT* dxbc, float* part, long row, int ROW, int col, int H, int h, int k, float v0, float v1) {
+__device__ __forceinline__ void bc_grad(YT* dxbc, YT* part, long row, int ROW, int col, int H, int h, int k, float v0, float v1) {
     if (part) {
-        *reinterpret_cast<float2*>(part + (row * H + h) * (2 * N) + k) = make_float2(v0, v1);
+        st2(part, (row * H + h) * (2 * N) + k, v0, v1);
     }
 #if !IO_T
     else {
@@ -792,14 +884,14 @@ __device__ __forceinline__ void bc_grad(YT* dxbc, float* part, long row, int ROW
 }
 
 // dxbc's B and C columns = the per-head partials summed over the heads of each group.
-extern "C" __global__ void ssd_reduce_heads(const float* part, YT* dxbc, long rows, int H, int HPG, int ROW, int B_OFF, int C_OFF) {
+extern "C" __global__ void ssd_reduce_heads(const YT* part, YT* dxbc, long rows, int H, int HPG, int ROW, int B_OFF, int C_OFF) {
     const int G = H / HPG;
     const long total = rows * G * (2 * N);
     for (long e = blockIdx.x * (long)blockDim.x + threadIdx.x; e < total; e += (long)gridDim.x * blockDim.x) {
         const int k = e % (2 * N), gg = (e / (2 * N)) % G;
         const long row = e / (2 * N * G);
         float sum = 0.f;
-        for (int hh = gg * HPG; hh < (gg + 1) * HPG; ++hh) sum += part[(row * H + hh) * (2 * N) + k];
+        for (int hh = gg * HPG; hh < (gg + 1) * HPG; ++hh) sum += ld1(part, (row * H + hh) * (2 * N) + k);
         st1(dxbc, row * ROW + (k < N ? B_OFF + gg * N + k : C_OFF + gg * N + k - N), sum);
     }
 }
@@ -809,7 +901,7 @@ extern "C" __global__ void ssd_reduce_heads(const float* part, YT* dxbc, long ro
 extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc, const float* dt, const float* la, const ST* states,
                                                                     const ST* dstates, const float* dcsum, const YT* dy,
                                                                     YT* dxbc, float* ddt, float* dla, int L, int H, int HPG,
-                                                                    int ROW, int X_OFF, int B_OFF, int C_OFF, int NC, float* part,
+                                                                    int ROW, int X_OFF, int B_OFF, int C_OFF, int NC, YT* part,
                                                                     const float* D, float* dD) {
     constexpr int SN2 = N + PADK, SK = MQ + PADK, SP2 = P + PADK;
     extern __shared__ float sm[];

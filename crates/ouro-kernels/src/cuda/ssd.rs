@@ -50,15 +50,30 @@ fn smem(q: usize, p: usize, n: usize) -> [usize; 4] {
 /// The chunk of the bf16 tensor-core kernels.
 const MMA_CHUNK: usize = 64;
 
-/// Shared-memory bytes of (chunk_state_mma, chunk_scan_mma, chunk_dstate_mma, chunk_bwd_mma): f32
-/// vectors and bf16 tiles with rows padded by 8.
-fn smem_mma(p: usize, n: usize) -> [usize; 4] {
+/// The most heads of a group that one block of chunk_state_mma / chunk_scan_mma / chunk_dstate_mma takes.
+const MAX_HEADS_PER_BLOCK: usize = 8;
+
+/// Heads per block of chunk_state_mma / chunk_scan_mma / chunk_dstate_mma: 4 (`OURO_SSD_HEADS_PER_BLOCK`: 1, 2, 4 or 8),
+/// halved until it divides the heads per group `hpg`.
+fn heads_per_block(hpg: usize) -> usize {
+    let want = std::env::var("OURO_SSD_HEADS_PER_BLOCK").ok().and_then(|v| v.parse().ok()).filter(|k| [1, 2, 4, 8].contains(k)).unwrap_or(4);
+    let mut hb: usize = want;
+    while hpg % hb != 0 {
+        hb /= 2;
+    }
+    hb
+}
+
+/// Shared-memory bytes of (chunk_state_mma, chunk_scan_mma, chunk_dstate_mma, chunk_bwd_mma) with `hb`
+/// heads per block in the first three: f32 vectors and bf16 tiles with rows padded by 8 (x and S_in
+/// double-buffered).
+fn smem_mma(p: usize, n: usize, hb: usize) -> [usize; 4] {
     let q = MMA_CHUNK;
     let (sk, sn, sp) = (q + 8, n + 8, p + 8);
     [
-        8 * q + 2 * (p * sk + n * sk),
-        8 * q + 2 * (2 * q * sn + p * sn + p * sk),
-        8 * q + 2 * (p * sk + n * sk),
+        8 * q * hb + 2 * (q * sn + 2 * q * sp),
+        8 * q * hb + 2 * (2 * q * sn + 2 * p * sn + 2 * q * sp),
+        8 * q * hb + 2 * (q * sn + 2 * q * sp),
         24 * q + 4 * p + 2 * (2 * q * sn + p * sn + n * sp + 2 * q * sp + 2 * q * sk),
     ]
 }
@@ -66,7 +81,7 @@ fn smem_mma(p: usize, n: usize) -> [usize; 4] {
 /// Whether bf16 storage of these sizes runs on the tensor-core kernels (chunk 64) on a device with
 /// `max` bytes of shared memory per block and compute capability `cc` (bf16 mma needs 8.0).
 fn mma_fits(p: usize, n: usize, max: usize, cc: (i32, i32)) -> bool {
-    cc.0 >= 8 && p % 16 == 0 && n % 16 == 0 && smem_mma(p, n).iter().all(|&s| s + 256 <= max)
+    cc.0 >= 8 && p % 16 == 0 && n % 16 == 0 && smem_mma(p, n, MAX_HEADS_PER_BLOCK).iter().all(|&s| s + 256 <= max)
 }
 
 /// The chunk size for head_dim `p` and d_state `n` on a device with `max` bytes of shared memory per
@@ -161,7 +176,7 @@ struct SsdCuda {
     has_s0: bool,
     /// bf16 tensor-core kernels (q = 64) instead of the f32 ones.
     mma: bool,
-    /// y, dy and dx in bf16 and the passed states in bf16 (the y-only op's kernels, compiled with IO_T).
+    /// y, dy and dx in bf16 (the y-only op's kernels, compiled with IO_T).
     io_t: bool,
 }
 
@@ -173,6 +188,8 @@ struct Kernels {
     bwd: &'static str,
     threads: u32,
     smem: [usize; 4],
+    /// heads per block of state, scan and dstate (the tensor-core kernels take it as their last argument)
+    hb: usize,
 }
 
 /// Sizes of one call, from the xbc layout.
@@ -203,9 +220,10 @@ impl SsdCuda {
     fn kernels(&self) -> Kernels {
         let XbcLayout { head_dim: p, d_state: n, .. } = self.lay;
         if self.mma {
-            Kernels { state: "ssd_chunk_state_mma", scan: "ssd_chunk_scan_mma", dstate: "ssd_chunk_dstate_mma", bwd: "ssd_chunk_bwd_mma", threads: 128, smem: smem_mma(p, n) }
+            let hb = heads_per_block(self.lay.heads / self.lay.groups);
+            Kernels { state: "ssd_chunk_state_mma", scan: "ssd_chunk_scan_mma", dstate: "ssd_chunk_dstate_mma", bwd: "ssd_chunk_bwd_mma", threads: 128, smem: smem_mma(p, n, hb), hb }
         } else {
-            Kernels { state: "ssd_chunk_state", scan: "ssd_chunk_scan", dstate: "ssd_chunk_dstate", bwd: "ssd_chunk_bwd", threads: NT, smem: smem(self.q, p, n) }
+            Kernels { state: "ssd_chunk_state", scan: "ssd_chunk_scan", dstate: "ssd_chunk_dstate", bwd: "ssd_chunk_bwd", threads: NT, smem: smem(self.q, p, n), hb: 1 }
         }
     }
 
@@ -220,17 +238,19 @@ impl SsdCuda {
         ((z.nc as u32, h as u32, z.b as u32), ((p * n).div_ceil(4 * NT as usize) as u32, h as u32, z.b as u32))
     }
 
-    /// chunk_state, then state passing: each chunk's own state (f32, at `pst`) and total decay (`pcs`), then the
-    /// state entering every chunk, in place at `pst` or, given `bf16`, there in bf16 (what the y-only op's kernels
+    /// chunk_state, then state passing: each chunk's own state (at `pst`: f32, bf16 in the y-only op) and total decay (`pcs`), then the
+    /// state entering every chunk, in place at `pst` or, given `bf16`, there in bf16 (what the tensor-core kernels
     /// read); the final state to `sf` (0: none) from `s0` (0: zeros). Returns the passed states' address.
     #[allow(clippy::too_many_arguments)]
     fn launch_states(&self, m: &Module, stream: &Stream, z: &Sizes, [xbc, dt, la]: [u64; 3], s0: u64, sf: u64, pst: u64, pcs: u64, bf16: Option<u64>) -> Result<u64> {
         let k = self.kernels();
         let (grid, pass_grid) = self.grids(z);
         let (hi, nci) = (Arg::I32(self.lay.heads as i32), Arg::I32(z.nc as i32));
-        launch(stream, &function(m, k.state, k.smem[0])?, grid, k.threads, k.smem[0], &[
-            &[Arg::Ptr(xbc), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(pst), Arg::Ptr(pcs)][..], &self.common(z), &[Arg::I32(self.lay.b_off as i32), nci],
-        ].concat())?;
+        let mut args = [&[Arg::Ptr(xbc), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(pst), Arg::Ptr(pcs)][..], &self.common(z), &[Arg::I32(self.lay.b_off as i32), nci]].concat();
+        if self.mma {
+            args.push(Arg::I32(k.hb as i32));
+        }
+        launch(stream, &function(m, k.state, k.smem[0])?, (grid.0, grid.1 / k.hb as u32, grid.2), k.threads, k.smem[0], &args)?;
         match bf16 {
             None => {
                 launch(stream, &function(m, "ssd_state_passing", 0)?, pass_grid, NT, 0, &[Arg::Ptr(pst), Arg::Ptr(pcs), Arg::Ptr(s0), Arg::Ptr(sf), hi, nci])?;
@@ -248,10 +268,16 @@ impl SsdCuda {
     fn launch_scan(&self, m: &Module, stream: &Stream, z: &Sizes, [xbc, dt, la]: [u64; 3], passed: u64, y: u64, dskip: u64) -> Result<()> {
         let k = self.kernels();
         let XbcLayout { b_off, c_off, .. } = self.lay;
-        launch(stream, &function(m, k.scan, k.smem[1])?, self.grids(z).0, k.threads, k.smem[1], &[
+        let mut args = [
             &[Arg::Ptr(xbc), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(passed), Arg::Ptr(y)][..], &self.common(z),
             &[Arg::I32(b_off as i32), Arg::I32(c_off as i32), Arg::I32(z.nc as i32), Arg::Ptr(dskip)],
-        ].concat())
+        ]
+        .concat();
+        if self.mma {
+            args.push(Arg::I32(k.hb as i32));
+        }
+        let grid = self.grids(z).0;
+        launch(stream, &function(m, k.scan, k.smem[1])?, (grid.0, grid.1 / k.hb as u32, grid.2), k.threads, k.smem[1], &args)
     }
 
     /// The backward from the passed states on: chunk_dstate, state_passing_bwd (dL/dS_out of every chunk, in
@@ -263,9 +289,11 @@ impl SsdCuda {
         let XbcLayout { heads: h, head_dim: p, groups, b_off, c_off, .. } = self.lay;
         let (grid, pass_grid) = self.grids(z);
         let (hi, hpg, nci) = (Arg::I32(h as i32), Arg::I32((h / groups) as i32), Arg::I32(z.nc as i32));
-        launch(stream, &function(m, k.dstate, k.smem[2])?, grid, k.threads, k.smem[2], &[
-            Arg::Ptr(g.xbc), Arg::Ptr(g.la), Arg::Ptr(g.dy), Arg::Ptr(g.dstates), Arg::I32(z.l as i32), hi, hpg, Arg::I32(z.row as i32), Arg::I32(c_off as i32), nci,
-        ])?;
+        let mut args = vec![Arg::Ptr(g.xbc), Arg::Ptr(g.la), Arg::Ptr(g.dy), Arg::Ptr(g.dstates), Arg::I32(z.l as i32), hi, hpg, Arg::I32(z.row as i32), Arg::I32(c_off as i32), nci];
+        if self.mma {
+            args.push(Arg::I32(k.hb as i32));
+        }
+        launch(stream, &function(m, k.dstate, k.smem[2])?, (grid.0, grid.1 / k.hb as u32, grid.2), k.threads, k.smem[2], &args)?;
         let dpassed = match g.dpassed {
             None => {
                 launch(stream, &function(m, "ssd_state_passing_bwd", 0)?, pass_grid, NT, 0, &[
@@ -321,8 +349,8 @@ struct BwdPtrs {
     /// dL/d(final state), dL/d(initial state)
     dsf: u64,
     ds0: u64,
-    /// f32 scratch of the chunks' state gradients (b·nc·h·p·n), and the bf16 buffer for them when the
-    /// passed states are bf16
+    /// scratch of the chunks' state gradients (b·nc·h·p·n; f32, bf16 in the y-only op), and the bf16
+    /// buffer for them when the passed states are bf16 (the tensor-core kernels)
     dstates: u64,
     dpassed: Option<u64>,
     dcsum: u64,
@@ -356,10 +384,13 @@ impl CustomOp2 for SsdCuda {
         let s0 = if self.has_s0 { packed + 4 * (2 * blh + h * p) as u64 } else { 0 };
         let (ny, ns) = (z.b * z.l * h * p, z.b * h * p * n);
         let (out, po) = alloc_f32(&dev, ny + ns, false)?;
-        let (_states, pst) = alloc_f32(&dev, z.b * z.nc * h * p * n, false)?;
+        let nst = z.b * z.nc * h * p * n;
+        let (_states, pst) = alloc_f32(&dev, nst, false)?;
+        // The tensor-core kernels read the passed states in bf16.
+        let passed_bf16 = self.mma.then(|| alloc_bf16(&dev, nst, false)).transpose()?;
         let (_csum, pcs) = alloc_f32(&dev, z.b * h * z.nc, false)?;
         poison(&dev, po, ny + ns)?;
-        let passed = self.launch_states(&m, &stream, &z, [xbc, dt, la], s0, po + 4 * ny as u64, pst, pcs, None)?;
+        let passed = self.launch_states(&m, &stream, &z, [xbc, dt, la], s0, po + 4 * ny as u64, pst, pcs, passed_bf16.as_ref().map(|v| v.1))?;
         self.launch_scan(&m, &stream, &z, [xbc, dt, la], passed, po, dskip)?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(ny + ns)))
     }
@@ -417,14 +448,16 @@ impl CustomOp3 for SsdCudaBwd {
         if f.has_s0 {
             poison(&dev, pds0, ns)?;
         }
-        let passed = f.launch_states(&m, &stream, &z, [xbc, dt, la], s0, 0, pst, pcs, None)?;
+        let passed_bf16 = f.mma.then(|| alloc_bf16(&dev, nst, false)).transpose()?;
+        let dpassed_bf16 = f.mma.then(|| alloc_bf16(&dev, nst, false)).transpose()?;
+        let passed = f.launch_states(&m, &stream, &z, [xbc, dt, la], s0, 0, pst, pcs, passed_bf16.as_ref().map(|v| v.1))?;
         // Tensor-core path: B and C gradients per head into partials, then summed per group (plain
         // stores instead of atomics contended by every head of a group; OURO_SSD_ATOMICS=1 for atomics).
         let part = (f.mma && std::env::var_os("OURO_SSD_ATOMICS").is_none()).then(|| alloc_f32(&dev, z.b * z.l * h * 2 * n, false)).transpose()?;
         // The tensor-core kernel writes dD per chunk (reduced after it); the f32 one adds into pdd.
         let dd_part = f.mma.then(|| alloc_f32(&dev, z.b * z.nc * h * p, false)).transpose()?;
         f.launch_bwd(&m, &stream, &z, &BwdPtrs {
-            xbc, dt, la, dy, passed, csum: pcs, dsf, ds0: pds0, dstates: pdst, dpassed: None, dcsum: pdcs, dx: pdx, ddt: pddt, dla: pdla,
+            xbc, dt, la, dy, passed, csum: pcs, dsf, ds0: pds0, dstates: pdst, dpassed: dpassed_bf16.as_ref().map(|v| v.1), dcsum: pdcs, dx: pdx, ddt: pddt, dla: pdla,
             part: part.as_ref().map(|v| v.1), dskip, dd: pdd, dd_part: dd_part.as_ref().map(|v| v.1),
         })?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(total)))
@@ -528,7 +561,7 @@ impl CustomOp2 for SsdYCuda {
         let (y, py) = alloc_bf16(&dev, ny, false)?;
         poison_bf16(&dev, py, ny)?;
         let nst = z.b * z.nc * h * p * n;
-        let (_states, pst) = alloc_f32(&dev, nst, false)?;
+        let (_states, pst) = alloc_bf16(&dev, nst, false)?;
         let (_passed, ppass) = alloc_bf16(&dev, nst, false)?;
         let (_csum, pcs) = alloc_f32(&dev, z.b * h * z.nc, false)?;
         let passed = f.launch_states(&m, &stream, &z, [xbc, dtp, la], 0, 0, pst, pcs, Some(ppass))?;
@@ -589,15 +622,15 @@ impl CustomOp3 for SsdYCudaBwd {
         poison(&dev, pddt, blh)?;
         poison(&dev, pdd, h * p)?;
         let nst = z.b * z.nc * h * p * n;
-        let (_states, pst) = alloc_f32(&dev, nst, false)?;
-        let (_dstates, pdst) = alloc_f32(&dev, nst, false)?;
+        let (_states, pst) = alloc_bf16(&dev, nst, false)?;
+        let (_dstates, pdst) = alloc_bf16(&dev, nst, false)?;
         let (_csum, pcs) = alloc_f32(&dev, z.b * h * z.nc, false)?;
         let (_dcsum, pdcs) = alloc_f32(&dev, z.b * h * z.nc, true)?;
         let (_passed, ppass) = alloc_bf16(&dev, nst, false)?;
         let (_dpassed, pdpass) = alloc_bf16(&dev, nst, false)?;
         let (_dprep, pddtp) = alloc_f32(&dev, 2 * blh, false)?;
         let pdla = pddtp + 4 * blh as u64;
-        let (_part, ppart) = alloc_f32(&dev, z.b * z.l * h * 2 * n, false)?;
+        let (_part, ppart) = alloc_bf16(&dev, z.b * z.l * h * 2 * n, false)?;
         let (_ddp, pddp) = alloc_f32(&dev, z.b * z.nc * h * p, false)?;
         let passed = f.launch_states(&m, &stream, &z, [xbc, dtp, la], 0, 0, pst, pcs, Some(ppass))?;
         f.launch_bwd(&m, &stream, &z, &BwdPtrs {
