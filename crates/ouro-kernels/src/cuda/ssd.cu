@@ -135,12 +135,23 @@ extern "C" __global__ void __launch_bounds__(NT) ssd_chunk_state(const T* xbc, c
 // kernels round them to bf16 anyway — halving those bytes; `out` is then a separate buffer.
 #define AHEAD 8
 
-// Four consecutive f32 or bf16 values as a float4, and back (bf16 rounded to nearest even).
-__device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
-__device__ __forceinline__ float4 ld4(const unsigned short* p) {
-    const uint2 u = *reinterpret_cast<const uint2*>(p);
-    return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u), __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u));
-}
+// Four consecutive f32 or bf16 values as loaded (float4 / uint2: what a walk holds in registers ahead of
+// their use, bf16 in half the registers) and as a float4; and back (bf16 rounded to nearest even).
+template <typename X> struct Raw4;
+template <> struct Raw4<float> {
+    using type = float4;
+    __device__ static type load(const float* p) { return *reinterpret_cast<const float4*>(p); }
+    __device__ static float4 f(type v) { return v; }
+};
+template <> struct Raw4<unsigned short> {
+    using type = uint2;
+    __device__ static type load(const unsigned short* p) { return *reinterpret_cast<const uint2*>(p); }
+    __device__ static float4 f(type u) {
+        return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u), __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u));
+    }
+};
+template <typename X>
+__device__ __forceinline__ float4 ld4(const X* p) { return Raw4<X>::f(Raw4<X>::load(p)); }
 __device__ __forceinline__ void st4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
 __device__ __forceinline__ unsigned bf_bits(float f) {
     const unsigned u = __float_as_uint(f);
@@ -150,7 +161,7 @@ __device__ __forceinline__ void st4(unsigned short* p, float4 v) {
     *reinterpret_cast<uint2*>(p) = make_uint2(bf_bits(v.x) | (bf_bits(v.y) << 16), bf_bits(v.z) | (bf_bits(v.w) << 16));
 }
 
-// states (f32, the chunks' own contributions) → out[b, c, h] = the state entering chunk c (OT: f32, which
+// states (f32 or bf16, the chunks' own contributions) → out[b, c, h] = the state entering chunk c (OT: f32, which
 // may be states itself, or bf16).
 template <typename IT, typename OT>
 __device__ __forceinline__ void state_passing(const IT* states, OT* out, const float* csum, const float* s0, float* sf, int H, int NC) {
@@ -163,20 +174,21 @@ __device__ __forceinline__ void state_passing(const IT* states, OT* out, const f
     const long off = ((long)b * NC * H + h) * (P * N) + e;
     const long cstride = (long)H * (P * N); // elements between chunks
     for (int c0 = 0; c0 < NC; c0 += AHEAD) {
-        float4 mine[AHEAD];
+        typename Raw4<IT>::type mine[AHEAD];
         float dk[AHEAD];
 #pragma unroll
         for (int k = 0; k < AHEAD; ++k)
             if (c0 + k < NC) {
-                mine[k] = ld4(states + off + (c0 + k) * cstride);
+                mine[k] = Raw4<IT>::load(states + off + (c0 + k) * cstride);
                 dk[k] = csum[bh * NC + c0 + k];
             }
 #pragma unroll
         for (int k = 0; k < AHEAD; ++k)
             if (c0 + k < NC) {
                 const float d = __expf(dk[k]);
+                const float4 m = Raw4<IT>::f(mine[k]);
                 st4(out + off + (c0 + k) * cstride, run);
-                run = make_float4(d * run.x + mine[k].x, d * run.y + mine[k].y, d * run.z + mine[k].z, d * run.w + mine[k].w);
+                run = make_float4(d * run.x + m.x, d * run.y + m.y, d * run.z + m.z, d * run.w + m.w);
             }
     }
     if (sf) {
@@ -274,16 +286,18 @@ __device__ __forceinline__ void state_passing_bwd(const DT* dstates, OT* dout, c
     const long off = ((long)b * NC * H + h) * (P * N) + (live ? e : 0);
     const long cstride = (long)H * (P * N) / 4; // float4s between chunks
     for (int c0 = NC - 1; c0 >= 0; c0 -= AHEAD) {
-        float4 mine[AHEAD], sin[AHEAD];
+        typename Raw4<DT>::type mine[AHEAD];
+        typename Raw4<ST>::type sin[AHEAD];
         float dk[AHEAD];
 #pragma unroll
         for (int k = 0; k < AHEAD; ++k) {
-            mine[k] = sin[k] = z4;
+            mine[k] = {};
+            sin[k] = {};
             dk[k] = 0.f;
             if (c0 - k >= 0) dk[k] = csum[bh * NC + c0 - k];
             if (live && c0 - k >= 0) {
-                mine[k] = ld4(dstates + off + (c0 - k) * cstride * 4);
-                sin[k] = ld4(states + off + (c0 - k) * cstride * 4);
+                mine[k] = Raw4<DT>::load(dstates + off + (c0 - k) * cstride * 4);
+                sin[k] = Raw4<ST>::load(states + off + (c0 - k) * cstride * 4);
             }
         }
 #pragma unroll
@@ -292,8 +306,9 @@ __device__ __forceinline__ void state_passing_bwd(const DT* dstates, OT* dout, c
             if (c < 0) break;
             const float d = __expf(dk[k]);
             if (live) st4(dout + off + c * cstride * 4, gr);
-            float part = d * (gr.x * sin[k].x + gr.y * sin[k].y + gr.z * sin[k].z + gr.w * sin[k].w);
-            gr = make_float4(d * gr.x + mine[k].x, d * gr.y + mine[k].y, d * gr.z + mine[k].z, d * gr.w + mine[k].w);
+            const float4 si = Raw4<ST>::f(sin[k]), m = Raw4<DT>::f(mine[k]);
+            float part = d * (gr.x * si.x + gr.y * si.y + gr.z * si.z + gr.w * si.w);
+            gr = make_float4(d * gr.x + m.x, d * gr.y + m.y, d * gr.z + m.z, d * gr.w + m.w);
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
             if ((threadIdx.x & 31) == 0 && part != 0.f) atomicAdd(&dcsum[bh * NC + c], part);

@@ -501,7 +501,7 @@ pub fn scan_xbc_y(xbc: &Tensor, dt: &Tensor, a: &Tensor, dt_bias: Option<&Tensor
     }
     let (lo, hi) = dt_limit;
     let op = SsdYCuda { lay, softplus, lo: lo as f32, hi: if hi.is_finite() { hi as f32 } else { f32::INFINITY } };
-    Ok(Some(xbc.apply_op2(&packed, op)?.reshape((b, l, h, p))?))
+    Ok(Some(xbc.apply_op2(&packed, op)?))
 }
 
 #[derive(Clone, Copy)]
@@ -566,7 +566,9 @@ impl CustomOp2 for SsdYCuda {
         let (_csum, pcs) = alloc_f32(&dev, z.b * h * z.nc, false)?;
         let passed = f.launch_states(&m, &stream, &z, [xbc, dtp, la], 0, 0, pst, pcs, Some(ppass))?;
         f.launch_scan(&m, &stream, &z, [xbc, dtp, la], passed, py, dskip)?;
-        Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from(ny)))
+        // y in its final shape: a reshape after the op would cost the backward a zero-filled gradient of y
+        // and an add (candle's autodiff does that for every node).
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((z.b, z.l, h, p))))
     }
 
     fn bwd(&self, t1: &Tensor, t2: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
