@@ -144,7 +144,7 @@ impl Llama {
 
     /// Hidden states after each layer, (b, l, d) each, and the logits: the teacher's view for distillation.
     pub fn forward_hidden(&self, ids: &Tensor, seq_idx: Option<&Tensor>) -> Result<(Vec<Tensor>, Tensor)> {
-        let mut h = self.embed_tokens.forward(ids)?.to_dtype(DType::F32)?;
+        let mut h = self.embed_tokens.forward(ids)?;
         let mut hs = vec![h.clone()];
         for layer in &self.layers {
             h = self.layer_forward(layer, &h, seq_idx, None)?;
@@ -171,7 +171,7 @@ impl LanguageModel for Llama {
         !self.cfg.is_causal
     }
     fn features(&self, ids: &Tensor) -> Result<Tensor> {
-        let mut h = self.embed_tokens.forward(ids)?.to_dtype(DType::F32)?;
+        let mut h = self.embed_tokens.forward(ids)?;
         for layer in &self.layers {
             h = self.layer_forward(layer, &h, None, None)?;
         }
@@ -203,7 +203,7 @@ impl LanguageModel for Llama {
 
     fn forward(&self, ids: &Tensor, seq_idx: Option<&Tensor>, mut cache: Option<&mut Cache>) -> Result<Tensor> {
         let l = ids.dim(1)?;
-        let mut h = self.embed_tokens.forward(ids)?.to_dtype(DType::F32)?;
+        let mut h = self.embed_tokens.forward(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = match cache.as_deref_mut().map(|c| &mut c.layers[i]) {
                 Some(LayerCache::Attention(kv)) => Some(kv),

@@ -220,7 +220,7 @@ impl LanguageModel for Llamba {
 
     fn forward(&self, ids: &Tensor, seq_idx: Option<&Tensor>, mut cache: Option<&mut Cache>) -> Result<Tensor> {
         let l = ids.dim(1)?;
-        let mut h = self.embedding.forward(ids)?.to_dtype(DType::F32)?;
+        let mut h = self.embedding.forward(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let st = match cache.as_deref_mut().map(|c| &mut c.layers[i]) {
                 Some(LayerCache::Mamba2(s)) => Some(s),
@@ -237,7 +237,7 @@ impl LanguageModel for Llamba {
     }
 
     fn step(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
-        let mut h = self.embedding.forward(ids)?.to_dtype(DType::F32)?;
+        let mut h = self.embedding.forward(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let LayerCache::Mamba2(s) = &mut cache.layers[i] else { bail!("cache layer {i} does not match the model") };
             h = (&h + layer.mixer.step(&layer.input_layernorm.forward(&h)?, s)?)?;

@@ -66,6 +66,10 @@ pub struct DistillArgs {
     /// PyTorch's `allow_tf32`). Parameters, activations and losses stay f32.
     #[arg(long)]
     tf32: bool,
+    /// Compute in bf16: the teacher's weights and activations, the student's forward and backward; the
+    /// student's parameters, optimizer state and losses stay f32 (mixed precision).
+    #[arg(long)]
+    bf16: bool,
     #[arg(long)]
     quiet: bool,
 }
@@ -110,6 +114,7 @@ pub fn distill_cmd(a: DistillArgs) -> Result<()> {
         seed: a.seed,
         eval_tokens: a.eval_tokens,
         seconds: a.seconds.as_deref().map(|s| three(s, "seconds")).transpose()?,
+        bf16: a.bf16,
     };
     if a.batch_size == 0 || a.seq_len == 0 || a.temperature <= 0.0 {
         bail!("--batch-size and --seq-len must be positive, --temperature above 0");
@@ -117,7 +122,8 @@ pub fn distill_cmd(a: DistillArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.student_config).with_context(|| format!("{}", a.student_config.display()))?;
     let student_file: StudentFile = toml::from_str(&text).with_context(|| format!("{}", a.student_config.display()))?;
     let ck = Checkpoint::open(&a.teacher).with_context(|| format!("teacher {}", a.teacher.display()))?;
-    let teacher = Llama::load(&ck, candle_core::DType::F32, &dev).with_context(|| format!("teacher {} (a Llama checkpoint)", a.teacher.display()))?;
+    let dtype = if a.bf16 { candle_core::DType::BF16 } else { candle_core::DType::F32 };
+    let teacher = Llama::load(&ck, dtype, &dev).with_context(|| format!("teacher {} (a Llama checkpoint)", a.teacher.display()))?;
     let tokenizer = Tokenizer::for_checkpoint(&ck, None).with_context(|| format!("the teacher's tokenizer ({})", a.teacher.display()))?;
     let (train, valid) = load_text(&a.data, &a.data_dir, &tokenizer, a.valid_fraction, a.seed, &mut |m| eprintln!("{m}")).with_context(|| format!("--data '{}'", a.data))?;
     if train.len() <= a.seq_len || valid.len() <= a.seq_len {
