@@ -198,8 +198,23 @@ impl Rotary {
         Self { dim, inv_freq }
     }
 
-    /// cos, sin for the given positions: (n, dim/2) each.
+    /// cos, sin for the given positions: (n, dim/2) each. The last tables made are kept and handed out again
+    /// for the same frequencies, positions and device: every layer of a forward (and every training step at
+    /// a fixed length) asks for the same ones, and making them is trigonometry on the host plus an upload.
     fn tables(&self, positions: &[u32], dev: &Device) -> Result<(Tensor, Tensor)> {
+        type Entry = (Vec<f32>, Vec<u32>, Device, Tensor, Tensor);
+        static LAST: std::sync::Mutex<Option<Entry>> = std::sync::Mutex::new(None);
+        if let Some((f, p, d, c, s)) = LAST.lock().unwrap().as_ref() {
+            if *f == self.inv_freq && p == positions && d.same_device(dev) {
+                return Ok((c.clone(), s.clone()));
+            }
+        }
+        let (cos, sin) = self.make_tables(positions, dev)?;
+        *LAST.lock().unwrap() = Some((self.inv_freq.clone(), positions.to_vec(), dev.clone(), cos.clone(), sin.clone()));
+        Ok((cos, sin))
+    }
+
+    fn make_tables(&self, positions: &[u32], dev: &Device) -> Result<(Tensor, Tensor)> {
         let half = self.dim / 2;
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
@@ -551,6 +566,18 @@ impl Attention {
         if (l == 1 || !self.cfg.causal) && docs.is_none() && self.cfg.window.is_none_or(|w| total <= w) {
             return Ok(None);
         }
+        // Without documents the mask depends only on these sizes: the last one is kept and handed out again
+        // (every layer of a forward, every step at a fixed length, asks for the same).
+        type Key = (usize, usize, usize, usize, bool, Option<usize>);
+        static LAST: std::sync::Mutex<Option<(Key, Device, Tensor)>> = std::sync::Mutex::new(None);
+        let key = (l, start, offset, total, self.cfg.causal, self.cfg.window);
+        if docs.is_none() {
+            if let Some((k, d, m)) = LAST.lock().unwrap().as_ref() {
+                if *k == key && d.same_device(dev) {
+                    return Ok(Some(m.clone()));
+                }
+            }
+        }
         let rows = if docs.is_some() { b } else { 1 };
         let mut m = vec![0f32; rows * l * total];
         for bi in 0..rows {
@@ -571,7 +598,11 @@ impl Attention {
                 }
             }
         }
-        Ok(Some(Tensor::from_vec(m, (rows, 1, l, total), dev)?))
+        let m = Tensor::from_vec(m, (rows, 1, l, total), dev)?;
+        if docs.is_none() {
+            *LAST.lock().unwrap() = Some((key, dev.clone(), m.clone()));
+        }
+        Ok(Some(m))
     }
 
     /// The additive mask of rows at different positions (`rows`: where each stood before this call): row r's
@@ -633,5 +664,30 @@ mod attention_tests {
         let got = att.out.forward(&y).unwrap();
         let err = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(err < 1e-5, "{err}");
+    }
+
+    /// The kept rotary tables and causal mask are handed out only for the same request: interleaved
+    /// requests with other positions, frequencies, lengths or windows get their own.
+    #[test]
+    fn kept_rotary_tables_and_masks_match_fresh_ones() {
+        let same = |a: &Tensor, b: &Tensor| a.flatten_all().unwrap().to_vec1::<f32>().unwrap() == b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (r1, r2) = (Rotary::new(8, 10000.0), Rotary::new(8, 500.0));
+        let (p1, p2): (Vec<u32>, Vec<u32>) = ((0..6).collect(), (3..9).collect());
+        for (r, p) in [(&r1, &p1), (&r1, &p2), (&r2, &p2), (&r1, &p1), (&r1, &p1)] {
+            let (c, s) = r.tables(p, &Device::Cpu).unwrap();
+            let (fc, fs) = r.make_tables(p, &Device::Cpu).unwrap();
+            assert!(same(&c, &fc) && same(&s, &fs));
+        }
+        let att = |window: Option<usize>| {
+            let cfg = AttentionConfig { d_model: 8, n_heads: 2, n_kv_heads: 2, head_dim: 4, rotary_dim: 4, rope_theta: 10000.0, qkv_bias: false, out_bias: false, window, causal: true };
+            Attention::new_llama(cfg, VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu)).unwrap()
+        };
+        let (a, w) = (att(None), att(Some(2)));
+        let masked = |m: &Tensor| m.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().filter(|v| v.is_infinite()).count();
+        // 5×5 causal: 10 masked; with a window of 2: also the keys 2+ behind (6 more); 4 queries: 6.
+        for (att, l, want) in [(&a, 5, 10), (&w, 5, 16), (&a, 4, 6), (&a, 5, 10), (&w, 5, 16)] {
+            let m = att.mask(1, l, 0, 0, l, None, &Device::Cpu).unwrap().unwrap();
+            assert_eq!((m.dims()[2], masked(&m)), (l, want));
+        }
     }
 }

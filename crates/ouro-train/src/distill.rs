@@ -289,10 +289,52 @@ pub struct StageResult {
     pub checkpoint: String,
 }
 
+/// Where a step's time goes, with OURO_DISTILL_PROFILE=1: the device is synchronised at each mark and the
+/// time since the previous mark added to a phase (teacher forward, student forward and loss, backward and
+/// gradient accumulation, optimizer step). Stages 1 and 2 interleave the student's forward and backward
+/// per layer: both go to the backward phase there.
+mod phases {
+    use candle_core::{Device, Result};
+    use std::sync::Mutex;
+    use std::time::Instant;
+    pub const NAMES: [&str; 4] = ["teacher forward", "student forward + loss", "backward + accumulate", "optimizer"];
+    static STATE: Mutex<Option<([f64; 4], Instant)>> = Mutex::new(None);
+
+    pub fn enabled() -> bool {
+        std::env::var_os("OURO_DISTILL_PROFILE").is_some()
+    }
+    /// Starts a step (and profiling, when enabled).
+    pub fn start(dev: &Device) -> Result<()> {
+        if enabled() {
+            dev.synchronize()?;
+            let mut s = STATE.lock().unwrap();
+            let acc = s.map(|(a, _)| a).unwrap_or_default();
+            *s = Some((acc, Instant::now()));
+        }
+        Ok(())
+    }
+    /// The time since the last mark goes to phase `i`.
+    pub fn mark(dev: &Device, i: usize) -> Result<()> {
+        if STATE.lock().unwrap().is_some() {
+            dev.synchronize()?;
+            if let Some((acc, t)) = STATE.lock().unwrap().as_mut() {
+                acc[i] += t.elapsed().as_secs_f64();
+                *t = Instant::now();
+            }
+        }
+        Ok(())
+    }
+    /// The accumulated phases, reset.
+    pub fn take() -> Option<[f64; 4]> {
+        STATE.lock().unwrap().take().map(|(a, _)| a)
+    }
+}
+
 /// Mean of the per-layer stage-1 losses, ‖T_s − A_t‖²_F / (b·heads·l), for one batch; with `backward`,
 /// each layer's gradients are added into `acc` as it goes (one graph alive at a time).
 fn stage1_loss(teacher: &Llama, student: &Llamba, ids: &Tensor, mut acc: Option<(&AdamW, &mut Vec<Option<Tensor>>)>) -> Result<f64> {
     let (hs, _) = teacher.forward_hidden(ids, None)?;
+    phases::mark(ids.device(), 0)?;
     let n = teacher.cfg.num_hidden_layers;
     let mut total = 0.0;
     for i in 0..n {
@@ -309,12 +351,14 @@ fn stage1_loss(teacher: &Llama, student: &Llamba, ids: &Tensor, mut acc: Option<
             opt.accumulate(acc, &(loss / n as f64)?.backward()?)?;
         }
     }
+    phases::mark(ids.device(), 2)?;
     Ok(total / n as f64)
 }
 
 /// Mean of the per-block stage-2 losses, mean((block_s(h_i) − h_{i+1})²).
 fn stage2_loss(teacher: &Llama, student: &Llamba, ids: &Tensor, mut acc: Option<(&AdamW, &mut Vec<Option<Tensor>>)>) -> Result<f64> {
     let (hs, _) = teacher.forward_hidden(ids, None)?;
+    phases::mark(ids.device(), 0)?;
     let n = teacher.cfg.num_hidden_layers;
     let mut total = 0.0;
     for i in 0..n {
@@ -325,6 +369,7 @@ fn stage2_loss(teacher: &Llama, student: &Llamba, ids: &Tensor, mut acc: Option<
             opt.accumulate(acc, &(loss / n as f64)?.backward()?)?;
         }
     }
+    phases::mark(ids.device(), 2)?;
     Ok(total / n as f64)
 }
 
@@ -342,12 +387,15 @@ pub fn kd_loss(student_logits: &Tensor, teacher_logits: &Tensor, temperature: f6
 
 fn stage3_loss(teacher: &Llama, student: &Llamba, ids: &Tensor, temperature: f64, acc: Option<(&AdamW, &mut Vec<Option<Tensor>>)>) -> Result<f64> {
     let zt = teacher.forward(ids, None, None)?.detach();
+    phases::mark(ids.device(), 0)?;
     let zs = student.forward(ids, None, None)?;
     let loss = kd_loss(&zs, &zt, temperature)?;
     let v = scalar(&loss, 3, 0)?;
+    phases::mark(ids.device(), 1)?;
     if let Some((opt, acc)) = acc {
         opt.accumulate(acc, &loss.backward()?)?;
     }
+    phases::mark(ids.device(), 2)?;
     Ok(v)
 }
 
@@ -461,7 +509,9 @@ pub fn distill(teacher: &Llama, student: &Student, tokenizer: &Tokenizer, train:
             let rate = lr_at(step, steps, steps / 10, lr, lr / 10.0);
             let batch = train.sample(spec.batch_size, spec.seq_len, spec.seed ^ (stage as u64) << 32, step as u64, 0, None, &dev)?;
             let mut acc = Vec::new();
+            phases::start(&dev)?;
             let cast = student.cast(dtype)?;
+            phases::mark(&dev, 1)?; // the bf16 copy: the student's part
             let model = cast.as_ref().unwrap_or(&student.model);
             let loss = match stage {
                 1 => stage1_loss(teacher, model, &batch.inputs, Some((&opt, &mut acc))),
@@ -472,6 +522,7 @@ pub fn distill(teacher: &Llama, student: &Student, tokenizer: &Tokenizer, train:
             let norm = AdamW::grad_norm(&acc)?;
             let scale = if spec.grad_clip > 0.0 && norm > spec.grad_clip { spec.grad_clip / (norm + 1e-6) } else { 1.0 };
             opt.step(&acc, rate, scale)?;
+            phases::mark(&dev, 3)?;
             if step == 0 {
                 first = loss;
             }
@@ -503,6 +554,10 @@ pub fn distill(teacher: &Llama, student: &Student, tokenizer: &Tokenizer, train:
             b.finish_and_clear();
         }
         let seconds = t0.elapsed().as_secs_f64();
+        if let Some(p) = phases::take() {
+            let per: Vec<String> = p.iter().zip(phases::NAMES).map(|(t, n)| format!("{n} {:.3}", t / steps as f64)).collect();
+            log(&format!("stage {stage} profile, s per step (device synchronised): {}", per.join(", ")));
+        }
         let dir = out.join(format!("stage{stage}"));
         save_student(student, tokenizer, &dir)?;
         let cast = student.cast(dtype)?;

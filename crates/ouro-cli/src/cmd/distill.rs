@@ -140,7 +140,20 @@ pub fn distill_cmd(a: DistillArgs) -> Result<()> {
     let params: usize = student.varmap.all_vars().iter().map(|v| v.elem_count()).sum();
     eprintln!("student: Llamba, {} layers, {params} parameters", student.cfg.n_layer);
     std::fs::create_dir_all(&a.out).with_context(|| format!("{}", a.out.display()))?;
+    // OURO_CUDA_PROFILE=1: ouro's own CUDA kernels timed one by one (each synchronised), totals at the end.
+    #[cfg(feature = "cuda")]
+    let kernel_profile = std::env::var_os("OURO_CUDA_PROFILE").is_some() && dev.is_cuda();
+    #[cfg(feature = "cuda")]
+    if kernel_profile {
+        ouro_kernels::cuda::profile(true);
+    }
     let results = distill(&teacher, &student, &tokenizer, &train, &valid, &spec, &a.out, !a.quiet, &mut |m| eprintln!("{m}"))?;
+    #[cfg(feature = "cuda")]
+    if kernel_profile {
+        for (k, secs, calls) in ouro_kernels::cuda::profile(false) {
+            eprintln!("  cuda kernel {k}: {:.3} s ({calls} launches)", secs);
+        }
+    }
     let summary = serde_json::json!({ "teacher": a.teacher, "data": a.data, "spec": spec, "parameters": params, "stages": results });
     let file = a.out.join("summary.json");
     let tmp = a.out.join("summary.json.tmp");
