@@ -15,6 +15,8 @@
 // state_passing_bwd (dL/dS_out per chunk, sequential backwards) → chunk_bwd (everything per chunk).
 // All arithmetic is f32; T is the storage type of xbc (f32 or bf16). With -DIO_T=1 (the y-only training op, bf16
 // tensor-core kernels only) y is written, dy read and dx, dB, dC written in T as well; else they are f32.
+// The tensor-core chunk_state, chunk_scan and chunk_dstate take HB heads of one group per block (B / C
+// shared, the next head's tiles in flight by cp.async); the passed states they read are bf16.
 // ssd_prep_dt / ssd_prep_dt_bwd: Mamba-2's dt preparation (bias, softplus, clamp, ·A) and its backward, for
 // the op that takes the raw dt.
 

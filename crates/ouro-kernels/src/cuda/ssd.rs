@@ -3,7 +3,9 @@
 //!
 //! Forward: chunk_state → state_passing → chunk_scan. Backward: the first two again (the states entering
 //! each chunk), then chunk_dstate → state_passing_bwd → chunk_bwd. The chunk size is the largest of
-//! 64, 32, 16 whose backward fits in one block's shared memory.
+//! 64, 32, 16 whose backward fits in one block's shared memory; bf16 rows aligned to 16 bytes take the
+//! tensor-core kernels (chunk 64), whose chunk_state, chunk_scan and chunk_dstate each take several heads
+//! of a group per block (`heads_per_block`) and read the passed states in bf16.
 
 use super::{alloc_bf16, alloc_f32, function, launch, max_shared, module, poison, poison_bf16, ptr, Arg, Stash};
 use candle_core::backend::BackendStorage;
