@@ -152,8 +152,6 @@ template <> struct Raw4<unsigned short> {
         return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u), __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u));
     }
 };
-template <typename X>
-__device__ __forceinline__ float4 ld4(const X* p) { return Raw4<X>::f(Raw4<X>::load(p)); }
 __device__ __forceinline__ void st4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
 __device__ __forceinline__ unsigned bf_bits(float f) {
     const unsigned u = __float_as_uint(f);

@@ -240,19 +240,27 @@ impl SsdCuda {
         ((z.nc as u32, h as u32, z.b as u32), ((p * n).div_ceil(4 * NT as usize) as u32, h as u32, z.b as u32))
     }
 
+    /// The grid and arguments of chunk_state, chunk_scan or chunk_dstate: the chunk grid with its heads
+    /// axis divided by `k.hb` and, for the tensor-core kernels, hb as the last argument.
+    fn heads_grid(&self, k: &Kernels, z: &Sizes, mut args: Vec<Arg>) -> ((u32, u32, u32), Vec<Arg>) {
+        let (c, h, b) = self.grids(z).0;
+        if self.mma {
+            args.push(Arg::I32(k.hb as i32));
+        }
+        ((c, h / k.hb as u32, b), args)
+    }
+
     /// chunk_state, then state passing: each chunk's own state (at `pst`: f32, bf16 in the y-only op) and total decay (`pcs`), then the
     /// state entering every chunk, in place at `pst` or, given `bf16`, there in bf16 (what the tensor-core kernels
     /// read); the final state to `sf` (0: none) from `s0` (0: zeros). Returns the passed states' address.
     #[allow(clippy::too_many_arguments)]
     fn launch_states(&self, m: &Module, stream: &Stream, z: &Sizes, [xbc, dt, la]: [u64; 3], s0: u64, sf: u64, pst: u64, pcs: u64, bf16: Option<u64>) -> Result<u64> {
         let k = self.kernels();
-        let (grid, pass_grid) = self.grids(z);
+        let pass_grid = self.grids(z).1;
         let (hi, nci) = (Arg::I32(self.lay.heads as i32), Arg::I32(z.nc as i32));
-        let mut args = [&[Arg::Ptr(xbc), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(pst), Arg::Ptr(pcs)][..], &self.common(z), &[Arg::I32(self.lay.b_off as i32), nci]].concat();
-        if self.mma {
-            args.push(Arg::I32(k.hb as i32));
-        }
-        launch(stream, &function(m, k.state, k.smem[0])?, (grid.0, grid.1 / k.hb as u32, grid.2), k.threads, k.smem[0], &args)?;
+        let args = [&[Arg::Ptr(xbc), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(pst), Arg::Ptr(pcs)][..], &self.common(z), &[Arg::I32(self.lay.b_off as i32), nci]].concat();
+        let (grid, args) = self.heads_grid(&k, z, args);
+        launch(stream, &function(m, k.state, k.smem[0])?, grid, k.threads, k.smem[0], &args)?;
         match bf16 {
             None => {
                 launch(stream, &function(m, "ssd_state_passing", 0)?, pass_grid, NT, 0, &[Arg::Ptr(pst), Arg::Ptr(pcs), Arg::Ptr(s0), Arg::Ptr(sf), hi, nci])?;
@@ -270,16 +278,13 @@ impl SsdCuda {
     fn launch_scan(&self, m: &Module, stream: &Stream, z: &Sizes, [xbc, dt, la]: [u64; 3], passed: u64, y: u64, dskip: u64) -> Result<()> {
         let k = self.kernels();
         let XbcLayout { b_off, c_off, .. } = self.lay;
-        let mut args = [
+        let args = [
             &[Arg::Ptr(xbc), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(passed), Arg::Ptr(y)][..], &self.common(z),
             &[Arg::I32(b_off as i32), Arg::I32(c_off as i32), Arg::I32(z.nc as i32), Arg::Ptr(dskip)],
         ]
         .concat();
-        if self.mma {
-            args.push(Arg::I32(k.hb as i32));
-        }
-        let grid = self.grids(z).0;
-        launch(stream, &function(m, k.scan, k.smem[1])?, (grid.0, grid.1 / k.hb as u32, grid.2), k.threads, k.smem[1], &args)
+        let (grid, args) = self.heads_grid(&k, z, args);
+        launch(stream, &function(m, k.scan, k.smem[1])?, grid, k.threads, k.smem[1], &args)
     }
 
     /// The backward from the passed states on: chunk_dstate, state_passing_bwd (dL/dS_out of every chunk, in
@@ -291,11 +296,9 @@ impl SsdCuda {
         let XbcLayout { heads: h, head_dim: p, groups, b_off, c_off, .. } = self.lay;
         let (grid, pass_grid) = self.grids(z);
         let (hi, hpg, nci) = (Arg::I32(h as i32), Arg::I32((h / groups) as i32), Arg::I32(z.nc as i32));
-        let mut args = vec![Arg::Ptr(g.xbc), Arg::Ptr(g.la), Arg::Ptr(g.dy), Arg::Ptr(g.dstates), Arg::I32(z.l as i32), hi, hpg, Arg::I32(z.row as i32), Arg::I32(c_off as i32), nci];
-        if self.mma {
-            args.push(Arg::I32(k.hb as i32));
-        }
-        launch(stream, &function(m, k.dstate, k.smem[2])?, (grid.0, grid.1 / k.hb as u32, grid.2), k.threads, k.smem[2], &args)?;
+        let args = vec![Arg::Ptr(g.xbc), Arg::Ptr(g.la), Arg::Ptr(g.dy), Arg::Ptr(g.dstates), Arg::I32(z.l as i32), hi, hpg, Arg::I32(z.row as i32), Arg::I32(c_off as i32), nci];
+        let (dgrid, args) = self.heads_grid(&k, z, args);
+        launch(stream, &function(m, k.dstate, k.smem[2])?, dgrid, k.threads, k.smem[2], &args)?;
         let dpassed = match g.dpassed {
             None => {
                 launch(stream, &function(m, "ssd_state_passing_bwd", 0)?, pass_grid, NT, 0, &[
