@@ -185,6 +185,25 @@ impl Module for PlainMlp {
     }
 }
 
+/// The last value a call site made, kept with its key and device and handed out again for the same ones
+/// (host-built tables that every layer of a forward asks for alike).
+struct KeepLast<K, V>(std::sync::Mutex<Option<(K, Device, V)>>);
+
+impl<K, V: Clone> KeepLast<K, V> {
+    const fn new() -> Self {
+        Self(std::sync::Mutex::new(None))
+    }
+
+    /// The kept value, when `same` holds for its key and it lives on `dev`.
+    fn get(&self, same: impl Fn(&K) -> bool, dev: &Device) -> Option<V> {
+        self.0.lock().unwrap().as_ref().filter(|(k, d, _)| same(k) && d.same_device(dev)).map(|(_, _, v)| v.clone())
+    }
+
+    fn put(&self, key: K, dev: &Device, value: V) {
+        *self.0.lock().unwrap() = Some((key, dev.clone(), value));
+    }
+}
+
 /// Rotary position embedding on the first `dim` channels of each head, rotate-half (GPT-NeoX/HF) layout.
 #[derive(Clone, Debug)]
 pub struct Rotary {
@@ -202,16 +221,13 @@ impl Rotary {
     /// for the same frequencies, positions and device: every layer of a forward (and every training step at
     /// a fixed length) asks for the same ones, and making them is trigonometry on the host plus an upload.
     fn tables(&self, positions: &[u32], dev: &Device) -> Result<(Tensor, Tensor)> {
-        type Entry = (Vec<f32>, Vec<u32>, Device, Tensor, Tensor);
-        static LAST: std::sync::Mutex<Option<Entry>> = std::sync::Mutex::new(None);
-        if let Some((f, p, d, c, s)) = LAST.lock().unwrap().as_ref() {
-            if *f == self.inv_freq && p == positions && d.same_device(dev) {
-                return Ok((c.clone(), s.clone()));
-            }
+        static LAST: KeepLast<(Vec<f32>, Vec<u32>), (Tensor, Tensor)> = KeepLast::new();
+        if let Some(t) = LAST.get(|(f, p)| *f == self.inv_freq && p == positions, dev) {
+            return Ok(t);
         }
-        let (cos, sin) = self.make_tables(positions, dev)?;
-        *LAST.lock().unwrap() = Some((self.inv_freq.clone(), positions.to_vec(), dev.clone(), cos.clone(), sin.clone()));
-        Ok((cos, sin))
+        let t = self.make_tables(positions, dev)?;
+        LAST.put((self.inv_freq.clone(), positions.to_vec()), dev, t.clone());
+        Ok(t)
     }
 
     fn make_tables(&self, positions: &[u32], dev: &Device) -> Result<(Tensor, Tensor)> {
@@ -568,14 +584,12 @@ impl Attention {
         }
         // Without documents the mask depends only on these sizes: the last one is kept and handed out again
         // (every layer of a forward, every step at a fixed length, asks for the same).
-        type Key = (usize, usize, usize, usize, bool, Option<usize>);
-        static LAST: std::sync::Mutex<Option<(Key, Device, Tensor)>> = std::sync::Mutex::new(None);
+        type Key = (usize, usize, usize, usize, bool, Option<usize>); // l, start, offset, total, causal, window
+        static LAST: KeepLast<Key, Tensor> = KeepLast::new();
         let key = (l, start, offset, total, self.cfg.causal, self.cfg.window);
         if docs.is_none() {
-            if let Some((k, d, m)) = LAST.lock().unwrap().as_ref() {
-                if *k == key && d.same_device(dev) {
-                    return Ok(Some(m.clone()));
-                }
+            if let Some(m) = LAST.get(|k| *k == key, dev) {
+                return Ok(Some(m));
             }
         }
         let rows = if docs.is_some() { b } else { 1 };
@@ -600,7 +614,7 @@ impl Attention {
         }
         let m = Tensor::from_vec(m, (rows, 1, l, total), dev)?;
         if docs.is_none() {
-            *LAST.lock().unwrap() = Some((key, dev.clone(), m.clone()));
+            LAST.put(key, dev, m.clone());
         }
         Ok(Some(m))
     }
