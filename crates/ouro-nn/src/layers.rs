@@ -19,6 +19,33 @@ pub fn embedding(vb: VarBuilder, vocab: usize, d: usize) -> Result<Embedding> {
     Ok(Embedding::new(vb.get((vocab, d), "weight")?, d))
 }
 
+/// The Toeplitz matrices M[…, t, s] = r[…, s − t + L − 1] of r (…, 2L − 1), indexed by lag s − t.
+///
+/// Built by a copy and reshapes only (the skew trick): L copies of the ring R = [r[L−1..], 0, r[..L−1]]
+/// (length 2L) are read back as rows of 2L − 1, so row t starts t places earlier and
+/// M[t, s] = R[(s − t) mod 2L]. The gradient is a sum over the copies, where a gather (`index_select`)
+/// would need a scatter-add, which candle's CUDA backend runs with one thread per row.
+pub fn toeplitz(r: &Tensor) -> Result<Tensor> {
+    let dims = r.dims();
+    let Some((&k, lead)) = dims.split_last() else { bail!("toeplitz: a scalar has no lags") };
+    if k % 2 == 0 {
+        bail!("toeplitz: {k} lags; expected 2L − 1");
+    }
+    let l = k.div_ceil(2);
+    let mut out_dims = lead.to_vec();
+    out_dims.extend([l, l]);
+    if l == 1 {
+        return r.reshape(out_dims);
+    }
+    let rows: usize = lead.iter().product();
+    let r = r.reshape((rows, k))?;
+    let zero = Tensor::zeros((rows, 1), r.dtype(), r.device())?;
+    let ring = Tensor::cat(&[&r.narrow(1, l - 1, l)?, &zero, &r.narrow(1, 0, l - 1)?], 1)?; // (rows, 2L)
+    let copies = ring.unsqueeze(1)?.broadcast_as((rows, l, 2 * l))?.contiguous()?.reshape((rows, 2 * l * l))?;
+    let m = copies.narrow(1, 0, l * (2 * l - 1))?.reshape((rows, l, 2 * l - 1))?.narrow(2, 0, l)?;
+    m.contiguous()?.reshape(out_dims)
+}
+
 /// x · rsqrt(mean(x²) + eps) · w.
 #[derive(Clone, Debug)]
 pub struct RmsNorm {
@@ -678,6 +705,26 @@ mod attention_tests {
         let got = att.out.forward(&y).unwrap();
         let err = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(err < 1e-5, "{err}");
+    }
+
+    /// The skewed copy equals the definition M[t, s] = r[s − t + L − 1], and its gradient equals a gather's
+    /// (index_select, whose backward is a scatter-add) for the same upstream gradient.
+    #[test]
+    fn toeplitz_matches_definition_and_gather_gradient() {
+        for l in [1usize, 2, 5, 9] {
+            let k = 2 * l - 1;
+            let r = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, k), &Device::Cpu).unwrap()).unwrap();
+            let m = toeplitz(r.as_tensor()).unwrap();
+            assert_eq!(m.dims(), &[2, 3, l, l]);
+            let idx: Vec<u32> = (0..l).flat_map(|t| (0..l).map(move |s| (s + l - 1 - t) as u32)).collect();
+            let gather = r.as_tensor().index_select(&Tensor::from_vec(idx, l * l, &Device::Cpu).unwrap(), 2).unwrap().reshape((2, 3, l, l)).unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(flat(&m), flat(&gather), "L = {l}");
+            let up = Tensor::randn(0f32, 1.0, (2, 3, l, l), &Device::Cpu).unwrap();
+            let (g1, g2) = ((m * &up).unwrap().sum_all().unwrap().backward().unwrap(), (gather * &up).unwrap().sum_all().unwrap().backward().unwrap());
+            let (a, b) = (flat(g1.get(r.as_tensor()).unwrap()), flat(g2.get(r.as_tensor()).unwrap()));
+            assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-5), "L = {l}: {a:?} vs {b:?}");
+        }
     }
 
     /// The kept rotary tables and causal mask are handed out only for the same request: interleaved

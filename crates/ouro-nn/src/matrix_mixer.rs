@@ -13,7 +13,7 @@
 //! [`MatrixMixer::materialize`] returns M (including the identity and diagonal terms) and
 //! [`MatrixMixer::forward`] computes the same map by each mixer's fast algorithm.
 
-use crate::layers::linear;
+use crate::layers::{linear, toeplitz};
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 use ouro_kernels::conv::causal_conv1d;
@@ -375,10 +375,9 @@ impl MatrixMixer {
         Ok(match (&self.params, c.kind) {
             (Params::Dense(mm), _) => with_id(mm.unsqueeze(0)?)?,
             (_, MixerKind::Toeplitz) => {
+                // M[t, s] = c[t − s + L − 1]: toeplitz() indexes by s − t, so the lags go in reversed.
                 let kern = self.toeplitz_kernel(m)?; // (b|1, n, 2L−1) by lag
-                let idx: Vec<u32> = (0..l).flat_map(|t| (0..l).map(move |sj| (t as i64 - sj as i64 + l as i64 - 1) as u32)).collect();
-                let rows = kern.dim(0)?;
-                with_id(kern.index_select(&Tensor::from_vec(idx, l * l, dev)?, 2)?.reshape((rows, n, l, l))?)?
+                with_id(toeplitz(&kern.flip(&[2])?)?)?
             }
             (Params::Qk(q, k), MixerKind::LowRank) => {
                 let (q, k) = (q.permute((1, 0, 2))?.contiguous()?, k.permute((1, 0, 2))?.contiguous()?);

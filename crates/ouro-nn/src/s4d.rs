@@ -10,6 +10,7 @@
 //! chunked with a carried state for long inputs) and the recurrent form x_t = exp(dt·A)·x_{t−1} + (exp(dt·A) − 1)/A·u_t, y_t = 2·Re(C·x_t)
 //! compute the same thing ([`S4d::forward_recurrent`]).
 
+use crate::layers::toeplitz;
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
@@ -105,11 +106,9 @@ impl S4d {
     fn kernel_conv(&self, u: &Tensor) -> Result<Tensor> {
         let (_, l, h) = u.dims3()?;
         let k = self.kernel(l, u.device())?; // (H, L)
-        // T[h, j, i] = K[h, i − j] for i ≥ j: gather from [0 | K] with index i − j + 1 (0 above the diagonal).
-        let idx: Vec<u32> = (0..l).flat_map(|j| (0..l).map(move |i| if i >= j { (i - j + 1) as u32 } else { 0 })).collect();
-        let idx = Tensor::from_vec(idx, l * l, u.device())?;
-        let kpad = Tensor::cat(&[&Tensor::zeros((h, 1), DType::F32, u.device())?, &k], 1)?;
-        let t = kpad.index_select(&idx, 1)?.reshape((h, l, l))?; // (H, j, i)
+        // T[h, j, i] = K[h, i − j] for i ≥ j, 0 below: lags −(L−1)..−1 are zero.
+        let lags = Tensor::cat(&[&Tensor::zeros((h, l - 1), DType::F32, u.device())?, &k], 1)?; // (H, 2L − 1)
+        let t = toeplitz(&lags)?; // (H, j, i)
         let uh = u.to_dtype(DType::F32)?.permute((2, 0, 1))?.contiguous()?; // (H, b, L)
         uh.matmul(&t)?.permute((1, 2, 0)) // (H, b, L) → (b, L, H)
     }
