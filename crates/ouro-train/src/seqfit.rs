@@ -718,6 +718,9 @@ pub struct FitOptions {
     pub weight_decay: f64,
     pub seed: u64,
     pub progress: bool,
+    /// Write the best model so far into this folder at each new best epoch (config.json +
+    /// model.safetensors, through a temporary folder), so an interrupted fit leaves its best epoch.
+    pub checkpoint: Option<std::path::PathBuf>,
 }
 
 pub struct Fitted {
@@ -825,13 +828,7 @@ impl Fitted {
     }
 
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let tmp = dir.with_extension("tmp");
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", tmp.display())))?;
-        std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(&self.cfg).unwrap()).map_err(candle_core::Error::wrap)?;
-        self.varmap.save(tmp.join("model.safetensors"))?;
-        let _ = std::fs::remove_dir_all(dir);
-        std::fs::rename(&tmp, dir).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", dir.display())))
+        save_model(dir, &self.cfg, &self.varmap)
     }
 
     pub fn load(dir: &Path, dev: &Device) -> Result<Self> {
@@ -844,6 +841,17 @@ impl Fitted {
         varmap.load(dir.join("model.safetensors")).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", dir.join("model.safetensors").display())))?;
         Ok(Self { cfg, varmap, net })
     }
+}
+
+/// config.json + model.safetensors into `dir`, written in a temporary folder and renamed over it.
+fn save_model(dir: &Path, cfg: &FitConfig, varmap: &VarMap) -> Result<()> {
+    let tmp = dir.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", tmp.display())))?;
+    std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(cfg).unwrap()).map_err(candle_core::Error::wrap)?;
+    varmap.save(tmp.join("model.safetensors"))?;
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::rename(&tmp, dir).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", dir.display())))
 }
 
 /// Several fitted models of one task (e.g. the same configuration fitted with different seeds) predicting
@@ -953,7 +961,24 @@ pub fn fit(
     log(&format!("model {} (d_model {}, {}): {params} parameters", spec.kind, spec.d_model, spec.embedding));
     let mut opt = AdamW::new(named, 0.9, 0.999, 1e-8, o.weight_decay)?;
     let mut rng = StdRng::seed_from_u64(o.seed ^ 0xf17);
+    if !dev.is_cpu() {
+        dev.set_seed(o.seed ^ 0xd70)?;
+    }
     let metric_name = if task == Task::Regression { "spearman" } else { "accuracy" };
+    let config = |best_epoch: usize, best_score: f64| FitConfig {
+        task,
+        alphabet,
+        model: spec.clone(),
+        label_mean: mean,
+        label_std: std,
+        label_quantiles: label_quantiles.clone(),
+        classes: classes.clone(),
+        sequence_column: columns.0.to_string(),
+        label_column: columns.1.to_string(),
+        best_epoch,
+        best_metric: (metric_name.to_string(), best_score),
+        parameters: params,
+    };
     let mut best: Option<(usize, f64, Vec<(String, Tensor)>)> = None;
     let steps_per_epoch = train.seqs.len().div_ceil(o.batch_size);
     let total = o.epochs * steps_per_epoch;
@@ -982,6 +1007,12 @@ pub fn fit(
             let drop = |t: &Tensor| -> Result<Tensor> {
                 if p <= 0.0 {
                     return Ok(t.clone());
+                }
+                if !t.device().is_cpu() {
+                    // On the GPU the masks are drawn there (seeded once per fit): drawing millions of
+                    // numbers per step on the host and uploading them bound the step.
+                    let keep = Tensor::rand(0f32, 1f32, t.shape(), t.device())?.ge(p)?.to_dtype(t.dtype())?;
+                    return t.mul(&(keep * (1.0 / (1.0 - p)))?);
                 }
                 let n = t.elem_count();
                 let v: Vec<f32> = (0..n).map(|_| if masks.borrow_mut().random::<f64>() < p { 0.0 } else { (1.0 / (1.0 - p)) as f32 }).collect();
@@ -1024,6 +1055,9 @@ pub fn fit(
         if best.as_ref().is_none_or(|b| score > b.1) {
             let snapshot = varmap.data().lock().unwrap().iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?))).collect::<Result<Vec<_>>>()?;
             best = Some((epoch, score, snapshot));
+            if let Some(dir) = &o.checkpoint {
+                save_model(dir, &config(epoch, score), &varmap)?;
+            }
         }
     }
     if let Some(b) = &bar {
@@ -1036,21 +1070,7 @@ pub fn fit(
             data[&k].set(&t)?;
         }
     }
-    let cfg = FitConfig {
-        task,
-        alphabet,
-        model: spec,
-        label_mean: mean,
-        label_std: std,
-        label_quantiles,
-        classes,
-        sequence_column: columns.0.to_string(),
-        label_column: columns.1.to_string(),
-        best_epoch,
-        best_metric: (metric_name.to_string(), best_score),
-        parameters: params,
-    };
-    Ok(Fitted { cfg, varmap, net })
+    Ok(Fitted { cfg: config(best_epoch, best_score), varmap, net })
 }
 
 #[cfg(test)]

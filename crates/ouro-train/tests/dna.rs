@@ -213,7 +213,7 @@ fn fine_tuning_a_pretrained_backbone_keeps_rc_symmetry() {
         spec.rc_augment = conjoin;
         spec.conjoin = conjoin;
         spec.pool = pool.into();
-        let opts = FitOptions { target: Default::default(), init: Some(ck), epochs: 6, batch_size: 16, lr: 5e-3, weight_decay: 0.0, seed: 0, progress: false };
+        let opts = FitOptions { target: Default::default(), init: Some(ck), epochs: 6, batch_size: 16, lr: 5e-3, weight_decay: 0.0, seed: 0, progress: false, checkpoint: None };
         let mut lines = Vec::new();
         let fitted = fit(&train_ex, &valid_ex, Task::Classification, Alphabet::Dna, vec!["no".into(), "motif".into()], spec, ("sequence", "label"), &opts, &Device::Cpu, &mut |l| lines.push(l.to_string())).unwrap();
         assert!(lines.iter().any(|l| l.contains("initialised from")), "{name}: {lines:?}");

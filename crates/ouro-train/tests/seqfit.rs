@@ -108,7 +108,7 @@ fn lyra_learns_a_sequence_property_and_round_trips() {
     let (lo, hi) = train.labels.iter().fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
     for target in [Target::Standardized, Target::Rank] {
         let spec = ModelSpec::simple("lyra", 16, "onehot", 0.0);
-        let opts = FitOptions { target, init: None, epochs: 8, batch_size: 32, lr: 5e-3, weight_decay: 0.0, seed: 0, progress: false };
+        let opts = FitOptions { target, init: None, epochs: 8, batch_size: 32, lr: 5e-3, weight_decay: 0.0, seed: 0, progress: false, checkpoint: None };
         let mut lines = Vec::new();
         let fitted = fit(&train, &valid, Task::Regression, Alphabet::Protein, vec![], spec, ("sequence", "y"), &opts, &Device::Cpu, &mut |l| lines.push(l.to_string())).unwrap();
         let (metric, rho) = &fitted.cfg.best_metric;
@@ -131,12 +131,39 @@ fn lyra_learns_a_sequence_property_and_round_trips() {
     }
 }
 
+/// `checkpoint`: the folder holds the best epoch as soon as it is reached (an interrupted fit keeps it),
+/// and after the fit it is the model that fit returns, epoch and predictions alike.
+#[test]
+fn checkpoint_folder_holds_the_best_epoch() {
+    let (train, valid) = (proteins(128, 5), proteins(48, 6));
+    let dir = tmp("seqfit-checkpoint");
+    let _ = std::fs::remove_dir_all(&dir);
+    let opts = FitOptions { target: Target::Rank, init: None, epochs: 4, batch_size: 32, lr: 5e-3, weight_decay: 0.0, seed: 0, progress: false, checkpoint: Some(dir.clone()) };
+    let mut saved_after = Vec::new();
+    let f = fit(&train, &valid, Task::Regression, Alphabet::Protein, vec![], ModelSpec::simple("lyra", 8, "onehot", 0.1), ("sequence", "y"), &opts, &Device::Cpu, &mut |line| {
+        // Each epoch's line is logged before its checkpoint is written: the folder holds an earlier best.
+        if line.starts_with("epoch") {
+            saved_after.push(Fitted::load(&dir, &Device::Cpu).ok().map(|m| m.cfg.best_epoch));
+        }
+    })
+    .unwrap();
+    assert_eq!(saved_after[0], None, "nothing is written before the first epoch is scored");
+    assert!(saved_after[1..].iter().all(|e| e.is_some()), "{saved_after:?}");
+    let kept = Fitted::load(&dir, &Device::Cpu).unwrap();
+    assert_eq!(kept.cfg.best_epoch, f.cfg.best_epoch);
+    let (a, b) = (kept.predict(&valid, &Device::Cpu).unwrap(), f.predict(&valid, &Device::Cpu).unwrap());
+    let worst = a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0f64, f64::max);
+    assert!(worst < 1e-9, "the kept model predicts {worst} away from the returned one");
+    assert!(!dir.with_extension("tmp").exists(), "the temporary folder is renamed away");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// An ensemble predicts the mean of its members' predictions (label units), and refuses members of
 /// different tasks.
 #[test]
 fn ensemble_averages_its_members() {
     let (train, valid) = (proteins(128, 3), proteins(48, 4));
-    let opts = |seed| FitOptions { target: Target::Rank, init: None, epochs: 2, batch_size: 32, lr: 5e-3, weight_decay: 0.0, seed, progress: false };
+    let opts = |seed| FitOptions { target: Target::Rank, init: None, epochs: 2, batch_size: 32, lr: 5e-3, weight_decay: 0.0, seed, progress: false, checkpoint: None };
     let mut dirs = Vec::new();
     let mut preds = Vec::new();
     for seed in [0, 1] {
@@ -184,7 +211,7 @@ fn every_model_handles_padding_anywhere() {
     let (train, valid) = (mk(64, 3), mk(32, 4));
     for kind in ["lyra", "cnn", "transformer", "mamba"] {
         let spec = ModelSpec::simple(kind, 16, "onehot", 0.1);
-        let opts = FitOptions { target: Target::Rank, init: None, epochs: 1, batch_size: 16, lr: 1e-3, weight_decay: 0.0, seed: 0, progress: false };
+        let opts = FitOptions { target: Target::Rank, init: None, epochs: 1, batch_size: 16, lr: 1e-3, weight_decay: 0.0, seed: 0, progress: false, checkpoint: None };
         let fitted = fit(&train, &valid, Task::Regression, alpha, vec![], spec, ("sequence", "y"), &opts, &Device::Cpu, &mut |_| {}).unwrap_or_else(|e| panic!("{kind}: {e}"));
         // The padding is masked out: the same sequence without it predicts the same.
         let bare = Examples { seqs: valid.seqs.iter().map(|s| s[2..s.len() - 2].to_vec()).collect(), labels: valid.labels.clone() };

@@ -112,7 +112,7 @@ pub fn fit_cmd(a: FitArgs) -> Result<()> {
     } else if a.init.is_some() || a.backbone.is_some() {
         bail!("--backbone and --init go with --model backbone");
     }
-    let o = FitOptions { target: Target::parse(&a.target)?, init: a.init.clone(), epochs: a.epochs, batch_size: a.batch_size, lr: a.lr, weight_decay: a.weight_decay, seed: a.seed, progress: !a.quiet };
+    let o = FitOptions { target: Target::parse(&a.target)?, init: a.init.clone(), epochs: a.epochs, batch_size: a.batch_size, lr: a.lr, weight_decay: a.weight_decay, seed: a.seed, progress: !a.quiet, checkpoint: Some(a.out.clone()) };
     let fitted = fit(&train, &valid, task, alphabet, classes, spec, (&a.sequence_column, &a.label_column), &o, &crate::device::parse(&a.device)?, &mut |s| eprintln!("{s}"))?;
     fitted.save(&a.out)?;
     println!(
