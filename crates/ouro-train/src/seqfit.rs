@@ -903,6 +903,25 @@ impl Ensemble {
     }
 }
 
+/// Inverted dropout: each element zeroed with probability p, the rest scaled by 1/(1 − p). On the CPU the
+/// mask comes from `rng` (a fit with a given seed is reproducible); on a GPU from the device's generator, which
+/// `fit` seeds once: drawing millions of numbers per step on the host and uploading them bound the GPU step.
+pub fn dropout(t: &Tensor, p: f64, rng: &mut StdRng) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(t.clone());
+    }
+    if !(0.0..1.0).contains(&p) {
+        bail!("dropout probability {p} must be in [0, 1)");
+    }
+    let scale = 1.0 / (1.0 - p);
+    if !t.device().is_cpu() {
+        let keep = Tensor::rand(0f32, 1f32, t.shape(), t.device())?.ge(p)?.to_dtype(t.dtype())?;
+        return t.mul(&(keep * scale)?);
+    }
+    let v: Vec<f32> = (0..t.elem_count()).map(|_| if rng.random::<f64>() < p { 0.0 } else { scale as f32 }).collect();
+    t.mul(&Tensor::from_vec(v, t.shape(), t.device())?.to_dtype(t.dtype())?)
+}
+
 /// Trains on `train`, keeps the epoch with the best validation metric (Spearman or accuracy), and
 /// returns the fitted model and the per-epoch log lines.
 #[allow(clippy::too_many_arguments)]
@@ -1004,20 +1023,7 @@ pub fn fit(
             let p = spec.dropout;
             let mut drop_rng = StdRng::seed_from_u64(o.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let masks = std::cell::RefCell::new(&mut drop_rng);
-            let drop = |t: &Tensor| -> Result<Tensor> {
-                if p <= 0.0 {
-                    return Ok(t.clone());
-                }
-                if !t.device().is_cpu() {
-                    // On the GPU the masks are drawn there (seeded once per fit): drawing millions of
-                    // numbers per step on the host and uploading them bound the step.
-                    let keep = Tensor::rand(0f32, 1f32, t.shape(), t.device())?.ge(p)?.to_dtype(t.dtype())?;
-                    return t.mul(&(keep * (1.0 / (1.0 - p)))?);
-                }
-                let n = t.elem_count();
-                let v: Vec<f32> = (0..n).map(|_| if masks.borrow_mut().random::<f64>() < p { 0.0 } else { (1.0 / (1.0 - p)) as f32 }).collect();
-                t.mul(&Tensor::from_vec(v, t.shape(), t.device())?)
-            };
+            let drop = |t: &Tensor| dropout(t, p, &mut masks.borrow_mut());
             let out = net.forward(&e, &drop)?;
             let loss = match task {
                 Task::Regression => {

@@ -2,9 +2,9 @@
 
 mod common;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use common::tmp;
-use ouro_train::seqfit::{auroc, examples, fit, metrics, pearson, spearman, Alphabet, Ensemble, Examples, FitOptions, Fitted, ModelSpec, Table, Target, Task};
+use ouro_train::seqfit::{auroc, dropout, examples, fit, metrics, pearson, spearman, Alphabet, Ensemble, Examples, FitOptions, Fitted, ModelSpec, Table, Target, Task};
 
 #[test]
 fn metrics_match_hand_computed_values() {
@@ -131,6 +131,25 @@ fn lyra_learns_a_sequence_property_and_round_trips() {
     }
 }
 
+/// Inverted dropout on the CPU: about p of the elements zeroed, the rest scaled by 1/(1 − p) (the mean kept),
+/// the same mask for the same seed; p = 0 is the identity and p ≥ 1 an error.
+#[test]
+fn dropout_keeps_the_mean_and_follows_its_seed() {
+    use rand::{rngs::StdRng, SeedableRng};
+    let x = Tensor::ones((64, 1000), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let v = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let a = v(dropout(&x, 0.2, &mut StdRng::seed_from_u64(7)).unwrap());
+    let zeros = a.iter().filter(|&&e| e == 0.0).count() as f64 / a.len() as f64;
+    assert!((zeros - 0.2).abs() < 0.01, "zeroed fraction {zeros}");
+    assert!(a.iter().all(|&e| e == 0.0 || (e - 1.25).abs() < 1e-6));
+    let mean = a.iter().map(|&e| e as f64).sum::<f64>() / a.len() as f64;
+    assert!((mean - 1.0).abs() < 0.02, "mean {mean}");
+    assert_eq!(a, v(dropout(&x, 0.2, &mut StdRng::seed_from_u64(7)).unwrap()));
+    assert_ne!(a, v(dropout(&x, 0.2, &mut StdRng::seed_from_u64(8)).unwrap()));
+    assert_eq!(v(dropout(&x, 0.0, &mut StdRng::seed_from_u64(7)).unwrap()), v(x.clone()));
+    assert!(dropout(&x, 1.0, &mut StdRng::seed_from_u64(7)).is_err());
+}
+
 /// `checkpoint`: the folder holds the best epoch as soon as it is reached (an interrupted fit keeps it),
 /// and after the fit it is the model that fit returns, epoch and predictions alike.
 #[test]
@@ -219,4 +238,40 @@ fn every_model_handles_padding_anywhere() {
         let worst = p.iter().flatten().zip(q.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f64, f64::max);
         assert!(worst < 1e-4, "{kind}: padded and bare predictions differ by {worst}");
     }
+}
+
+/// On a GPU (skipped without one): the device's dropout masks zero about p of the elements and keep the
+/// mean, repeat for the same device seed, and a fit with dropout learns the property as on the CPU and repeats
+/// for the same seed.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_dropout_and_fit_follow_their_seeds() {
+    use rand::{rngs::StdRng, SeedableRng};
+    let dev = match Device::new_cuda(0) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("skipping: no CUDA device ({e})");
+            return;
+        }
+    };
+    let x = Tensor::ones((64, 1000), candle_core::DType::F32, &dev).unwrap();
+    let mask = |seed: u64| {
+        dev.set_seed(seed).unwrap();
+        dropout(&x, 0.2, &mut StdRng::seed_from_u64(0)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let a = mask(3);
+    let zeros = a.iter().filter(|&&e| e == 0.0).count() as f64 / a.len() as f64;
+    assert!((zeros - 0.2).abs() < 0.01, "zeroed fraction {zeros}");
+    assert!(a.iter().all(|&e| e == 0.0 || (e - 1.25).abs() < 1e-6));
+    assert_eq!(a, mask(3));
+    assert_ne!(a, mask(4));
+    let (train, valid) = (proteins(512, 1), proteins(128, 2));
+    let opts = FitOptions { target: Target::Rank, init: None, epochs: 8, batch_size: 32, lr: 5e-3, weight_decay: 0.0, seed: 0, progress: false, checkpoint: None };
+    let run = || fit(&train, &valid, Task::Regression, Alphabet::Protein, vec![], ModelSpec::simple("lyra", 16, "onehot", 0.1), ("sequence", "y"), &opts, &dev, &mut |_| {}).unwrap();
+    let (f1, f2) = (run(), run());
+    let rho = f1.cfg.best_metric.1;
+    assert!(rho > 0.8, "validation spearman {rho}");
+    let (p1, p2) = (f1.predict(&valid, &dev).unwrap(), f2.predict(&valid, &dev).unwrap());
+    let worst = p1.iter().flatten().zip(p2.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0f64, f64::max);
+    assert!(worst < 1e-5, "two fits with seed 0 differ by {worst}");
 }
