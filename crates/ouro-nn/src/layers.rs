@@ -707,26 +707,6 @@ mod attention_tests {
         assert!(err < 1e-5, "{err}");
     }
 
-    /// The skewed copy equals the definition M[t, s] = r[s − t + L − 1], and its gradient equals a gather's
-    /// (index_select, whose backward is a scatter-add) for the same upstream gradient.
-    #[test]
-    fn toeplitz_matches_definition_and_gather_gradient() {
-        for l in [1usize, 2, 5, 9] {
-            let k = 2 * l - 1;
-            let r = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, k), &Device::Cpu).unwrap()).unwrap();
-            let m = toeplitz(r.as_tensor()).unwrap();
-            assert_eq!(m.dims(), &[2, 3, l, l]);
-            let idx: Vec<u32> = (0..l).flat_map(|t| (0..l).map(move |s| (s + l - 1 - t) as u32)).collect();
-            let gather = r.as_tensor().index_select(&Tensor::from_vec(idx, l * l, &Device::Cpu).unwrap(), 2).unwrap().reshape((2, 3, l, l)).unwrap();
-            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert_eq!(flat(&m), flat(&gather), "L = {l}");
-            let up = Tensor::randn(0f32, 1.0, (2, 3, l, l), &Device::Cpu).unwrap();
-            let (g1, g2) = ((m * &up).unwrap().sum_all().unwrap().backward().unwrap(), (gather * &up).unwrap().sum_all().unwrap().backward().unwrap());
-            let (a, b) = (flat(g1.get(r.as_tensor()).unwrap()), flat(g2.get(r.as_tensor()).unwrap()));
-            assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-5), "L = {l}: {a:?} vs {b:?}");
-        }
-    }
-
     /// The kept rotary tables and causal mask are handed out only for the same request: interleaved
     /// requests with other positions, frequencies, lengths or windows get their own.
     #[test]
@@ -749,6 +729,31 @@ mod attention_tests {
         for (att, l, want) in [(&a, 5, 10), (&w, 5, 16), (&a, 4, 6), (&a, 5, 10), (&w, 5, 16)] {
             let m = att.mask(1, l, 0, 0, l, None, &Device::Cpu).unwrap().unwrap();
             assert_eq!((m.dims()[2], masked(&m)), (l, want));
+        }
+    }
+}
+
+#[cfg(test)]
+mod toeplitz_tests {
+    use super::*;
+
+    /// The skewed copy equals the definition M[t, s] = r[s − t + L − 1], and its gradient equals a gather's
+    /// (index_select, whose backward is a scatter-add) for the same upstream gradient.
+    #[test]
+    fn toeplitz_matches_definition_and_gather_gradient() {
+        for l in [1usize, 2, 5, 9] {
+            let k = 2 * l - 1;
+            let r = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, k), &Device::Cpu).unwrap()).unwrap();
+            let m = toeplitz(r.as_tensor()).unwrap();
+            assert_eq!(m.dims(), &[2, 3, l, l]);
+            let idx: Vec<u32> = (0..l).flat_map(|t| (0..l).map(move |s| (s + l - 1 - t) as u32)).collect();
+            let gather = r.as_tensor().index_select(&Tensor::from_vec(idx, l * l, &Device::Cpu).unwrap(), 2).unwrap().reshape((2, 3, l, l)).unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(flat(&m), flat(&gather), "L = {l}");
+            let up = Tensor::randn(0f32, 1.0, (2, 3, l, l), &Device::Cpu).unwrap();
+            let (g1, g2) = ((m * &up).unwrap().sum_all().unwrap().backward().unwrap(), (gather * &up).unwrap().sum_all().unwrap().backward().unwrap());
+            let (a, b) = (flat(g1.get(r.as_tensor()).unwrap()), flat(g2.get(r.as_tensor()).unwrap()));
+            assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-5), "L = {l}: {a:?} vs {b:?}");
         }
     }
 }
