@@ -19,6 +19,41 @@ pub fn embedding(vb: VarBuilder, vocab: usize, d: usize) -> Result<Embedding> {
     Ok(Embedding::new(vb.get((vocab, d), "weight")?, d))
 }
 
+/// v (d) repeated over the rows of x (…, d). On the CPU as the outer product ones(rows, 1) · v, so v's
+/// gradient is a matrix product; through `broadcast_add` / `broadcast_mul` it is candle's CPU reduction over
+/// the leading dims, single-threaded with an integer division per element (a fifth of a Lyra fit). On other
+/// devices a broadcast view.
+pub fn rows_like(v: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let d = v.elem_count();
+    if x.dim(D::Minus1)? != d {
+        bail!("rows_like: a vector of {d} for rows of {:?}", x.dims());
+    }
+    if !x.device().is_cpu() {
+        return v.reshape(d)?.broadcast_as(x.shape());
+    }
+    let rows = x.elem_count() / d;
+    Tensor::ones((rows, 1), v.dtype(), v.device())?.matmul(&v.reshape((1, d))?)?.reshape(x.shape())
+}
+
+/// x + v on every row of x (…, d); see [`rows_like`].
+pub fn add_rows(x: &Tensor, v: &Tensor) -> Result<Tensor> {
+    x.add(&rows_like(v, x)?)
+}
+
+/// x ⊙ v on every row of x (…, d); see [`rows_like`].
+pub fn mul_rows(x: &Tensor, v: &Tensor) -> Result<Tensor> {
+    x.mul(&rows_like(v, x)?)
+}
+
+/// `lin` on x (…, in), its bias added by [`add_rows`] (candle's `Linear` broadcasts it).
+pub fn linear_rows(lin: &Linear, x: &Tensor) -> Result<Tensor> {
+    let y = Linear::new(lin.weight().clone(), None).forward(x)?;
+    match lin.bias() {
+        Some(b) => add_rows(&y, b),
+        None => Ok(y),
+    }
+}
+
 /// The Toeplitz matrices M[…, t, s] = r[…, s − t + L − 1] of r (…, 2L − 1), indexed by lag s − t.
 ///
 /// Built by a copy and reshapes only (the skew trick): L copies of the ring R = [r[L−1..], 0, r[..L−1]]
@@ -41,7 +76,13 @@ pub fn toeplitz(r: &Tensor) -> Result<Tensor> {
     let r = r.reshape((rows, k))?;
     let zero = Tensor::zeros((rows, 1), r.dtype(), r.device())?;
     let ring = Tensor::cat(&[&r.narrow(1, l - 1, l)?, &zero, &r.narrow(1, 0, l - 1)?], 1)?; // (rows, 2L)
-    let copies = ring.unsqueeze(1)?.broadcast_as((rows, l, 2 * l))?.contiguous()?.reshape((rows, 2 * l * l))?;
+    // L copies of the ring; on the CPU as ones(L, 1) · ring per row, for the reason given at rows_like.
+    let copies = if r.device().is_cpu() {
+        Tensor::ones((rows, l, 1), r.dtype(), r.device())?.matmul(&ring.unsqueeze(1)?)?
+    } else {
+        ring.unsqueeze(1)?.broadcast_as((rows, l, 2 * l))?.contiguous()?
+    };
+    let copies = copies.reshape((rows, 2 * l * l))?;
     let m = copies.narrow(1, 0, l * (2 * l - 1))?.reshape((rows, l, 2 * l - 1))?.narrow(2, 0, l)?;
     m.contiguous()?.reshape(out_dims)
 }
@@ -755,5 +796,48 @@ mod toeplitz_tests {
             let (a, b) = (flat(g1.get(r.as_tensor()).unwrap()), flat(g2.get(r.as_tensor()).unwrap()));
             assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-5), "L = {l}: {a:?} vs {b:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod rows_tests {
+    use super::*;
+    use candle_core::Var;
+
+    /// add_rows, mul_rows and linear_rows give what the broadcasts give, values and gradients (the CPU takes
+    /// the outer-product path).
+    #[test]
+    fn row_ops_match_broadcasts_with_gradients() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 5, 4), &dev).unwrap()).unwrap();
+        let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, 4, &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, 4), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 6, &dev).unwrap()).unwrap();
+        let lin = Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
+        let up = |t: &Tensor| Tensor::randn(0f32, 1.0, t.dims(), &dev).unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            let (a, b) = (flat(a), flat(b));
+            assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-5), "{what}: {a:?} vs {b:?}");
+        };
+        let (xt, vt) = (x.as_tensor(), v.as_tensor());
+        let cases: [(&str, Tensor, Tensor); 3] = [
+            ("add", add_rows(xt, vt).unwrap(), xt.broadcast_add(vt).unwrap()),
+            ("mul", mul_rows(xt, vt).unwrap(), xt.broadcast_mul(vt).unwrap()),
+            ("linear", linear_rows(&lin, xt).unwrap(), lin.forward(xt).unwrap()),
+        ];
+        for (what, got, want) in cases {
+            close(&got, &want, what);
+            let u = up(&got);
+            let (g1, g2) = ((&got * &u).unwrap().sum_all().unwrap().backward().unwrap(), (&want * &u).unwrap().sum_all().unwrap().backward().unwrap());
+            for (name, var) in [("x", &x), ("v", &v), ("w", &w), ("b", &b)] {
+                match (g1.get(var.as_tensor()), g2.get(var.as_tensor())) {
+                    (Some(a), Some(c)) => close(a, c, &format!("{what}: d{name}")),
+                    (None, None) => {}
+                    _ => panic!("{what}: d{name} present on one side only"),
+                }
+            }
+        }
+        assert!(rows_like(vt, &Tensor::zeros((2, 3), DType::F32, &dev).unwrap()).is_err(), "a vector of 4 for rows of 3");
     }
 }

@@ -12,7 +12,7 @@
 //! zeroed after every sequence-mixing layer and left out of the mean, so a batch of mixed lengths gives
 //! each sequence the result it would get alone.
 
-use crate::layers::linear;
+use crate::layers::{linear, linear_rows, mul_rows, rows_like};
 use crate::s4d::S4d;
 use candle_core::{bail, DType, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
@@ -55,7 +55,7 @@ impl Module for LyraNorm {
         // The 1e-24 under the root keeps the gradient finite on all-zero rows (masked padding): d√s/ds is
         // infinite at 0. It changes ‖x‖ by at most 1e-12.
         let rms = ((x.sqr()?.sum_keepdim(D::Minus1)? + 1e-24)?.sqrt()? / d.sqrt())?;
-        x.broadcast_div(&(rms + self.eps)?)?.broadcast_mul(&self.scale)
+        mul_rows(&x.broadcast_div(&(rms + self.eps)?)?, &self.scale)
     }
 }
 
@@ -90,18 +90,18 @@ impl Pgc {
 
     /// x (b, l, d); `mask` (b, l, 1) zeroes padding before the convolution.
     pub fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let xv = self.in_norm.forward(&self.in_proj.forward(x)?)?;
+        let xv = self.in_norm.forward(&linear_rows(&self.in_proj, x)?)?;
         let (xx, v) = (xv.narrow(2, 0, self.e)?.broadcast_mul(mask)?, xv.narrow(2, self.e, self.e)?);
         // Depthwise conv, kernel 3, padding 1: y_t = w0 x_{t−1} + w1 x_t + w2 x_{t+1} + b.
         let (b, l, e) = xx.dims3()?;
         let zero = Tensor::zeros((b, 1, e), DType::F32, x.device())?;
         let padded = Tensor::cat(&[&zero, &xx, &zero], 1)?;
         let w = self.conv_w.reshape((e, 3))?;
-        let mut y = self.conv_b.reshape((1, 1, e))?.broadcast_as((b, l, e))?.contiguous()?;
+        let mut y = rows_like(&self.conv_b, &xx)?;
         for s in 0..3 {
-            y = (y + padded.narrow(1, s, l)?.broadcast_mul(&w.narrow(1, s, 1)?.squeeze(1)?)?)?;
+            y = (y + mul_rows(&padded.narrow(1, s, l)?, &w.narrow(1, s, 1)?.squeeze(1)?)?)?;
         }
-        self.out_norm.forward(&self.out_proj.forward(&(v * y)?)?)
+        self.out_norm.forward(&linear_rows(&self.out_proj, &(v * y)?)?)
     }
 }
 
@@ -140,13 +140,14 @@ impl Lyra {
     /// [`Lyra::forward`] with the pooling weights `pool` (b, l) of the head (the mask: mean pooling).
     pub fn forward_pooled(&self, u: &Tensor, mask: &Tensor, pool: &Tensor, drop: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // (b, l, 1)
-        let x = self.encoder.forward(&u.to_dtype(DType::F32)?)?.broadcast_mul(&m)?;
+        let x = linear_rows(&self.encoder, &u.to_dtype(DType::F32)?)?.broadcast_mul(&m)?;
         let x = self.pgc1.forward(&x, &m)?.broadcast_mul(&m)?;
         let x = self.pgc2.forward(&x, &m)?.broadcast_mul(&m)?;
         let z = self.norm.forward(&x)?.broadcast_mul(&m)?;
         let x = (drop(&self.s4d.forward(&z, drop)?)? + x)?.broadcast_mul(&m)?;
         let w = pool.to_dtype(DType::F32)?.unsqueeze(2)?;
-        let pooled = x.broadcast_mul(&w)?.sum(1)?.broadcast_div(&w.sum(1)?.clamp(1.0, f64::MAX)?)?;
+        // Σ_t w_t x_t as (b, 1, l) · (b, l, d): a sum over the middle axis is candle's slow CPU reduction.
+        let pooled = w.transpose(1, 2)?.matmul(&x.contiguous()?)?.squeeze(1)?.broadcast_div(&w.sum(1)?.clamp(1.0, f64::MAX)?)?;
         self.decoder.forward(&pooled)
     }
 

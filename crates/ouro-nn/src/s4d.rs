@@ -10,8 +10,8 @@
 //! chunked with a carried state for long inputs) and the recurrent form x_t = exp(dt·A)·x_{t−1} + (exp(dt·A) − 1)/A·u_t, y_t = 2·Re(C·x_t)
 //! compute the same thing ([`S4d::forward_recurrent`]).
 
-use crate::layers::toeplitz;
-use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
+use crate::layers::{linear_rows, mul_rows, toeplitz};
+use candle_core::{bail, DType, Device, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
 #[derive(Clone, Debug)]
@@ -99,7 +99,7 @@ impl S4d {
 
     /// y = K ∗ u + D⊙u as a Toeplitz product per channel: O(l²) time and memory.
     pub fn ssm_conv_toeplitz(&self, u: &Tensor) -> Result<Tensor> {
-        self.kernel_conv(u)?.broadcast_add(&u.to_dtype(DType::F32)?.broadcast_mul(&self.d)?)
+        self.kernel_conv(u)?.add(&mul_rows(&u.to_dtype(DType::F32)?, &self.d)?)
     }
 
     /// K ∗ u alone (b, l, H), as one Toeplitz product per channel.
@@ -160,7 +160,7 @@ impl S4d {
         let carried = (prev_r.matmul(&qr.contiguous()?)? - prev_i.matmul(&qi.contiguous()?)?)?; // (H, b·nc, t)
         let carried = carried.reshape((h, b, nc * t))?.permute((1, 2, 0))?; // (b, nc·t, H)
         let y = (local + carried)?.narrow(1, 0, l)?;
-        y.broadcast_add(&uf.broadcast_mul(&self.d)?)
+        y.add(&mul_rows(&uf, &self.d)?)
     }
 
     /// The same y by the recurrence (complex state per mode), for checking and streaming.
@@ -182,13 +182,13 @@ impl S4d {
             let y = ((xr.broadcast_mul(&cpr)? - xi.broadcast_mul(&cpi)?)?.sum(2)? * 2.0)?; // (b, H)
             ys.push(y.unsqueeze(1)?);
         }
-        Tensor::cat(&ys, 1)?.broadcast_add(&uf.broadcast_mul(&self.d)?)
+        Tensor::cat(&ys, 1)?.add(&mul_rows(&uf, &self.d)?)
     }
 
     /// The full layer on u (b, l, H): SSM convolution, GELU, (dropout by the caller's `drop`), 1×1 conv + GLU.
     pub fn forward(&self, u: &Tensor, drop: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let y = drop(&self.ssm_conv(u)?.gelu_erf()?)?;
-        let z = self.output_linear.forward(&y)?; // (b, l, 2H)
+        let z = linear_rows(&self.output_linear, &y)?; // (b, l, 2H)
         let (a, g) = (z.narrow(D::Minus1, 0, self.h)?, z.narrow(D::Minus1, self.h, self.h)?);
         a.mul(&candle_nn::ops::sigmoid(&g)?)
     }
