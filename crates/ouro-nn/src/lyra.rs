@@ -147,7 +147,7 @@ impl Lyra {
         let x = (drop(&self.s4d.forward(&z, drop)?)? + x)?.broadcast_mul(&m)?;
         let w = pool.to_dtype(DType::F32)?.unsqueeze(2)?;
         // Σ_t w_t x_t as (b, 1, l) · (b, l, d): a sum over the middle axis is candle's slow CPU reduction.
-        let pooled = w.transpose(1, 2)?.matmul(&x.contiguous()?)?.squeeze(1)?.broadcast_div(&w.sum(1)?.clamp(1.0, f64::MAX)?)?;
+        let pooled = w.transpose(1, 2)?.contiguous()?.matmul(&x.contiguous()?)?.squeeze(1)?.broadcast_div(&w.sum(1)?.clamp(1.0, f64::MAX)?)?;
         self.decoder.forward(&pooled)
     }
 
