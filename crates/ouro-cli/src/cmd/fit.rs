@@ -113,8 +113,8 @@ pub fn fit_cmd(a: FitArgs) -> Result<()> {
         bail!("--backbone and --init go with --model backbone");
     }
     let o = FitOptions { target: Target::parse(&a.target)?, init: a.init.clone(), epochs: a.epochs, batch_size: a.batch_size, lr: a.lr, weight_decay: a.weight_decay, seed: a.seed, progress: !a.quiet, checkpoint: Some(a.out.clone()) };
+    // fit writes each new best epoch into --out (`checkpoint`), so the model it returns is already there.
     let fitted = fit(&train, &valid, task, alphabet, classes, spec, (&a.sequence_column, &a.label_column), &o, &crate::device::parse(&a.device)?, &mut |s| eprintln!("{s}"))?;
-    fitted.save(&a.out)?;
     println!(
         "best epoch {} ({} {:.4} on {}); {} parameters; {:.1} s; saved {}",
         fitted.cfg.best_epoch,
