@@ -32,11 +32,19 @@ pub struct SsdGpuArgs {
     peer_src: Option<std::path::PathBuf>,
     /// Batch sizes of the decode-step benchmark (at the first shape's heads, head_dim, d_state; conv
     /// width 4), comma-separated; empty to skip it.
-    #[arg(long, value_delimiter = ',', default_value = "1,64,512")]
-    decode_batches: Vec<usize>,
+    #[arg(long, default_value = "1,64,512", value_parser = batch_list)]
+    decode_batches: BatchList,
     /// One JSON object per shape instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// `--decode-batches`: comma-separated batch sizes; an empty value is the empty list (skip the decode step).
+#[derive(Clone, Debug)]
+pub struct BatchList(pub Vec<usize>);
+
+fn batch_list(s: &str) -> std::result::Result<BatchList, String> {
+    s.split(',').map(str::trim).filter(|t| !t.is_empty()).map(|t| t.parse::<usize>().ok().filter(|&v| v > 0).ok_or_else(|| format!("'{t}' is not a positive batch size"))).collect::<std::result::Result<_, _>>().map(BatchList)
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
@@ -202,7 +210,7 @@ pub fn ssd_gpu(a: SsdGpuArgs) -> Result<()> {
     drop((m, out));
     eprintln!("device: copy {:.2} TB/s, bf16 matmul {:.0} TFLOP/s", bandwidth / 1e12, peak / 1e12);
     let (peer, peer_decode) = match (&a.peer, &a.peer_src) {
-        (Some(py), Some(src)) => run_peer(py, src, &a.shapes, &a.dtype, a.iters, &a.decode_batches)?,
+        (Some(py), Some(src)) => run_peer(py, src, &a.shapes, &a.dtype, a.iters, &a.decode_batches.0)?,
         (Some(_), None) => bail!("--peer needs --peer-src (the mamba_ssm source folder)"),
         _ => (Vec::new(), Vec::new()),
     };
@@ -289,7 +297,7 @@ pub fn ssd_gpu(a: SsdGpuArgs) -> Result<()> {
             matmul_tflop_s: peak / 1e12,
         });
     }
-    let decode = decode_rows(&dev, shapes[0], &a.decode_batches, &peer_decode, a.check, bandwidth, &time)?;
+    let decode = decode_rows(&dev, shapes[0], &a.decode_batches.0, &peer_decode, a.check, bandwidth, &time)?;
     if a.json {
         for r in &rows {
             println!("{}", serde_json::to_string(r)?);
@@ -407,4 +415,18 @@ fn decode_rows(
         });
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_batches_parse_and_empty_skips() {
+        assert_eq!(batch_list("1,64,512").unwrap().0, vec![1, 64, 512]);
+        assert_eq!(batch_list(" 8 ").unwrap().0, vec![8]);
+        assert!(batch_list("").unwrap().0.is_empty());
+        assert!(batch_list("1,x").unwrap_err().contains("'x'"));
+        assert!(batch_list("0").is_err());
+    }
 }

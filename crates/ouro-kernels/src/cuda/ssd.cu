@@ -537,6 +537,77 @@ __device__ __forceinline__ float ld1(const float* p, long i) { return p[i]; }
 __device__ __forceinline__ float ld1(const bf* p, long i) { return __uint_as_float((unsigned)p[i] << 16); }
 __device__ __forceinline__ void st1(bf* p, long i, float v) { p[i] = to_bf(v); }
 
+// Accumulator rows stored whole: four n8 tiles of an m16n8 accumulator strip (columns c0..c0+31; thread
+// (gq, tq) holds columns 8t + 2tq, +1 of tile t in rows gq and gq + 8) written 16 bytes per thread (bf16) or
+// 2 × 16 (f32) instead of 4 (8): the quad trades its pairs (three xor shuffles per row) so that thread tq holds
+// columns 8tq..8tq+7 of both rows. Each store instruction then covers whole 32-byte sectors (two per row),
+// where the pairs covered half of one. pa / pb: row gq's / row gq+8's element c0; a row is skipped when its
+// flag is false (past the chunk's end; all 32 lanes still shuffle).
+__device__ __forceinline__ unsigned sel4(const unsigned* v, int i) { return i == 0 ? v[0] : i == 1 ? v[1] : i == 2 ? v[2] : v[3]; }
+__device__ __forceinline__ void quad_trade(unsigned* v) { // v[t] (column pair 2tq of tile t) → v[s] (pair s of tile tq)
+    const int tq = threadIdx.x & 3;
+    unsigned got[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const unsigned send = sel4(v, tq ^ r);
+        got[r] = r ? __shfl_xor_sync(0xffffffffu, send, r) : send;
+    }
+#pragma unroll
+    for (int s2 = 0; s2 < 4; ++s2) v[s2] = sel4(got, s2 ^ tq);
+}
+__device__ __forceinline__ void st_rows4(bf* pa, bf* pb, bool va, bool vb, const float (*acc)[4]) {
+    unsigned a[4], b[4];
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+        a[t] = pack2(acc[t][0], acc[t][1]);
+        b[t] = pack2(acc[t][2], acc[t][3]);
+    }
+    quad_trade(a);
+    quad_trade(b);
+    const int c = 8 * (threadIdx.x & 3);
+    if (va) *reinterpret_cast<uint4*>(pa + c) = make_uint4(a[0], a[1], a[2], a[3]);
+    if (vb) *reinterpret_cast<uint4*>(pb + c) = make_uint4(b[0], b[1], b[2], b[3]);
+}
+__device__ __forceinline__ void st_rows4(float* pa, float* pb, bool va, bool vb, const float (*acc)[4]) {
+    unsigned a0[4], a1[4], b0[4], b1[4]; // the pairs' first and second elements as bits
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+        a0[t] = __float_as_uint(acc[t][0]);
+        a1[t] = __float_as_uint(acc[t][1]);
+        b0[t] = __float_as_uint(acc[t][2]);
+        b1[t] = __float_as_uint(acc[t][3]);
+    }
+    quad_trade(a0);
+    quad_trade(a1);
+    quad_trade(b0);
+    quad_trade(b1);
+    const int c = 8 * (threadIdx.x & 3);
+    if (va) {
+        *reinterpret_cast<uint4*>(pa + c) = make_uint4(a0[0], a1[0], a0[1], a1[1]);
+        *reinterpret_cast<uint4*>(pa + c + 4) = make_uint4(a0[2], a1[2], a0[3], a1[3]);
+    }
+    if (vb) {
+        *reinterpret_cast<uint4*>(pb + c) = make_uint4(b0[0], b1[0], b0[1], b1[1]);
+        *reinterpret_cast<uint4*>(pb + c + 4) = make_uint4(b0[2], b1[2], b0[3], b1[3]);
+    }
+}
+// A strip's TILES n8 tiles (columns 0..8·TILES) of rows gq (at pa) and gq + 8 (at pb): by st_rows4 when TILES
+// is a multiple of 4, else pair by pair.
+template <int TILES, typename O>
+__device__ __forceinline__ void st_strip(O* pa, O* pb, bool va, bool vb, const float (*acc)[4]) {
+    if constexpr (TILES % 4 == 0) {
+#pragma unroll
+        for (int t = 0; t < TILES; t += 4) st_rows4(pa + 8 * t, pb + 8 * t, va, vb, acc + t);
+    } else {
+        const int c = 2 * (threadIdx.x & 3);
+#pragma unroll
+        for (int t = 0; t < TILES; ++t) {
+            if (va) st2(pa, 8 * t + c, acc[t][0], acc[t][1]);
+            if (vb) st2(pb, 8 * t + c, acc[t][2], acc[t][3]);
+        }
+    }
+}
+
 // The A fragment (16×16, row-major) at rows r0.., cols k0.. of a row-major tile with row stride `st`.
 __device__ __forceinline__ void frag_a(unsigned* a, const bf* s, int st, int r0, int k0) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -709,7 +780,7 @@ __device__ __forceinline__ void pn_heads(const bf* u, long urs, const VT* v, lon
     cp_tile<MQ, N>(u, urs, nq, um, SN2);
     issue(0);
     if (HB > 1) issue(1);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2;
     for (int k = 0; k < HB; ++k) {
         bf* vk = vs + (k & 1) * MQ * SP2;
         if (k + 1 < HB) cp_wait<1>();
@@ -734,12 +805,8 @@ __device__ __forceinline__ void pn_heads(const bf* u, long urs, const VT* v, lon
                     mma16816(acc[nt], fa, fb);
                 }
             }
-#pragma unroll
-            for (int nt = 0; nt < N / 8; ++nt) {
-                const int pp = strip * 16 + gq, n = nt * 8 + 2 * tq;
-                st2(o, pp * N + n, acc[nt][0], acc[nt][1]);
-                st2(o, (pp + 8) * N + n, acc[nt][2], acc[nt][3]);
-            }
+            const int pp = strip * 16 + gq;
+            st_strip<N / 8>(o + pp * N, o + (pp + 8) * N, true, true, acc);
         }
         __syncthreads(); // buffer k & 1 is free
         if (k + 2 < HB) issue(k + 2);
@@ -948,13 +1015,20 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc
         dcs[i] = ddts[i] = us[i] = 0.f;
     }
     for (int p = threadIdx.x; p < P; p += blockDim.x) dds[p] = 0.f;
-    load_tile<bf, MQ, N>(xbc + r0 * ROW + C_OFF + g * N, ROW, nq, nullptr, cm, SN2, nullptr, 0);
-    load_tile<bf, MQ, N>(xbc + r0 * ROW + B_OFF + g * N, ROW, nq, nullptr, bm, SN2, nullptr, 0);
-    load_tile<bf, MQ, P>(xbc + r0 * ROW + X_OFF + h * P, ROW, nq, nullptr, xs, SP2, nullptr, 0);
-    load_tile<YT, MQ, P>(dy + (r0 * H + h) * P, (long)H * P, nq, nullptr, dys, SP2, nullptr, 0);
+    // The tiles kept as stored arrive by cp.async (whole rows, 16 bytes per thread) in two groups: C, B, x
+    // and dy (the first products' operands), then dL/dS_out (needed after the next barrier but one); S_in,
+    // stored transposed, is loaded meanwhile, and so is dy when it is f32.
     const long so = (((long)b * NC + c) * H + h) * (P * N);
+    cp_tile<MQ, N>(xbc + r0 * ROW + C_OFF + g * N, ROW, nq, cm, SN2);
+    cp_tile<MQ, N>(xbc + r0 * ROW + B_OFF + g * N, ROW, nq, bm, SN2);
+    cp_tile<MQ, P>(xbc + r0 * ROW + X_OFF + h * P, ROW, nq, xs, SP2);
+    if constexpr (sizeof(YT) == 2) cp_tile<MQ, P>(reinterpret_cast<const bf*>(dy) + (r0 * H + h) * P, (long)H * P, nq, dys, SP2);
+    cp_commit();
+    cp_tile<P, N>(dstates + so, N, P, dsl, SN2);
+    cp_commit();
+    if constexpr (sizeof(YT) != 2) load_tile<YT, MQ, P>(dy + (r0 * H + h) * P, (long)H * P, nq, nullptr, dys, SP2, nullptr, 0);
     load_tile<ST, P, N>(states + so, N, P, nullptr, nullptr, 0, st, SP2);
-    load_tile<ST, P, N>(dstates + so, N, P, nullptr, dsl, SN2, nullptr, 0);
+    cp_wait<1>();
     __syncthreads();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
     const int i0 = warp * 16, ra = i0 + gq, rb = ra + 8;
@@ -1057,6 +1131,7 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc
             atomicAdd(&dcs[rb], rowb);
         }
     }
+    cp_wait<0>();    // dL/dS_out
     __syncthreads(); // mt and wt complete
     // Rows j of this warp: ja, jb; sc = exp(cs_last − cs_j)·dt_j scales the state terms.
     const int ja = ra, jb = rb;
