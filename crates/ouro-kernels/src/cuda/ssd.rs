@@ -74,7 +74,7 @@ fn smem_mma(p: usize, n: usize, hb: usize) -> [usize; 4] {
     let (sk, sn, sp) = (q + 8, n + 8, p + 8);
     [
         8 * q * hb + 2 * (q * sn + 2 * q * sp),
-        8 * q * hb + 2 * (2 * q * sn + 2 * p * sn + 2 * q * sp),
+        8 * q * hb + 2 * (q * sn + q.max(p) * sn + p * sn + 2 * q * sp), // B's tile doubles as S_in's second buffer
         8 * q * hb + 2 * (q * sn + 2 * q * sp),
         24 * q + 4 * p + 2 * (2 * q * sn + p * sn + n * sp + 2 * q * sp + 2 * q * sk),
     ]
