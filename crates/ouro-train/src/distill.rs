@@ -248,8 +248,8 @@ pub struct DistillSpec {
     /// Held-out tokens for the perplexities.
     pub eval_tokens: usize,
     /// Wall-clock budget of stages 1, 2, 3 in seconds, instead of `tokens`: the step count is fixed from
-    /// the time of steps 3–8 (the first steps carry one-off start-up costs), and the learning-rate
-    /// schedule follows it.
+    /// the step time measured on 8 passes that update nothing (the first 3 untimed: they carry one-off
+    /// start-up costs), and the learning-rate schedule follows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seconds: Option<[f64; 3]>,
     /// Compute in bf16: the teacher (loaded in bf16 by the caller) and the student's forward and backward
@@ -426,15 +426,25 @@ pub fn perplexity(model: &dyn LanguageModel, valid: &Stream, batch: usize, seq_l
 /// Saves the student in the Llamba checkpoint layout (config.json, model.safetensors, the tokenizer) in
 /// `dir`, atomically (a temporary folder renamed over the old one).
 pub fn save_student(student: &Student, tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
+    write_folder(dir, |tmp| write_student(student, tokenizer, tmp))
+}
+
+fn write_student(student: &Student, tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
+    let mut config = serde_json::to_value(&student.cfg).map_err(candle_core::Error::wrap)?;
+    config.as_object_mut().expect("object").insert("model_type".into(), "llamba".into());
+    tokenizer.save_for_folder(dir, &mut config)?;
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", dir.display())))?;
+    student.varmap.save(dir.join("model.safetensors"))
+}
+
+/// Fills a temporary folder with `fill`, then renames it over `dir`: a reader sees the old folder or the
+/// whole new one.
+fn write_folder(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let err = |e: std::io::Error, p: &Path| candle_core::Error::Msg(format!("{}: {e}", p.display()));
     let tmp = dir.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| err(e, &tmp))?;
-    let mut config = serde_json::to_value(&student.cfg).map_err(candle_core::Error::wrap)?;
-    config.as_object_mut().expect("object").insert("model_type".into(), "llamba".into());
-    tokenizer.save_for_folder(&tmp, &mut config)?;
-    std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).map_err(|e| err(e, &tmp))?;
-    student.varmap.save(tmp.join("model.safetensors"))?;
+    fill(&tmp)?;
     let _ = std::fs::remove_dir_all(dir);
     std::fs::rename(&tmp, dir).map_err(|e| err(e, dir))?;
     Ok(())
@@ -448,14 +458,87 @@ fn trainable(student: &Student, stage: u8) -> Vec<(String, candle_core::Var)> {
     v
 }
 
-/// Runs `spec.stages` on the student. After each stage: a checkpoint in `out/stage{k}`, the perplexities
-/// of teacher and student on `valid`, metrics in `out/metrics.jsonl`. `log` receives progress lines.
-#[allow(clippy::too_many_arguments)]
-/// With a time budget, the step time is measured over steps TIMED_FROM+1 ..= TIMED_FROM+TIMED_STEPS.
+/// With a time budget, the step time is measured before the stage's first step, on TIMED_FROM + TIMED_STEPS
+/// forward and backward passes that update nothing (the first TIMED_FROM carry one-off start-up costs and are
+/// not timed); their time counts against the budget. The steps then follow the schedule of a token budget of
+/// the step count that fits.
 const TIMED_FROM: usize = 3;
 const TIMED_STEPS: usize = 5;
 
-pub fn distill(teacher: &Llama, student: &Student, tokenizer: &Tokenizer, train: &Stream, valid: &Stream, spec: &DistillSpec, out: &Path, progress: bool, log: &mut dyn FnMut(&str)) -> Result<Vec<StageResult>> {
+/// When a run stops early to be resumed later (a machine lent for a few minutes at a time): after `Seconds`
+/// of this process's run (checked before each step, against the slowest step seen so far) or after `Steps`
+/// optimizer steps in this process.
+#[derive(Clone, Copy, Debug)]
+pub enum PauseAfter {
+    Seconds(f64),
+    Steps(usize),
+}
+
+/// Where a paused run stands (`out/resume/resume.json`, beside the student and the optimizer state).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ResumePoint {
+    pub spec: DistillSpec,
+    /// The stage in progress (an index into `spec.stages`), its next step and its step count (still
+    /// provisional when a time budget had not been measured yet).
+    pub stage_index: usize,
+    pub step: usize,
+    pub steps: usize,
+    /// The stage's first and latest loss (none before its first step).
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    /// The stage's seconds in earlier processes.
+    pub seconds: f64,
+    pub teacher_ppl: f64,
+    /// The stages finished before.
+    pub results: Vec<StageResult>,
+}
+
+/// How a call to [`distill`] ended.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    Done(Vec<StageResult>),
+    /// Paused: `out/resume/` holds what [`load_resume`] needs to go on.
+    /// `steps`: the stage's step count, None while a time budget has not been measured yet.
+    Paused { stage: u8, step: usize, steps: Option<usize> },
+}
+
+const PROVISIONAL: usize = usize::MAX / 2;
+
+/// A paused run in `out/resume/`: where it stands, the student (f32 parameters on `dev`) and the optimizer
+/// state of the stage in progress.
+pub fn load_resume(out: &Path, dev: &Device) -> Result<(ResumePoint, Student, std::collections::HashMap<String, Tensor>)> {
+    let dir = out.join("resume");
+    let file = dir.join("resume.json");
+    let text = std::fs::read_to_string(&file).map_err(|e| candle_core::Error::Msg(format!("{}: {e} (no paused run to resume in {})", file.display(), out.display())))?;
+    let point: ResumePoint = serde_json::from_str(&text).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", file.display())))?;
+    if point.stage_index >= point.spec.stages.len() || point.step > point.steps {
+        bail!("{}: stage index {} / step {} of {} do not fit the run's stages {:?}", file.display(), point.stage_index, point.step, point.steps, point.spec.stages);
+    }
+    let student = load_student(&dir, dev)?;
+    let opt_file = dir.join("optimizer.safetensors");
+    let opt = if opt_file.exists() { candle_core::safetensors::load(&opt_file, dev).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", opt_file.display())))? } else { Default::default() };
+    Ok((point, student, opt))
+}
+
+/// Runs `spec.stages` on the student. After each stage: a checkpoint in `out/stage{k}`, the perplexities
+/// of teacher and student on `valid`, metrics in `out/metrics.jsonl`. `log` receives progress lines.
+/// `resume` continues a paused run (from [`load_resume`], with the student it returned); `pause` stops
+/// this call early, leaving `out/resume/` (the student, the optimizer's moments, the step): the resumed
+/// run takes the same batches and learning rates as one that was never paused.
+#[allow(clippy::too_many_arguments)]
+pub fn distill(
+    teacher: &Llama,
+    student: &Student,
+    tokenizer: &Tokenizer,
+    train: &Stream,
+    valid: &Stream,
+    spec: &DistillSpec,
+    out: &Path,
+    resume: Option<(ResumePoint, std::collections::HashMap<String, Tensor>)>,
+    pause: Option<PauseAfter>,
+    progress: bool,
+    log: &mut dyn FnMut(&str),
+) -> Result<Outcome> {
     std::fs::create_dir_all(out).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", out.display())))?;
     let metrics = out.join("metrics.jsonl");
     let write = |m: &DistillMetric| -> Result<()> {
@@ -463,62 +546,130 @@ pub fn distill(teacher: &Llama, student: &Student, tokenizer: &Tokenizer, train:
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&metrics).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", metrics.display())))?;
         writeln!(f, "{}", serde_json::to_string(m).unwrap()).map_err(candle_core::Error::wrap)
     };
-    let _ = std::fs::remove_file(&metrics); // a fresh run's metrics
     let dev = teacher.device().clone();
     let dtype = if spec.bf16 { DType::BF16 } else { DType::F32 };
-    let teacher_ppl = perplexity(teacher, valid, spec.batch_size, spec.seq_len, spec.eval_tokens)?;
-    let cast = student.cast(dtype)?;
-    let start_ppl = perplexity(cast.as_ref().unwrap_or(&student.model), valid, spec.batch_size, spec.seq_len, spec.eval_tokens)?;
-    log(&format!("held-out perplexity: teacher {teacher_ppl:.3}, student at initialisation {start_ppl:.3}"));
-    write(&DistillMetric { stage: 0, step: 0, tokens: 0, seconds: 0.0, loss: None, lr: None, teacher_ppl: Some(teacher_ppl), student_ppl: Some(start_ppl) })?;
-    let mut results = Vec::new();
-    for &stage in &spec.stages {
+    let started = Instant::now();
+    let (teacher_ppl, mut results, first_stage, mut at) = match resume {
+        Some((point, opt_state)) => {
+            let stage = point.spec.stages[point.stage_index];
+            log(&format!("resuming stage {stage} at step {} of {}", point.step, if point.steps == PROVISIONAL { "(not yet measured)".to_string() } else { point.steps.to_string() }));
+            // Lines a process wrote after the pause it resumes from (one stopped without pausing) are dropped.
+            if let Ok(text) = std::fs::read_to_string(&metrics) {
+                let kept: Vec<&str> = text
+                    .lines()
+                    .filter(|l| serde_json::from_str::<DistillMetric>(l).is_ok_and(|m| m.stage < stage || (m.stage == stage && m.step <= point.step && m.loss.is_some())))
+                    .collect();
+                let tmp = metrics.with_extension("jsonl.tmp");
+                std::fs::write(&tmp, kept.iter().map(|l| format!("{l}\n")).collect::<String>()).and_then(|_| std::fs::rename(&tmp, &metrics)).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", metrics.display())))?;
+            }
+            (point.teacher_ppl, point.results.clone(), point.stage_index, Some((point, opt_state)))
+        }
+        None => {
+            let _ = std::fs::remove_file(&metrics); // a fresh run's metrics
+            let teacher_ppl = perplexity(teacher, valid, spec.batch_size, spec.seq_len, spec.eval_tokens)?;
+            let cast = student.cast(dtype)?;
+            let start_ppl = perplexity(cast.as_ref().unwrap_or(&student.model), valid, spec.batch_size, spec.seq_len, spec.eval_tokens)?;
+            log(&format!("held-out perplexity: teacher {teacher_ppl:.3}, student at initialisation {start_ppl:.3}"));
+            write(&DistillMetric { stage: 0, step: 0, tokens: 0, seconds: 0.0, loss: None, lr: None, teacher_ppl: Some(teacher_ppl), student_ppl: Some(start_ppl) })?;
+            (teacher_ppl, Vec::new(), 0, None)
+        }
+    };
+    let mut steps_here = 0usize; // optimizer steps taken in this call
+    let mut slowest = 0f64; // the slowest step of this call, s
+    for (index, &stage) in spec.stages.iter().enumerate().skip(first_stage) {
         if !(1..=3).contains(&stage) {
             bail!("distill: stage {stage} does not exist (1, 2 or 3)");
         }
         let per_step = (spec.batch_size * spec.seq_len) as u64;
         let seconds = spec.seconds.map(|s| s[stage as usize - 1]);
-        let mut steps = match seconds {
-            Some(s) if !(s > 0.0) => bail!("distill: stage {stage} has a time budget of {s} s"),
-            // Provisional: fixed from the measured step time after TIMED_FROM + TIMED_STEPS steps.
-            Some(_) => usize::MAX / 2,
-            None => {
-                let budget = spec.tokens[stage as usize - 1];
-                if budget < per_step {
-                    bail!("distill: stage {stage} has {budget} tokens, less than one step of {per_step} (batch × seq_len)");
-                }
-                (budget / per_step) as usize
-            }
-        };
         let lr = spec.lr[stage as usize - 1];
         let mut opt = AdamW::new(trainable(student, stage), 0.9, 0.95, 1e-8, if stage == 3 { 0.1 } else { 0.0 })?;
-        match seconds {
-            Some(s) => log(&format!("stage {stage}: {s} s of steps of {per_step} tokens, lr {lr}, {} parameter tensors", opt.params.len())),
-            None => log(&format!("stage {stage}: {steps} steps of {per_step} tokens, lr {lr}, {} parameter tensors", opt.params.len())),
-        }
+        let (mut step, mut steps, mut first, mut last, prior) = match at.take() {
+            Some((p, opt_state)) => {
+                if p.step > 0 {
+                    opt.load_state(&opt_state).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", out.join("resume/optimizer.safetensors").display())))?;
+                }
+                (p.step, p.steps, p.first_loss.unwrap_or(f64::NAN), p.last_loss.unwrap_or(f64::NAN), p.seconds)
+            }
+            None => {
+                let steps = match seconds {
+                    Some(s) if !(s > 0.0) => bail!("distill: stage {stage} has a time budget of {s} s"),
+                    // Provisional: fixed from the step time measured before the first step.
+                    Some(_) => PROVISIONAL,
+                    None => {
+                        let budget = spec.tokens[stage as usize - 1];
+                        if budget < per_step {
+                            bail!("distill: stage {stage} has {budget} tokens, less than one step of {per_step} (batch × seq_len)");
+                        }
+                        (budget / per_step) as usize
+                    }
+                };
+                match seconds {
+                    Some(s) => log(&format!("stage {stage}: {s} s of steps of {per_step} tokens, lr {lr}, {} parameter tensors", opt.params.len())),
+                    None => log(&format!("stage {stage}: {steps} steps of {per_step} tokens, lr {lr}, {} parameter tensors", opt.params.len())),
+                }
+                (0, steps, f64::NAN, f64::NAN, 0.0)
+            }
+        };
         let bar = progress.then(|| {
-            let b = indicatif::ProgressBar::new(if seconds.is_some() { 0 } else { steps as u64 });
+            let b = indicatif::ProgressBar::new(if steps == PROVISIONAL { 0 } else { steps as u64 });
             b.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").unwrap());
+            b.set_position(step as u64);
             b
         });
         let t0 = Instant::now();
-        let (mut first, mut last) = (f64::NAN, f64::NAN);
-        let mut timed_from = t0;
-        let mut step = 0;
-        while step < steps {
-            let rate = lr_at(step, steps, steps / 10, lr, lr / 10.0);
+        let stage_start = step;
+        // One forward and backward pass on the batch of `step`: the loss, its gradients added into `acc`.
+        let pass = |step: usize, opt: &AdamW, acc: &mut Vec<Option<Tensor>>| -> Result<f64> {
             let batch = train.sample(spec.batch_size, spec.seq_len, spec.seed ^ (stage as u64) << 32, step as u64, 0, None, &dev)?;
-            let mut acc = Vec::new();
             phases::start(&dev)?;
             let cast = student.cast(dtype)?;
             phases::mark(&dev, 1)?; // the bf16 copy: the student's part
             let model = cast.as_ref().unwrap_or(&student.model);
-            let loss = match stage {
-                1 => stage1_loss(teacher, model, &batch.inputs, Some((&opt, &mut acc))),
-                2 => stage2_loss(teacher, model, &batch.inputs, Some((&opt, &mut acc))),
-                _ => stage3_loss(teacher, model, &batch.inputs, spec.temperature, Some((&opt, &mut acc))),
+            match stage {
+                1 => stage1_loss(teacher, model, &batch.inputs, Some((opt, acc))),
+                2 => stage2_loss(teacher, model, &batch.inputs, Some((opt, acc))),
+                _ => stage3_loss(teacher, model, &batch.inputs, spec.temperature, Some((opt, acc))),
             }
-            .map_err(|e| candle_core::Error::Msg(format!("stage {stage} step {step}: {e}")))?;
+            .map_err(|e| candle_core::Error::Msg(format!("stage {stage} step {step}: {e}")))
+        };
+        if let (Some(budget), true) = (seconds, steps == PROVISIONAL) {
+            let mut timed_from = Instant::now();
+            for i in 0..TIMED_FROM + TIMED_STEPS {
+                if i == TIMED_FROM {
+                    dev.synchronize()?;
+                    timed_from = Instant::now();
+                }
+                pass(i, &opt, &mut Vec::new())?;
+            }
+            dev.synchronize()?;
+            let per = timed_from.elapsed().as_secs_f64() / TIMED_STEPS as f64;
+            let _ = phases::take(); // the timing passes are not steps
+            steps = (((budget - prior - t0.elapsed().as_secs_f64()) / per) as usize).max(1);
+            log(&format!("stage {stage}: {per:.3} s per step → {steps} steps in {budget} s"));
+            if let Some(b) = &bar {
+                b.set_length(steps as u64);
+            }
+        }
+        while step < steps {
+            let pause_now = match pause {
+                Some(PauseAfter::Seconds(s)) => started.elapsed().as_secs_f64() + 2.0 * slowest > s,
+                Some(PauseAfter::Steps(n)) => steps_here >= n,
+                None => false,
+            };
+            if pause_now {
+                if let Some(b) = &bar {
+                    b.finish_and_clear();
+                }
+                let point = ResumePoint { spec: spec.clone(), stage_index: index, step, steps, first_loss: first.is_finite().then_some(first), last_loss: last.is_finite().then_some(last), seconds: prior + t0.elapsed().as_secs_f64(), teacher_ppl, results };
+                save_resume(student, tokenizer, &opt, &point, &out.join("resume"))?;
+                log(&format!("paused at stage {stage} step {step} of {}; saved {} (resume with --resume)", if steps == PROVISIONAL { "?".into() } else { steps.to_string() }, out.join("resume").display()));
+                return Ok(Outcome::Paused { stage, step, steps: (steps != PROVISIONAL).then_some(steps) });
+            }
+            let step_start = Instant::now();
+            let rate = lr_at(step, steps, steps / 10, lr, lr / 10.0);
+            let mut acc = Vec::new();
+            let loss = pass(step, &opt, &mut acc)?;
             let norm = AdamW::grad_norm(&acc)?;
             let scale = if spec.grad_clip > 0.0 && norm > spec.grad_clip { spec.grad_clip / (norm + 1e-6) } else { 1.0 };
             opt.step(&acc, rate, scale)?;
@@ -527,19 +678,9 @@ pub fn distill(teacher: &Llama, student: &Student, tokenizer: &Tokenizer, train:
                 first = loss;
             }
             last = loss;
-            if let Some(budget) = seconds {
-                if step + 1 == TIMED_FROM {
-                    timed_from = Instant::now();
-                } else if step + 1 == TIMED_FROM + TIMED_STEPS {
-                    let per = timed_from.elapsed().as_secs_f64() / TIMED_STEPS as f64;
-                    steps = ((budget / per) as usize).max(step + 1);
-                    log(&format!("stage {stage}: {per:.3} s per step → {steps} steps in {budget} s"));
-                    if let Some(b) = &bar {
-                        b.set_length(steps as u64);
-                    }
-                }
-            }
-            write(&DistillMetric { stage, step: step + 1, tokens: (step as u64 + 1) * per_step, seconds: t0.elapsed().as_secs_f64(), loss: Some(loss), lr: Some(rate), teacher_ppl: None, student_ppl: None })?;
+            steps_here += 1;
+            slowest = slowest.max(step_start.elapsed().as_secs_f64());
+            write(&DistillMetric { stage, step: step + 1, tokens: (step as u64 + 1) * per_step, seconds: prior + t0.elapsed().as_secs_f64(), loss: Some(loss), lr: Some(rate), teacher_ppl: None, student_ppl: None })?;
             match &bar {
                 Some(b) => {
                     b.set_position(step as u64 + 1);
@@ -553,9 +694,9 @@ pub fn distill(teacher: &Llama, student: &Student, tokenizer: &Tokenizer, train:
         if let Some(b) = bar {
             b.finish_and_clear();
         }
-        let seconds = t0.elapsed().as_secs_f64();
+        let seconds = prior + t0.elapsed().as_secs_f64();
         if let Some(p) = phases::take() {
-            let per: Vec<String> = p.iter().zip(phases::NAMES).map(|(t, n)| format!("{n} {:.3}", t / steps as f64)).collect();
+            let per: Vec<String> = p.iter().zip(phases::NAMES).map(|(t, n)| format!("{n} {:.3}", t / (steps - stage_start).max(1) as f64)).collect();
             log(&format!("stage {stage} profile, s per step (device synchronised): {}", per.join(", ")));
         }
         let dir = out.join(format!("stage{stage}"));
@@ -566,8 +707,19 @@ pub fn distill(teacher: &Llama, student: &Student, tokenizer: &Tokenizer, train:
         write(&DistillMetric { stage, step: steps, tokens: steps as u64 * per_step, seconds, loss: None, lr: None, teacher_ppl: Some(teacher_ppl), student_ppl: Some(student_ppl) })?;
         results.push(StageResult { stage, steps, tokens: steps as u64 * per_step, seconds, first_loss: first, last_loss: last, teacher_ppl, student_ppl, checkpoint: dir.display().to_string() });
     }
+    let _ = std::fs::remove_dir_all(out.join("resume")); // finished: nothing left to resume
     plot(&metrics, &out.join("loss.svg"))?;
-    Ok(results)
+    Ok(Outcome::Done(results))
+}
+
+/// `dir` (atomically): the student as [`save_student`] writes it, the optimizer's state and `resume.json`.
+fn save_resume(student: &Student, tokenizer: &Tokenizer, opt: &AdamW, point: &ResumePoint, dir: &Path) -> Result<()> {
+    write_folder(dir, |tmp| {
+        write_student(student, tokenizer, tmp)?;
+        candle_core::safetensors::save(&opt.state()?, tmp.join("optimizer.safetensors"))?;
+        let file = tmp.join("resume.json");
+        std::fs::write(&file, serde_json::to_string_pretty(point).unwrap()).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", file.display())))
+    })
 }
 
 /// One panel per stage: its loss against tokens.
@@ -735,6 +887,63 @@ mod tests {
             assert!(b < frac * a, "stage {stage} bf16 loss {a} → {b}");
             assert!((a - fa).abs() < 0.05 * fa, "stage {stage}: the bf16 starting loss {a} is far from the f32 one {fa}");
         }
+    }
+
+    /// The student's parameters by name, as f32 vectors.
+    fn params(st: &Student) -> Vec<(String, Vec<f32>)> {
+        let data = st.varmap.data().lock().unwrap();
+        let mut v: Vec<(String, Vec<f32>)> = data.iter().map(|(k, var)| (k.clone(), var.as_tensor().flatten_all().unwrap().to_vec1().unwrap())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    #[test]
+    fn a_paused_and_resumed_run_equals_one_run() {
+        // All three stages straight through, and the same run paused every 3 optimizer steps (inside stages
+        // and at their boundaries) and resumed from out/resume/ each time: the same losses, the same
+        // student, bit for bit, and no resume folder left at the end.
+        let dir = std::env::temp_dir().join(format!("ouro-distill-resume-{}", std::process::id()));
+        let (ck, teacher) = tiny_teacher(&dir.join("teacher"));
+        let (train, valid) = (stream(3000, 40, 1), stream(600, 40, 2));
+        let spec = DistillSpec { stages: vec![1, 2, 3], tokens: [4 * 48 * 4, 4 * 48 * 5, 4 * 48 * 4], batch_size: 4, seq_len: 48, lr: [1e-2, 1e-2, 3e-3], temperature: 1.0, grad_clip: 1.0, seed: 3, eval_tokens: 192, seconds: None, bf16: false };
+        let tok = Tokenizer::Bytes;
+        let (one, _) = init_student(&ck, &teacher.cfg, ssm(4, 4, 8), 0, &Device::Cpu).unwrap();
+        let Outcome::Done(straight) = distill(&teacher, &one, &tok, &train, &valid, &spec, &dir.join("one"), None, None, false, &mut |_| {}).unwrap() else { panic!("the straight run paused") };
+        let out = dir.join("paused");
+        let (mut st, _) = init_student(&ck, &teacher.cfg, ssm(4, 4, 8), 0, &Device::Cpu).unwrap();
+        let mut resume = None;
+        let mut pauses = Vec::new();
+        let resumed = loop {
+            match distill(&teacher, &st, &tok, &train, &valid, &spec, &out, resume.take(), Some(PauseAfter::Steps(3)), false, &mut |_| {}).unwrap() {
+                Outcome::Done(r) => break r,
+                Outcome::Paused { stage, step, .. } => {
+                    pauses.push((stage, step));
+                    // A line from a process stopped after the pause (not resumed from): dropped on resume.
+                    let stray = DistillMetric { stage, step: step + 1, tokens: 0, seconds: 0.0, loss: Some(9.0), lr: None, teacher_ppl: None, student_ppl: None };
+                    let mut text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+                    text.push_str(&format!("{}\n", serde_json::to_string(&stray).unwrap()));
+                    std::fs::write(out.join("metrics.jsonl"), text).unwrap();
+                    let (point, student, opt) = load_resume(&out, &Device::Cpu).unwrap();
+                    st = student;
+                    resume = Some((point, opt));
+                }
+            }
+        };
+        assert_eq!(pauses, vec![(1, 3), (2, 2), (3, 0), (3, 3)], "where the run paused");
+        assert_eq!(straight.len(), 3);
+        for (a, b) in straight.iter().zip(&resumed) {
+            assert_eq!((a.stage, a.steps, a.first_loss, a.last_loss), (b.stage, b.steps, b.first_loss, b.last_loss));
+            // The held-out sums may add in another order (threads): equal to the last digits.
+            assert!((a.student_ppl - b.student_ppl).abs() < 1e-9 * a.student_ppl, "stage {}: {} vs {}", a.stage, a.student_ppl, b.student_ppl);
+        }
+        assert_eq!(params(&one), params(&st), "the resumed student differs from the straight one");
+        assert!(!out.join("resume").exists(), "a finished run leaves no resume folder");
+        let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count();
+        assert_eq!(lines, 1 + 4 + 5 + 4 + 3, "metrics: the start, one line per step, one per stage end");
+        // Nothing to resume now: a clear error naming the folder.
+        let err = load_resume(&out, &Device::Cpu).err().expect("no paused run").to_string();
+        assert!(err.contains("resume.json") && err.contains("no paused run"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

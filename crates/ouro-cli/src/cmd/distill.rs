@@ -5,7 +5,7 @@ use ouro_nn::checkpoint::Checkpoint;
 use ouro_nn::llama::Llama;
 use ouro_nn::llamba::LlambaSsmConfig;
 use ouro_nn::tokenizer::Tokenizer;
-use ouro_train::distill::{distill, init_student, load_student, DistillSpec};
+use ouro_train::distill::{distill, init_student, load_resume, load_student, DistillSpec, Outcome, PauseAfter};
 use ouro_train::train::load_text;
 use std::path::PathBuf;
 
@@ -34,7 +34,7 @@ pub struct DistillArgs {
     #[arg(long, value_delimiter = ',', default_value = "1000000,1000000,4000000")]
     tokens: Vec<u64>,
     /// Wall-clock budgets of stages 1, 2, 3 in seconds, instead of --tokens (the step count is fixed
-    /// from the measured step time after a few steps).
+    /// from the step time measured first, on 8 passes that update nothing; they count against the budget).
     #[arg(long, value_delimiter = ',')]
     seconds: Option<Vec<f64>>,
     /// Peak learning rates of stages 1, 2, 3.
@@ -70,6 +70,15 @@ pub struct DistillArgs {
     /// student's parameters, optimizer state and losses stay f32 (mixed precision).
     #[arg(long)]
     bf16: bool,
+    /// Stop after this many seconds (checked before each step, with room for two of the slowest steps),
+    /// leaving the student, the optimizer state and the step in OUT/resume/ for --resume: for machines lent
+    /// a few minutes at a time.
+    #[arg(long)]
+    pause_after: Option<f64>,
+    /// Go on with the paused run in --out: its settings (stages, budgets, learning rates, batch, seed) come
+    /// from OUT/resume/resume.json; give the same --teacher and --data.
+    #[arg(long)]
+    resume: bool,
     #[arg(long)]
     quiet: bool,
 }
@@ -119,22 +128,39 @@ pub fn distill_cmd(a: DistillArgs) -> Result<()> {
     if a.batch_size == 0 || a.seq_len == 0 || a.temperature <= 0.0 {
         bail!("--batch-size and --seq-len must be positive, --temperature above 0");
     }
+    if matches!(a.pause_after, Some(s) if !(s > 0.0)) {
+        bail!("--pause-after must be a positive number of seconds");
+    }
     let text = std::fs::read_to_string(&a.student_config).with_context(|| format!("{}", a.student_config.display()))?;
     let student_file: StudentFile = toml::from_str(&text).with_context(|| format!("{}", a.student_config.display()))?;
     let ck = Checkpoint::open(&a.teacher).with_context(|| format!("teacher {}", a.teacher.display()))?;
     let dtype = if a.bf16 { candle_core::DType::BF16 } else { candle_core::DType::F32 };
     let teacher = Llama::load(&ck, dtype, &dev).with_context(|| format!("teacher {} (a Llama checkpoint)", a.teacher.display()))?;
     let tokenizer = Tokenizer::for_checkpoint(&ck, None).with_context(|| format!("the teacher's tokenizer ({})", a.teacher.display()))?;
-    let (train, valid) = load_text(&a.data, &a.data_dir, &tokenizer, a.valid_fraction, a.seed, &mut |m| eprintln!("{m}")).with_context(|| format!("--data '{}'", a.data))?;
-    if train.len() <= a.seq_len || valid.len() <= a.seq_len {
-        bail!("--data '{}': {} training and {} held-out tokens; each needs more than --seq-len {}", a.data, train.len(), valid.len(), a.seq_len);
+    if a.resume && a.init.is_some() {
+        bail!("--resume continues the student in OUT/resume/; --init does not apply");
     }
-    let student = match &a.init {
-        Some(dir) => load_student(dir, &dev).with_context(|| format!("--init {}", dir.display()))?,
-        None => {
+    let resume = if a.resume { Some(load_resume(&a.out, &dev).with_context(|| format!("--resume in {}", a.out.display()))?) } else { None };
+    if let Some((point, _, _)) = &resume {
+        if point.spec.bf16 != a.bf16 {
+            bail!("--resume: the paused run computed in {}; give --bf16 {}", if point.spec.bf16 { "bf16" } else { "f32" }, if point.spec.bf16 { "again" } else { "only if it had it" });
+        }
+    }
+    let (spec, resume) = match resume {
+        Some((point, student, opt)) => (point.spec.clone(), Some((point, student, opt))),
+        None => (spec, None),
+    };
+    let (train, valid) = load_text(&a.data, &a.data_dir, &tokenizer, a.valid_fraction, spec.seed, &mut |m| eprintln!("{m}")).with_context(|| format!("--data '{}'", a.data))?;
+    if train.len() <= spec.seq_len || valid.len() <= spec.seq_len {
+        bail!("--data '{}': {} training and {} held-out tokens; each needs more than --seq-len {}", a.data, train.len(), valid.len(), spec.seq_len);
+    }
+    let (student, resume) = match (resume, &a.init) {
+        (Some((point, student, opt)), _) => (student, Some((point, opt))),
+        (None, Some(dir)) => (load_student(dir, &dev).with_context(|| format!("--init {}", dir.display()))?, None),
+        (None, None) => {
             let (st, report) = init_student(&ck, &teacher.cfg, student_file.ssm_cfg, a.seed, &dev)?;
             eprintln!("student: {} tensors copied from the teacher; mixers: {}", report.copied, report.mixer.join(", "));
-            st
+            (st, None)
         }
     };
     let params: usize = student.varmap.all_vars().iter().map(|v| v.elem_count()).sum();
@@ -147,13 +173,23 @@ pub fn distill_cmd(a: DistillArgs) -> Result<()> {
     if kernel_profile {
         ouro_kernels::cuda::profile(true);
     }
-    let results = distill(&teacher, &student, &tokenizer, &train, &valid, &spec, &a.out, !a.quiet, &mut |m| eprintln!("{m}"))?;
+    let pause = a.pause_after.map(PauseAfter::Seconds);
+    let outcome = distill(&teacher, &student, &tokenizer, &train, &valid, &spec, &a.out, resume, pause, !a.quiet, &mut |m| eprintln!("{m}"))?;
     #[cfg(feature = "cuda")]
     if kernel_profile {
         for (k, secs, calls) in ouro_kernels::cuda::profile(false) {
             eprintln!("  cuda kernel {k}: {:.3} s ({calls} launches)", secs);
         }
     }
+    let results = match outcome {
+        Outcome::Done(r) => r,
+        Outcome::Paused { stage, step, steps } => {
+            let of = steps.map(|n| format!(" of {n}")).unwrap_or_default();
+            println!("{}", serde_json::json!({ "paused": { "stage": stage, "step": step, "steps": steps } }));
+            eprintln!("paused in stage {stage} at step {step}{of}: run the same command with --resume to go on");
+            return Ok(());
+        }
+    };
     let summary = serde_json::json!({ "teacher": a.teacher, "data": a.data, "spec": spec, "parameters": params, "stages": results });
     let file = a.out.join("summary.json");
     let tmp = a.out.join("summary.json.tmp");
