@@ -292,6 +292,8 @@ fn distill_a_tiny_llama_into_llamba_then_generate() {
     let (ok, stdout, err) = run(distill().args(["--stage", "all", "--tokens", "128,128,128", "--eval-tokens", "64", "--pause-after", "1e-9", "--out"]).arg(&paused));
     assert!(ok && stdout.contains("\"paused\"") && err.contains("--resume"), "{stdout} {err}");
     assert!(paused.join("resume/resume.json").exists() && !paused.join("summary.json").exists());
+    let (ok, _, err) = run(distill().args(["--resume", "--valid-fraction", "0.3", "--out"]).arg(&paused));
+    assert!(!ok && err.contains("--valid-fraction 0.1") && err.contains("run.json"), "{err}");
     let (ok, stdout, err) = run(distill().args(["--resume", "--out"]).arg(&paused));
     assert!(ok, "{err}");
     assert_eq!(serde_json::from_str::<serde_json::Value>(stdout.trim()).unwrap().as_array().unwrap().len(), 3, "{stdout}");

@@ -507,7 +507,9 @@ const PROVISIONAL: usize = usize::MAX / 2;
 /// A paused run in `out/resume/`: where it stands, the student (f32 parameters on `dev`) and the optimizer
 /// state of the stage in progress.
 pub fn load_resume(out: &Path, dev: &Device) -> Result<(ResumePoint, Student, std::collections::HashMap<String, Tensor>)> {
-    let dir = out.join("resume");
+    // resume.json is written last into resume.tmp/, which then replaces resume/: a process stopped between
+    // the two steps leaves a complete resume.tmp/ and no resume/.
+    let dir = [out.join("resume"), out.join("resume.tmp")].into_iter().find(|d| d.join("resume.json").exists()).unwrap_or_else(|| out.join("resume"));
     let file = dir.join("resume.json");
     let text = std::fs::read_to_string(&file).map_err(|e| candle_core::Error::Msg(format!("{}: {e} (no paused run to resume in {})", file.display(), out.display())))?;
     let point: ResumePoint = serde_json::from_str(&text).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", file.display())))?;
@@ -565,7 +567,9 @@ pub fn distill(
             (point.teacher_ppl, point.results.clone(), point.stage_index, Some((point, opt_state)))
         }
         None => {
-            let _ = std::fs::remove_file(&metrics); // a fresh run's metrics
+            // A fresh run: no metrics and no paused state of an earlier run in this folder.
+            let _ = std::fs::remove_file(&metrics);
+            let _ = std::fs::remove_dir_all(out.join("resume"));
             let teacher_ppl = perplexity(teacher, valid, spec.batch_size, spec.seq_len, spec.eval_tokens)?;
             let cast = student.cast(dtype)?;
             let start_ppl = perplexity(cast.as_ref().unwrap_or(&student.model), valid, spec.batch_size, spec.seq_len, spec.eval_tokens)?;
@@ -619,6 +623,26 @@ pub fn distill(
         });
         let t0 = Instant::now();
         let stage_start = step;
+        // Pauses (saves OUT/resume/ and returns) when the work ahead, `ahead` times the slowest step of this
+        // call, would run past the --pause-after time, or after the given number of optimizer steps.
+        macro_rules! pause_if_due {
+            ($ahead:expr) => {
+                let due = match pause {
+                    Some(PauseAfter::Seconds(s)) => started.elapsed().as_secs_f64() + $ahead as f64 * slowest > s,
+                    Some(PauseAfter::Steps(n)) => steps_here >= n,
+                    None => false,
+                };
+                if due {
+                    if let Some(b) = &bar {
+                        b.finish_and_clear();
+                    }
+                    let point = ResumePoint { spec: spec.clone(), stage_index: index, step, steps, first_loss: first.is_finite().then_some(first), last_loss: last.is_finite().then_some(last), seconds: prior + t0.elapsed().as_secs_f64(), teacher_ppl, results };
+                    save_resume(student, tokenizer, &opt, &point, &out.join("resume"))?;
+                    log(&format!("paused at stage {stage} step {step} of {}; saved {} (resume with --resume)", if steps == PROVISIONAL { "?".into() } else { steps.to_string() }, out.join("resume").display()));
+                    return Ok(Outcome::Paused { stage, step, steps: (steps != PROVISIONAL).then_some(steps) });
+                }
+            };
+        }
         // One forward and backward pass on the batch of `step`: the loss, its gradients added into `acc`.
         let pass = |step: usize, opt: &AdamW, acc: &mut Vec<Option<Tensor>>| -> Result<f64> {
             let batch = train.sample(spec.batch_size, spec.seq_len, spec.seed ^ (stage as u64) << 32, step as u64, 0, None, &dev)?;
@@ -634,13 +658,21 @@ pub fn distill(
             .map_err(|e| candle_core::Error::Msg(format!("stage {stage} step {step}: {e}")))
         };
         if let (Some(budget), true) = (seconds, steps == PROVISIONAL) {
+            pause_if_due!(TIMED_FROM + TIMED_STEPS + 2);
             let mut timed_from = Instant::now();
             for i in 0..TIMED_FROM + TIMED_STEPS {
                 if i == TIMED_FROM {
                     dev.synchronize()?;
                     timed_from = Instant::now();
                 }
-                pass(i, &opt, &mut Vec::new())?;
+                // A whole step's work: the passes, the gradient norm and an optimizer update at learning
+                // rate 0 (the weights stay as they are; the moments and step count are put back after).
+                let mut acc = Vec::new();
+                pass(i, &opt, &mut acc)?;
+                AdamW::grad_norm(&acc)?;
+                let kept = opt.state()?;
+                opt.step(&acc, 0.0, 1.0)?;
+                opt.load_state(&kept)?;
             }
             dev.synchronize()?;
             let per = timed_from.elapsed().as_secs_f64() / TIMED_STEPS as f64;
@@ -652,20 +684,7 @@ pub fn distill(
             }
         }
         while step < steps {
-            let pause_now = match pause {
-                Some(PauseAfter::Seconds(s)) => started.elapsed().as_secs_f64() + 2.0 * slowest > s,
-                Some(PauseAfter::Steps(n)) => steps_here >= n,
-                None => false,
-            };
-            if pause_now {
-                if let Some(b) = &bar {
-                    b.finish_and_clear();
-                }
-                let point = ResumePoint { spec: spec.clone(), stage_index: index, step, steps, first_loss: first.is_finite().then_some(first), last_loss: last.is_finite().then_some(last), seconds: prior + t0.elapsed().as_secs_f64(), teacher_ppl, results };
-                save_resume(student, tokenizer, &opt, &point, &out.join("resume"))?;
-                log(&format!("paused at stage {stage} step {step} of {}; saved {} (resume with --resume)", if steps == PROVISIONAL { "?".into() } else { steps.to_string() }, out.join("resume").display()));
-                return Ok(Outcome::Paused { stage, step, steps: (steps != PROVISIONAL).then_some(steps) });
-            }
+            pause_if_due!(2);
             let step_start = Instant::now();
             let rate = lr_at(step, steps, steps / 10, lr, lr / 10.0);
             let mut acc = Vec::new();
@@ -691,6 +710,8 @@ pub fn distill(
             }
             step += 1;
         }
+        // The stage's checkpoint and held-out evaluation: about two steps' work.
+        pause_if_due!(2);
         if let Some(b) = bar {
             b.finish_and_clear();
         }
@@ -918,6 +939,10 @@ mod tests {
                 Outcome::Done(r) => break r,
                 Outcome::Paused { stage, step, .. } => {
                     pauses.push((stage, step));
+                    if pauses.len() == 1 {
+                        // As if the process stopped between removing resume/ and renaming resume.tmp/ over it.
+                        std::fs::rename(out.join("resume"), out.join("resume.tmp")).unwrap();
+                    }
                     // A line from a process stopped after the pause (not resumed from): dropped on resume.
                     let stray = DistillMetric { stage, step: step + 1, tokens: 0, seconds: 0.0, loss: Some(9.0), lr: None, teacher_ppl: None, student_ppl: None };
                     let mut text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
@@ -929,7 +954,7 @@ mod tests {
                 }
             }
         };
-        assert_eq!(pauses, vec![(1, 3), (2, 2), (3, 0), (3, 3)], "where the run paused");
+        assert_eq!(pauses, vec![(1, 3), (2, 2), (2, 5), (3, 3)], "where the run paused (2, 5: before stage 2's evaluation)");
         assert_eq!(straight.len(), 3);
         for (a, b) in straight.iter().zip(&resumed) {
             assert_eq!((a.stage, a.steps, a.first_loss, a.last_loss), (b.stage, b.steps, b.first_loss, b.last_loss));
@@ -943,6 +968,29 @@ mod tests {
         // Nothing to resume now: a clear error naming the folder.
         let err = load_resume(&out, &Device::Cpu).err().expect("no paused run").to_string();
         assert!(err.contains("resume.json") && err.contains("no paused run"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_time_budget_trains_as_the_token_budget_of_its_step_count() {
+        // The timing passes before a time-budgeted stage update nothing (an optimizer step at learning rate
+        // 0, its moments put back): the stage then trains exactly as a token budget of the step count it
+        // fixed — same losses, same student, bit for bit.
+        let dir = std::env::temp_dir().join(format!("ouro-distill-timed-{}", std::process::id()));
+        let (ck, teacher) = tiny_teacher(&dir.join("teacher"));
+        let (train, valid) = (stream(3000, 40, 1), stream(600, 40, 2));
+        let mut spec = DistillSpec { stages: vec![3], tokens: [0; 3], batch_size: 4, seq_len: 48, lr: [1e-2, 1e-2, 3e-3], temperature: 1.0, grad_clip: 1.0, seed: 3, eval_tokens: 192, seconds: Some([1.0, 1.0, 0.2]), bf16: false };
+        let run = |spec: &DistillSpec, out: &str| {
+            let (st, _) = init_student(&ck, &teacher.cfg, ssm(4, 4, 8), 0, &Device::Cpu).unwrap();
+            let Outcome::Done(r) = distill(&teacher, &st, &Tokenizer::Bytes, &train, &valid, spec, &dir.join(out), None, None, false, &mut |_| {}).unwrap() else { panic!("paused") };
+            (r, params(&st))
+        };
+        let (timed, timed_params) = run(&spec, "timed");
+        spec.seconds = None;
+        spec.tokens[2] = (timed[0].steps * 4 * 48) as u64;
+        let (tokens, token_params) = run(&spec, "tokens");
+        assert_eq!((timed[0].steps, timed[0].first_loss, timed[0].last_loss), (tokens[0].steps, tokens[0].first_loss, tokens[0].last_loss));
+        assert_eq!(timed_params, token_params, "the timing passes changed the student");
         std::fs::remove_dir_all(&dir).ok();
     }
 

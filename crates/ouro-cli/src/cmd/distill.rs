@@ -146,6 +146,22 @@ pub fn distill_cmd(a: DistillArgs) -> Result<()> {
             bail!("--resume: the paused run computed in {}; give --bf16 {}", if point.spec.bf16 { "bf16" } else { "f32" }, if point.spec.bf16 { "again" } else { "only if it had it" });
         }
     }
+    // What the run reads besides its spec: a resumed run must read the same (OUT/run.json, written at the start).
+    let inputs = serde_json::json!({ "teacher": a.teacher, "data": a.data, "data_dir": a.data_dir, "valid_fraction": a.valid_fraction, "tf32": a.tf32 });
+    let inputs_file = a.out.join("run.json");
+    if resume.is_some() {
+        if let Ok(text) = std::fs::read_to_string(&inputs_file) {
+            let was: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}", inputs_file.display()))?;
+            for key in ["teacher", "data", "data_dir", "valid_fraction", "tf32"] {
+                if was[key] != inputs[key] {
+                    bail!("--resume: the paused run had --{} {} ({}), this command gives {}", key.replace('_', "-"), was[key], inputs_file.display(), inputs[key]);
+                }
+            }
+        }
+    } else {
+        std::fs::create_dir_all(&a.out).with_context(|| format!("{}", a.out.display()))?;
+        std::fs::write(&inputs_file, serde_json::to_string_pretty(&inputs)?).with_context(|| format!("{}", inputs_file.display()))?;
+    }
     let (spec, resume) = match resume {
         Some((point, student, opt)) => (point.spec.clone(), Some((point, student, opt))),
         None => (spec, None),
