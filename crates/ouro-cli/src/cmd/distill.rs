@@ -76,7 +76,8 @@ pub struct DistillArgs {
     #[arg(long)]
     pause_after: Option<f64>,
     /// Go on with the paused run in --out: its settings (stages, budgets, learning rates, batch, seed) come
-    /// from OUT/resume/resume.json; give the same --teacher and --data.
+    /// from OUT/resume/resume.json; --teacher, --data, --data-dir, --valid-fraction, --tf32 and --bf16 must
+    /// be those of the paused run (checked).
     #[arg(long)]
     resume: bool,
     #[arg(long)]
@@ -143,7 +144,7 @@ pub fn distill_cmd(a: DistillArgs) -> Result<()> {
     let resume = if a.resume { Some(load_resume(&a.out, &dev).with_context(|| format!("--resume in {}", a.out.display()))?) } else { None };
     if let Some((point, _, _)) = &resume {
         if point.spec.bf16 != a.bf16 {
-            bail!("--resume: the paused run computed in {}; give --bf16 {}", if point.spec.bf16 { "bf16" } else { "f32" }, if point.spec.bf16 { "again" } else { "only if it had it" });
+            bail!("--resume: the paused run computed in {}; {} --bf16", if point.spec.bf16 { "bf16" } else { "f32" }, if point.spec.bf16 { "add" } else { "drop" });
         }
     }
     // What the run reads besides its spec: a resumed run must read the same (OUT/run.json, written at the start).
