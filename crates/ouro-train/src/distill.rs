@@ -20,6 +20,7 @@
 use crate::data::{batch_from_rows, Stream};
 use crate::optim::{lr_at, AdamW};
 use crate::train::batch_loss;
+use crate::write_folder;
 use candle_core::{bail, DType, Device, Result, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
 use ouro_nn::checkpoint::Checkpoint;
@@ -437,19 +438,6 @@ fn write_student(student: &Student, tokenizer: &Tokenizer, dir: &Path) -> Result
     student.varmap.save(dir.join("model.safetensors"))
 }
 
-/// Fills a temporary folder with `fill`, then renames it over `dir`: a reader sees the old folder or the
-/// whole new one.
-fn write_folder(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let err = |e: std::io::Error, p: &Path| candle_core::Error::Msg(format!("{}: {e}", p.display()));
-    let tmp = dir.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| err(e, &tmp))?;
-    fill(&tmp)?;
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::rename(&tmp, dir).map_err(|e| err(e, dir))?;
-    Ok(())
-}
-
 /// The student's parameters a stage trains: the mixers (stages 1, 2) or everything (stage 3).
 fn trainable(student: &Student, stage: u8) -> Vec<(String, candle_core::Var)> {
     let data = student.varmap.data().lock().unwrap();
@@ -466,8 +454,8 @@ const TIMED_FROM: usize = 3;
 const TIMED_STEPS: usize = 5;
 
 /// When a run stops early to be resumed later (a machine lent for a few minutes at a time): after `Seconds`
-/// of this process's run (checked before each step, against the slowest step seen so far) or after `Steps`
-/// optimizer steps in this process.
+/// of this process's run (checked before each step, before a stage's timing passes and before its
+/// evaluation, against the slowest step seen so far) or after `Steps` optimizer steps in this process.
 #[derive(Clone, Copy, Debug)]
 pub enum PauseAfter {
     Seconds(f64),
@@ -503,6 +491,11 @@ pub enum Outcome {
 }
 
 const PROVISIONAL: usize = usize::MAX / 2;
+
+/// A stage's step count, None while it is provisional (a time budget not yet measured).
+fn measured(steps: usize) -> Option<usize> {
+    (steps != PROVISIONAL).then_some(steps)
+}
 
 /// A paused run in `out/resume/`: where it stands, the student (f32 parameters on `dev`) and the optimizer
 /// state of the stage in progress.
@@ -554,7 +547,7 @@ pub fn distill(
     let (teacher_ppl, mut results, first_stage, mut at) = match resume {
         Some((point, opt_state)) => {
             let stage = point.spec.stages[point.stage_index];
-            log(&format!("resuming stage {stage} at step {} of {}", point.step, if point.steps == PROVISIONAL { "(not yet measured)".to_string() } else { point.steps.to_string() }));
+            log(&format!("resuming stage {stage} at step {} of {}", point.step, measured(point.steps).map_or("(not yet measured)".into(), |n| n.to_string())));
             // Lines a process wrote after the pause it resumes from (one stopped without pausing) are dropped.
             if let Ok(text) = std::fs::read_to_string(&metrics) {
                 let kept: Vec<&str> = text
@@ -638,8 +631,8 @@ pub fn distill(
                     }
                     let point = ResumePoint { spec: spec.clone(), stage_index: index, step, steps, first_loss: first.is_finite().then_some(first), last_loss: last.is_finite().then_some(last), seconds: prior + t0.elapsed().as_secs_f64(), teacher_ppl, results };
                     save_resume(student, tokenizer, &opt, &point, &out.join("resume"))?;
-                    log(&format!("paused at stage {stage} step {step} of {}; saved {} (resume with --resume)", if steps == PROVISIONAL { "?".into() } else { steps.to_string() }, out.join("resume").display()));
-                    return Ok(Outcome::Paused { stage, step, steps: (steps != PROVISIONAL).then_some(steps) });
+                    log(&format!("paused at stage {stage} step {step} of {}; saved {} (resume with --resume)", measured(steps).map_or("?".into(), |n| n.to_string()), out.join("resume").display()));
+                    return Ok(Outcome::Paused { stage, step, steps: measured(steps) });
                 }
             };
         }

@@ -14,3 +14,18 @@ pub mod plot;
 pub mod seqfit;
 pub mod tasks;
 pub mod train;
+
+use std::path::Path;
+
+/// Writes a folder whole: `fill` writes into a temporary sibling (`dir` with extension `tmp`), which then
+/// replaces `dir`. A reader sees the old folder or the whole new one; a process stopped between the removal
+/// and the rename leaves the complete temporary folder.
+pub(crate) fn write_folder(dir: &Path, fill: impl FnOnce(&Path) -> candle_core::Result<()>) -> candle_core::Result<()> {
+    let err = |e: std::io::Error, p: &Path| candle_core::Error::Msg(format!("{}: {e}", p.display()));
+    let tmp = dir.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| err(e, &tmp))?;
+    fill(&tmp)?;
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::rename(&tmp, dir).map_err(|e| err(e, dir))
+}

@@ -151,13 +151,10 @@ impl TrainedOperator {
 
     /// Saves `config.json` and `model.safetensors` into `dir` (written to a temporary folder, then renamed).
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let tmp = dir.with_extension("tmp");
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(|e| msg(&tmp, e))?;
-        std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(&self.ck).unwrap()).map_err(|e| msg(&tmp, e))?;
-        self.varmap.save(tmp.join("model.safetensors"))?;
-        let _ = std::fs::remove_dir_all(dir);
-        std::fs::rename(&tmp, dir).map_err(|e| msg(dir, e))
+        crate::write_folder(dir, |tmp| {
+            std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(&self.ck).unwrap()).map_err(|e| msg(tmp, e))?;
+            self.varmap.save(tmp.join("model.safetensors"))
+        })
     }
 
     pub fn load(dir: &Path, dev: &Device) -> Result<Self> {

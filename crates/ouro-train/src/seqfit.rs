@@ -845,13 +845,10 @@ impl Fitted {
 
 /// config.json + model.safetensors into `dir`, written in a temporary folder and renamed over it.
 fn save_model(dir: &Path, cfg: &FitConfig, varmap: &VarMap) -> Result<()> {
-    let tmp = dir.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", tmp.display())))?;
-    std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(cfg).unwrap()).map_err(candle_core::Error::wrap)?;
-    varmap.save(tmp.join("model.safetensors"))?;
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::rename(&tmp, dir).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", dir.display())))
+    crate::write_folder(dir, |tmp| {
+        std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(cfg).unwrap()).map_err(candle_core::Error::wrap)?;
+        varmap.save(tmp.join("model.safetensors"))
+    })
 }
 
 /// Several fitted models of one task (e.g. the same configuration fitted with different seeds) predicting

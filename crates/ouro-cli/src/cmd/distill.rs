@@ -182,7 +182,6 @@ pub fn distill_cmd(a: DistillArgs) -> Result<()> {
     };
     let params: usize = student.varmap.all_vars().iter().map(|v| v.elem_count()).sum();
     eprintln!("student: Llamba, {} layers, {params} parameters", student.cfg.n_layer);
-    std::fs::create_dir_all(&a.out).with_context(|| format!("{}", a.out.display()))?;
     // OURO_CUDA_PROFILE=1: ouro's own CUDA kernels timed one by one (each synchronised), totals at the end.
     #[cfg(feature = "cuda")]
     let kernel_profile = std::env::var_os("OURO_CUDA_PROFILE").is_some() && dev.is_cuda();
