@@ -260,7 +260,7 @@ impl SsdCuda {
         let (hi, nci) = (Arg::I32(self.lay.heads as i32), Arg::I32(z.nc as i32));
         let args = [&[Arg::Ptr(xbc), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(pst), Arg::Ptr(pcs)][..], &self.common(z), &[Arg::I32(self.lay.b_off as i32), nci]].concat();
         let (grid, args) = self.heads_grid(&k, z, args);
-        launch(stream, &function(m, k.state, k.smem[0])?, grid, k.threads, k.smem[0], &args)?;
+        launch(stream, &self.occupying(m, k.state, k.smem[0])?, grid, k.threads, k.smem[0], &args)?;
         match bf16 {
             None => {
                 launch(stream, &function(m, "ssd_state_passing", 0)?, pass_grid, NT, 0, &[Arg::Ptr(pst), Arg::Ptr(pcs), Arg::Ptr(s0), Arg::Ptr(sf), hi, nci])?;
@@ -271,6 +271,17 @@ impl SsdCuda {
                 Ok(out)
             }
         }
+    }
+
+    /// chunk_state's or chunk_dstate's kernel; the tensor-core ones at d_state ≥ 128 (38 KB of shared memory
+    /// per block, at most 96 registers: five blocks per multiprocessor, `PN_BOUNDS` in ssd.cu) with the
+    /// largest shared-memory carveout.
+    fn occupying(&self, m: &Module, name: &str, smem: usize) -> Result<candle_core::cuda_backend::cudarc::driver::CudaFunction> {
+        let f = function(m, name, smem)?;
+        if self.mma && self.lay.d_state >= 128 {
+            super::prefer_shared(&f)?;
+        }
+        Ok(f)
     }
 
     /// chunk_scan: y (f32, or bf16 in the y-only op) from the passed states, with the D skip `dskip`.
@@ -298,7 +309,7 @@ impl SsdCuda {
         let (hi, hpg, nci) = (Arg::I32(h as i32), Arg::I32((h / groups) as i32), Arg::I32(z.nc as i32));
         let args = vec![Arg::Ptr(g.xbc), Arg::Ptr(g.la), Arg::Ptr(g.dy), Arg::Ptr(g.dstates), Arg::I32(z.l as i32), hi, hpg, Arg::I32(z.row as i32), Arg::I32(c_off as i32), nci];
         let (dgrid, args) = self.heads_grid(&k, z, args);
-        launch(stream, &function(m, k.dstate, k.smem[2])?, dgrid, k.threads, k.smem[2], &args)?;
+        launch(stream, &self.occupying(m, k.dstate, k.smem[2])?, dgrid, k.threads, k.smem[2], &args)?;
         let dpassed = match g.dpassed {
             None => {
                 launch(stream, &function(m, "ssd_state_passing_bwd", 0)?, pass_grid, NT, 0, &[
