@@ -813,11 +813,12 @@ __device__ __forceinline__ void pn_heads(const bf* u, long urs, const VT* v, lon
     }
 }
 
-// chunk_state_mma and chunk_dstate_mma hold 38 KB of tiles per block at N = 128: capped at 96 registers
-// (five blocks per multiprocessor; the launch sets the largest shared-memory carveout to match) they ran
-// 3% and 10% faster at 4 × 8192 than at four blocks. At N = 64 the cap measured 4–5% slower (the default
-// carveout already fits more blocks there).
-#if N >= 128
+// chunk_state_mma and chunk_dstate_mma hold 38 KB of tiles per block at P = 64, N = 128: capped at 96
+// registers (five blocks per multiprocessor; the launch sets the largest shared-memory carveout to match)
+// they ran 3% and 10% faster at 4 × 8192 than at four blocks. At N = 64 the cap measured 4–5% slower (the
+// default carveout already fits more blocks there); at N = 256 it would spill the accumulators. Other sizes
+// keep the compiler's choice.
+#if P == 64 && N == 128
 #define PN_BOUNDS __launch_bounds__(128, 5)
 #else
 #define PN_BOUNDS __launch_bounds__(128)

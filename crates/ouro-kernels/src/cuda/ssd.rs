@@ -273,12 +273,12 @@ impl SsdCuda {
         }
     }
 
-    /// chunk_state's or chunk_dstate's kernel; the tensor-core ones at d_state ≥ 128 (38 KB of shared memory
-    /// per block, at most 96 registers: five blocks per multiprocessor, `PN_BOUNDS` in ssd.cu) with the
-    /// largest shared-memory carveout.
+    /// chunk_state's or chunk_dstate's kernel; the tensor-core ones at head_dim 64 and d_state 128 (38 KB of
+    /// shared memory per block, at most 96 registers: five blocks per multiprocessor, `PN_BOUNDS` in ssd.cu)
+    /// with the largest shared-memory carveout.
     fn occupying(&self, m: &Module, name: &str, smem: usize) -> Result<candle_core::cuda_backend::cudarc::driver::CudaFunction> {
         let f = function(m, name, smem)?;
-        if self.mma && self.lay.d_state >= 128 {
+        if self.mma && self.lay.head_dim == 64 && self.lay.d_state == 128 {
             super::prefer_shared(&f)?;
         }
         Ok(f)
