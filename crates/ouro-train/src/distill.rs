@@ -554,8 +554,7 @@ pub fn distill(
                     .lines()
                     .filter(|l| serde_json::from_str::<DistillMetric>(l).is_ok_and(|m| m.stage < stage || (m.stage == stage && m.step <= point.step && m.loss.is_some())))
                     .collect();
-                let tmp = metrics.with_extension("jsonl.tmp");
-                std::fs::write(&tmp, kept.iter().map(|l| format!("{l}\n")).collect::<String>()).and_then(|_| std::fs::rename(&tmp, &metrics)).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", metrics.display())))?;
+                crate::write_file(&metrics, kept.iter().map(|l| format!("{l}\n")).collect::<String>())?;
             }
             (point.teacher_ppl, point.results.clone(), point.stage_index, Some((point, opt_state)))
         }

@@ -17,6 +17,16 @@ pub mod train;
 
 use std::path::Path;
 
+/// Writes a file whole: `bytes` into `path` + ".tmp", then renamed over `path` (a reader sees the old file or
+/// the whole new one). Errors name the file.
+pub(crate) fn write_file(path: &Path, bytes: impl AsRef<[u8]>) -> candle_core::Result<()> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".tmp");
+    let tmp = std::path::PathBuf::from(name);
+    std::fs::write(&tmp, bytes).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))
+}
+
 /// Writes a folder whole: `fill` writes into a temporary sibling (`dir` with extension `tmp`), which then
 /// replaces `dir`. A reader sees the old folder or the whole new one; a process stopped between the removal
 /// and the rename leaves the complete temporary folder.

@@ -329,9 +329,7 @@ pub fn save(path: &std::path::Path, o: &GenerateOptions, d: &Dataset) -> Result<
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     let bytes = safetensors_bytes(&data, meta).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
-    let tmp = path.with_extension("safetensors.tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))
+    crate::write_file(path, bytes)
 }
 
 /// f32 tensors (name, shape, little-endian bytes) and string metadata as a safetensors file image.

@@ -207,10 +207,8 @@ pub fn distill_cmd(a: DistillArgs) -> Result<()> {
         }
     };
     let summary = serde_json::json!({ "teacher": a.teacher, "data": a.data, "spec": spec, "parameters": params, "stages": results });
-    let file = a.out.join("summary.json");
-    let tmp = a.out.join("summary.json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&summary)?)?;
-    std::fs::rename(&tmp, &file)?;
+    let text = serde_json::to_string_pretty(&summary)?;
+    super::lm::write_atomic(&a.out.join("summary.json"), |tmp| Ok(std::fs::write(tmp, &text)?))?;
     println!("{}", serde_json::to_string(&summary["stages"])?);
     Ok(())
 }
