@@ -100,6 +100,36 @@ __device__ __forceinline__ void chunk_cumsum(const float* la, long base, int H, 
     __syncthreads();
 }
 
+// The last step of a chunk backward, by one warp (nq ≤ 64 rows, two per lane): dla_j = Σ_{k ≥ j} (dcs_k −
+// dt_k·us_k), with Σ_k dt_k·us_k + dlast (dL/dcs_last through the decay of S_in) added at the last row, as a
+// suffix sum over the lanes; ddt_j = ddts_j + us_j. Row j of dla and ddt at base + j·H.
+__device__ __forceinline__ void chunk_dla_ddt(int nq, const float* dts, const float* us, const float* dcs, const float* ddts, float dlast,
+                                              float* dla, float* ddt, long base, int H) {
+    const int lane = threadIdx.x & 31, j0 = 2 * lane, j1 = j0 + 1;
+    const float u0 = j0 < nq ? dts[j0] * us[j0] : 0.f, u1 = j1 < nq ? dts[j1] * us[j1] : 0.f;
+    float tot = u0 + u1;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) tot += __shfl_xor_sync(0xffffffffu, tot, o);
+    const float last = tot + dlast;
+    const float v0 = j0 < nq ? dcs[j0] - u0 + (j0 == nq - 1 ? last : 0.f) : 0.f;
+    const float v1 = j1 < nq ? dcs[j1] - u1 + (j1 == nq - 1 ? last : 0.f) : 0.f;
+    float run = v0 + v1; // becomes Σ over the rows of lanes ≥ this one
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const float t = __shfl_down_sync(0xffffffffu, run, o);
+        if (lane + o < 32) run += t;
+    }
+    if (j0 < nq) {
+        dla[base + (long)j0 * H] = run;
+        ddt[base + (long)j0 * H] = ddts[j0] + us[j0];
+    }
+    if (j1 < nq) {
+        dla[base + (long)j1 * H] = run - v0;
+        ddt[base + (long)j1 * H] = ddts[j1] + us[j1];
+    }
+}
+static_assert(Q <= 64, "chunk_dla_ddt takes at most 64 rows");
+
 // Grid (NC, H, Bt). states[b, c, h] = Σ_j exp(cs_last − cs_j)·dt_j·x_j ⊗ B_j; csum[b, h, c] = cs_last.
 extern "C" __global__ void __launch_bounds__(NT) ssd_chunk_state(const T* xbc, const float* dt, const float* la, float* states,
                                                                   float* csum, int L, int H, int HPG, int ROW, int X_OFF,
@@ -436,17 +466,7 @@ extern "C" __global__ void __launch_bounds__(NT) ssd_chunk_bwd(const T* xbc, con
     });
     __syncthreads();
     // Per token: ddt, then dcs → dla by a reverse cumulative sum over the chunk.
-    if (threadIdx.x == 0) {
-        float tot = 0.f;
-        for (int j = 0; j < nq; ++j) tot += dts[j] * us[j];
-        dcs[nq - 1] += tot + dcsum[((long)b * H + h) * NC + c];
-        float run = 0.f;
-        for (int j = nq - 1; j >= 0; --j) {
-            run += dcs[j] - dts[j] * us[j];
-            dla[(r0 + j) * H + h] = run;
-            ddt[(r0 + j) * H + h] = ddts[j] + us[j];
-        }
-    }
+    if (threadIdx.x < 32) chunk_dla_ddt(nq, dts, us, dcs, ddts, dcsum[((long)b * H + h) * NC + c], dla, ddt, r0 * H + h, H);
 }
 
 // softplus(x) with torch's threshold (x > 20 → x) when `on`, else x.
@@ -1013,12 +1033,12 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc
     float* us = ddts + MQ;    // MQ
     float* dds = us + MQ;     // P: dD of this chunk
     // Tiles used as B operands in [k][n] order are read by ldmatrix.trans (no transposed copies), which
-    // keeps the block at 107 KB of shared memory: two blocks per multiprocessor.
+    // keeps the block at 106 KB of shared memory: two blocks per multiprocessor.
     bf* cm = reinterpret_cast<bf*>(dds + P); // MQ × SN2: C [i][n]
     bf* bm = cm + MQ * SN2;   // MQ × SN2: B [j][n]
     bf* dsl = bm + MQ * SN2;  // P × SN2: dL/dS_out [p][n]
-    bf* st = dsl + P * SN2;   // N × SP2: S_in [n][p]
-    bf* xs = st + N * SP2;    // MQ × SP2: x [j][p]
+    bf* st = dsl + P * SN2;   // P × SN2: S_in [p][n]
+    bf* xs = st + P * SN2;    // MQ × SP2: x [j][p]
     bf* dys = xs + MQ * SP2;  // MQ × SP2: dy [i][p]
     bf* mt = dys + MQ * SP2;  // MQ × SK: M [j][i]
     bf* wt = mt + MQ * SK;    // MQ × SK: W [j][i]
@@ -1033,19 +1053,19 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc
         dcs[i] = ddts[i] = us[i] = 0.f;
     }
     for (int p = threadIdx.x; p < P; p += blockDim.x) dds[p] = 0.f;
-    // The tiles kept as stored arrive by cp.async (whole rows, 16 bytes per thread) in two groups: C, B, x
-    // and dy (the first products' operands), then dL/dS_out (needed after the next barrier but one); S_in,
-    // stored transposed, is loaded meanwhile, and so is dy when it is f32.
+    // The tiles arrive by cp.async (whole rows, 16 bytes per thread) in two groups: C, B, x, dy and S_in (the
+    // first products' operands), then dL/dS_out (needed after the next barrier but one); dy, when it is f32,
+    // is loaded meanwhile.
     const long so = (((long)b * NC + c) * H + h) * (P * N);
     cp_tile<MQ, N>(xbc + r0 * ROW + C_OFF + g * N, ROW, nq, cm, SN2);
     cp_tile<MQ, N>(xbc + r0 * ROW + B_OFF + g * N, ROW, nq, bm, SN2);
     cp_tile<MQ, P>(xbc + r0 * ROW + X_OFF + h * P, ROW, nq, xs, SP2);
     if constexpr (sizeof(YT) == 2) cp_tile<MQ, P>(reinterpret_cast<const bf*>(dy) + (r0 * H + h) * P, (long)H * P, nq, dys, SP2);
+    cp_tile<P, N>(states + so, N, P, st, SN2);
     cp_commit();
     cp_tile<P, N>(dstates + so, N, P, dsl, SN2);
     cp_commit();
     if constexpr (sizeof(YT) != 2) load_tile<YT, MQ, P>(dy + (r0 * H + h) * P, (long)H * P, nq, nullptr, dys, SP2, nullptr, 0);
-    load_tile<ST, P, N>(states + so, N, P, nullptr, nullptr, 0, st, SP2);
     cp_wait<1>();
     __syncthreads();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
@@ -1131,7 +1151,7 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc
                     mma16816(acc[nt], wf[kt], bb);
                 }
             }
-        strip_mma<N / 8, P, 2>(off, dys, SP2, i0, st, SP2);
+        strip_mma<N / 8, P, 2, true>(off, dys, SP2, i0, st, SN2);
         const float ea = __expf(cs[ra]), eb = __expf(cs[rb]);
         float rowa = 0.f, rowb = 0.f;
 #pragma unroll
@@ -1210,25 +1230,26 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc
     __syncthreads();
     // dD of this chunk: one partial per (b, c, h), summed over chunks by ssd_reduce_dd.
     for (int p = threadIdx.x; p < P; p += blockDim.x) dD[(((long)b * NC + c) * H + h) * P + p] = dds[p];
-    if (threadIdx.x == 0) {
-        float tot = 0.f;
-        for (int j = 0; j < nq; ++j) tot += dts[j] * us[j];
-        dcs[nq - 1] += tot + dcsum[((long)b * H + h) * NC + c];
-        float run = 0.f;
-        for (int j = nq - 1; j >= 0; --j) {
-            run += dcs[j] - dts[j] * us[j];
-            dla[(r0 + j) * H + h] = run;
-            ddt[(r0 + j) * H + h] = ddts[j] + us[j];
-        }
-    }
+    if (threadIdx.x < 32) chunk_dla_ddt(nq, dts, us, dcs, ddts, dcsum[((long)b * H + h) * NC + c], dla, ddt, r0 * H + h, H);
 }
 
-// dD[h·P + p] = Σ over the Bt·NC chunk partials part[(bc·H + h)·P + p].
-extern "C" __global__ void ssd_reduce_dd(const float* part, float* dD, int BNC, int HP) {
-    const int e = blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= HP) return;
+// dD[h·P + p] = Σ over the Bt·NC chunk partials part[(bc·H + h)·P + p]. 1024 threads per block of 32
+// columns: warp w sums partials w, w + 32, … (a coalesced row of 32 columns per load, four in flight), then
+// the 32 warps' sums are added in shared memory.
+extern "C" __global__ void __launch_bounds__(1024) ssd_reduce_dd(const float* part, float* dD, int BNC, int HP) {
+    __shared__ float sums[32][33];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, e = blockIdx.x * 32 + lane;
     float s = 0.f;
-    for (int k = 0; k < BNC; ++k) s += part[(long)k * HP + e];
-    dD[e] = s;
+    if (e < HP) {
+#pragma unroll 4
+        for (int k = w; k < BNC; k += 32) s += part[(long)k * HP + e];
+    }
+    sums[w][lane] = s;
+    __syncthreads();
+    if (w == 0) {
+        float t = 0.f;
+        for (int u = 0; u < 32; ++u) t += sums[u][lane];
+        if (e < HP) dD[e] = t;
+    }
 }
 #endif

@@ -76,7 +76,7 @@ fn smem_mma(p: usize, n: usize, hb: usize) -> [usize; 4] {
         8 * q * hb + 2 * (q * sn + 2 * q * sp),
         8 * q * hb + 2 * (q * sn + q.max(p) * sn + p * sn + 2 * q * sp), // B's tile doubles as S_in's second buffer
         8 * q * hb + 2 * (q * sn + 2 * q * sp),
-        24 * q + 4 * p + 2 * (2 * q * sn + p * sn + n * sp + 2 * q * sp + 2 * q * sk),
+        24 * q + 4 * p + 2 * (2 * q * sn + 2 * p * sn + 2 * q * sp + 2 * q * sk),
     ]
 }
 
@@ -336,7 +336,7 @@ impl SsdCuda {
         args.extend([Arg::Ptr(g.dskip), Arg::Ptr(g.dd_part.unwrap_or(g.dd))]);
         launch(stream, &function(m, k.bwd, k.smem[3])?, grid, k.threads, k.smem[3], &args)?;
         if let Some(dp) = g.dd_part {
-            launch(stream, &function(m, "ssd_reduce_dd", 0)?, ((h * p).div_ceil(256) as u32, 1, 1), 256, 0, &[
+            launch(stream, &function(m, "ssd_reduce_dd", 0)?, ((h * p).div_ceil(32) as u32, 1, 1), 1024, 0, &[
                 Arg::Ptr(dp), Arg::Ptr(g.dd), Arg::I32((z.b * z.nc) as i32), Arg::I32((h * p) as i32),
             ])?;
         }
