@@ -49,23 +49,61 @@ pub(crate) fn module(dev: &CudaDevice, name: &'static str, source: &str, defines
     Ok(m)
 }
 
-/// A kernel of `m` whose dynamic shared memory may reach `smem` bytes.
-pub(crate) fn function(m: &Arc<CudaModule>, name: &str, smem: usize) -> Result<CudaFunction> {
-    let f = m.load_function(name).map_err(|e| candle_core::Error::Msg(format!("kernel {name}: {e}")))?;
-    KERNEL_NAME.with(|n| *n.borrow_mut() = name.to_string());
-    if smem > 48 * 1024 {
-        f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-            .map_err(|e| candle_core::Error::Msg(format!("kernel {name}: {smem} bytes of shared memory: {e}")))?;
-    }
-    Ok(f)
+/// A kernel looked up in a module, with the attributes set on it so far.
+struct Kernel {
+    f: CudaFunction,
+    /// The dynamic shared memory the function may use (above the default 48 KB).
+    smem: usize,
+    /// Whether the largest shared-memory carveout was asked for.
+    carveout: bool,
 }
 
-/// Asks the driver to give `f`'s multiprocessors the largest shared-memory share of their L1/shared
-/// memory (the carveout): by default it picks a smaller one that can hold fewer of the blocks that
-/// registers would allow (ssd_chunk_state_mma: 168 of 228 KB, four blocks where five fit).
-pub(crate) fn prefer_shared(f: &CudaFunction) -> Result<()> {
-    f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100)
-        .map_err(|e| candle_core::Error::Msg(format!("kernel {}: shared-memory carveout: {e}", KERNEL_NAME.with(|n| n.borrow().clone()))))
+/// Kernels by (module address, name): looked up and given their attributes once, not at every launch
+/// (two driver calls each, on the path of every op).
+fn kernels() -> &'static Mutex<HashMap<(usize, String), Kernel>> {
+    static K: OnceLock<Mutex<HashMap<(usize, String), Kernel>>> = OnceLock::new();
+    K.get_or_init(Default::default)
+}
+
+/// A kernel of `m` whose dynamic shared memory may reach `smem` bytes.
+pub(crate) fn function(m: &Arc<CudaModule>, name: &str, smem: usize) -> Result<CudaFunction> {
+    kernel(m, name, smem, false)
+}
+
+/// As [`function`], and asks the driver to give the kernel's multiprocessors the largest shared-memory
+/// share of their L1/shared memory (the carveout): by default it picks a smaller one that can hold fewer
+/// of the blocks that registers would allow (ssd_chunk_state_mma: 168 of 228 KB, four blocks where five fit).
+pub(crate) fn function_prefer_shared(m: &Arc<CudaModule>, name: &str, smem: usize) -> Result<CudaFunction> {
+    kernel(m, name, smem, true)
+}
+
+fn kernel(m: &Arc<CudaModule>, name: &str, smem: usize, carveout: bool) -> Result<CudaFunction> {
+    KERNEL_NAME.with(|n| {
+        let mut n = n.borrow_mut();
+        n.clear();
+        n.push_str(name);
+    });
+    // Modules live for the process (cached in `modules`), so their addresses identify them.
+    let key = (Arc::as_ptr(m) as usize, name.to_string());
+    let mut cache = kernels().lock().unwrap();
+    let k = match cache.entry(key) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            let f = m.load_function(name).map_err(|e| candle_core::Error::Msg(format!("kernel {name}: {e}")))?;
+            e.insert(Kernel { f, smem: 48 * 1024, carveout: false })
+        }
+    };
+    if smem > k.smem {
+        k.f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+            .map_err(|e| candle_core::Error::Msg(format!("kernel {name}: {smem} bytes of shared memory: {e}")))?;
+        k.smem = smem;
+    }
+    if carveout && !k.carveout {
+        k.f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100)
+            .map_err(|e| candle_core::Error::Msg(format!("kernel {name}: shared-memory carveout: {e}")))?;
+        k.carveout = true;
+    }
+    Ok(k.f.clone())
 }
 
 /// The most dynamic shared memory one block of this device may use.
@@ -288,8 +326,16 @@ pub fn copy_bandwidth(dev: &candle_core::Device, bytes: usize, iters: usize) -> 
 /// Keeps freed device memory in the default pool of `dev`'s device instead of returning it at every
 /// synchronisation (the pool's release threshold set to the maximum). candle allocates each tensor
 /// with cuMemAllocAsync; with the default threshold of 0, every step would map its memory anew.
+///
+/// Also turns off cudarc's event tracking on the device's context, for the buffers allocated from then
+/// on: candle and ouro run every kernel on the device's one stream, where the two events cudarc creates
+/// and destroys with each buffer (to order its uses across streams) order nothing; they cost driver calls
+/// on every op. Call it before creating tensors, and only where nothing else makes streams of its own on
+/// this device.
 pub fn keep_pool(dev: &candle_core::Device) -> Result<()> {
     let candle_core::Device::Cuda(d) = dev else { return Ok(()) };
+    // Safety: every launch of candle and ouro on this device goes to its one stream (above).
+    unsafe { d.disable_event_tracking() };
     let ordinal = d.cuda_stream().context().ordinal();
     unsafe {
         let mut cu_dev: sys::CUdevice = 0;

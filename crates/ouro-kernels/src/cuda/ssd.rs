@@ -277,11 +277,11 @@ impl SsdCuda {
     /// shared memory per block, at most 96 registers: five blocks per multiprocessor, `PN_BOUNDS` in ssd.cu)
     /// with the largest shared-memory carveout.
     fn occupying(&self, m: &Module, name: &str, smem: usize) -> Result<candle_core::cuda_backend::cudarc::driver::CudaFunction> {
-        let f = function(m, name, smem)?;
         if self.mma && self.lay.head_dim == 64 && self.lay.d_state == 128 {
-            super::prefer_shared(&f)?;
+            super::function_prefer_shared(m, name, smem)
+        } else {
+            function(m, name, smem)
         }
-        Ok(f)
     }
 
     /// chunk_scan: y (f32, or bf16 in the y-only op) from the passed states, with the D skip `dskip`.
