@@ -21,6 +21,6 @@ pub fn parse(spec: &str) -> Result<Device> {
     }
     let dev = Device::new_cuda(ordinal)?;
     #[cfg(feature = "cuda")]
-    ouro_kernels::cuda::keep_pool(&dev)?;
+    ouro_kernels::cuda::prepare_device(&dev)?;
     Ok(dev)
 }

@@ -323,16 +323,16 @@ pub fn copy_bandwidth(dev: &candle_core::Device, bytes: usize, iters: usize) -> 
     Ok(2.0 * (n4 * 16) as f64 / times[times.len() / 2])
 }
 
-/// Keeps freed device memory in the default pool of `dev`'s device instead of returning it at every
-/// synchronisation (the pool's release threshold set to the maximum). candle allocates each tensor
-/// with cuMemAllocAsync; with the default threshold of 0, every step would map its memory anew.
+/// Readies a freshly created CUDA device for ouro (a no-op on the CPU); call it before creating tensors.
 ///
-/// Also turns off cudarc's event tracking on the device's context, for the buffers allocated from then
-/// on: candle and ouro run every kernel on the device's one stream, where the two events cudarc creates
-/// and destroys with each buffer (to order its uses across streams) order nothing; they cost driver calls
-/// on every op. Call it before creating tensors, and only where nothing else makes streams of its own on
-/// this device.
-pub fn keep_pool(dev: &candle_core::Device) -> Result<()> {
+/// - Freed device memory stays in the default pool of `dev`'s device instead of being returned at every
+///   synchronisation (the pool's release threshold set to the maximum). candle allocates each tensor with
+///   cuMemAllocAsync; with the default threshold of 0, every step would map its memory anew.
+/// - cudarc's event tracking is off on the device's context, for the buffers allocated from then on: candle
+///   and ouro run every kernel on the device's one stream, where the two events cudarc creates and destroys
+///   with each buffer (to order its uses across streams) order nothing; they cost driver calls on every op.
+///   So only where nothing else makes streams of its own on this device.
+pub fn prepare_device(dev: &candle_core::Device) -> Result<()> {
     let candle_core::Device::Cuda(d) = dev else { return Ok(()) };
     // Safety: every launch of candle and ouro on this device goes to its one stream (above).
     unsafe { d.disable_event_tracking() };
