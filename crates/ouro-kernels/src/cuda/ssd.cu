@@ -80,23 +80,36 @@ __device__ __forceinline__ void mm(const float* a, int ar, int ak, const float* 
     }
 }
 
-// cs[i] = Σ_{t ≤ i} la[base + t·H] for i < Q (la = 0 past the nq valid tokens). Ends with a barrier.
-__device__ __forceinline__ void chunk_cumsum(const float* la, long base, int H, int nq, float* cs) {
-    __shared__ float wsum[NT / 32];
+// cs[k·R + i] = Σ_{t ≤ i} la[base + t·H + k] for the rows i < R ≤ 64 of a chunk and its HB ≤ 8 heads k (la = 0
+// past the nq valid tokens): warps 0 and 1 hold the rows, each thread's HB loads issued together, then a warp
+// scan per head. Ends with a barrier.
+template <int R>
+__device__ __forceinline__ void chunk_cumsum(const float* la, long base, int H, int nq, float* cs, int HB = 1) {
+    static_assert(R <= 64, "two warps of rows");
+    __shared__ float wsum[8]; // warp 0's total per head
     const int i = threadIdx.x, lane = i & 31, warp = i >> 5;
-    float v = (i < Q && i < nq) ? la[base + (long)i * H] : 0.f;
+    float v[8];
 #pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        float u = __shfl_up_sync(0xffffffffu, v, o);
-        if (lane >= o) v += u;
+    for (int k = 0; k < 8; ++k) v[k] = (i < R && k < HB && i < nq) ? la[base + (long)i * H + k] : 0.f;
+    if (i < R) {
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1)
+#pragma unroll
+            for (int k = 0; k < 8; ++k)
+                if (k < HB) {
+                    const float u = __shfl_up_sync(0xffffffffu, v[k], o);
+                    if (lane >= o) v[k] += u;
+                }
+        if (warp == 0 && lane == 31)
+#pragma unroll
+            for (int k = 0; k < 8; ++k)
+                if (k < HB) wsum[k] = v[k];
     }
-    if (lane == 31) wsum[warp] = v;
     __syncthreads();
-    if (i < Q) {
-        float add = 0.f;
-        for (int w = 0; w < warp; ++w) add += wsum[w];
-        cs[i] = v + add;
-    }
+    if (i < R)
+#pragma unroll
+        for (int k = 0; k < 8; ++k)
+            if (k < HB) cs[k * R + i] = v[k] + (warp == 1 ? wsum[k] : 0.f);
     __syncthreads();
 }
 
@@ -142,7 +155,7 @@ extern "C" __global__ void __launch_bounds__(NT) ssd_chunk_state(const T* xbc, c
     const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / HPG;
     const int t0 = c * Q, nq = min(Q, L - t0);
     const long r0 = (long)b * L + t0; // first row of the chunk
-    chunk_cumsum(la, r0 * H + h, H, nq, cs);
+    chunk_cumsum<Q>(la, r0 * H + h, H, nq, cs);
     const float csl = cs[Q - 1];
     for (int i = threadIdx.x; i < Q; i += NT) w[i] = i < nq ? __expf(csl - cs[i]) * dt[(r0 + i) * H + h] : 0.f;
     __syncthreads();
@@ -252,7 +265,7 @@ extern "C" __global__ void __launch_bounds__(NT) ssd_chunk_scan(const T* xbc, co
     const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / HPG;
     const int t0 = c * Q, nq = min(Q, L - t0);
     const long r0 = (long)b * L + t0;
-    chunk_cumsum(la, r0 * H + h, H, nq, cs);
+    chunk_cumsum<Q>(la, r0 * H + h, H, nq, cs);
     for (int i = threadIdx.x; i < Q; i += NT) dts[i] = i < nq ? dt[(r0 + i) * H + h] : 0.f;
     for (int e = threadIdx.x; e < Q * N; e += NT) {
         const int i = e / N, n = e % N;
@@ -285,7 +298,7 @@ extern "C" __global__ void __launch_bounds__(NT) ssd_chunk_dstate(const T* xbc, 
     const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / HPG;
     const int t0 = c * Q, nq = min(Q, L - t0);
     const long r0 = (long)b * L + t0;
-    chunk_cumsum(la, r0 * H + h, H, nq, cs);
+    chunk_cumsum<Q>(la, r0 * H + h, H, nq, cs);
     for (int e = threadIdx.x; e < Q * P; e += NT) {
         const int i = e / P, p = e % P;
         ds[i * SP + p] = i < nq ? __expf(cs[i]) * dy[((r0 + i) * H + h) * P + p] : 0.f;
@@ -385,7 +398,7 @@ extern "C" __global__ void __launch_bounds__(NT) ssd_chunk_bwd(const T* xbc, con
     const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / HPG;
     const int t0 = c * Q, nq = min(Q, L - t0);
     const long r0 = (long)b * L + t0;
-    chunk_cumsum(la, r0 * H + h, H, nq, cs);
+    chunk_cumsum<Q>(la, r0 * H + h, H, nq, cs);
     const float csl = cs[Q - 1];
     for (int i = threadIdx.x; i < Q; i += NT) {
         dts[i] = i < nq ? dt[(r0 + i) * H + h] : 0.f;
@@ -784,37 +797,6 @@ __device__ __forceinline__ void zero(float (*acc)[4]) {
     for (int t = 0; t < TILES; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
 }
 
-// cs[k·MQ + i] = Σ_{t ≤ i} la[base + t·H + k] for the HB ≤ 8 heads k of a block (la = 0 past the nq valid
-// tokens): warps 0 and 1 hold rows 0..63, each thread's HB loads issued together, then a warp scan per head
-// (was one chunk_cumsum per head, each waiting on its own load). 128-thread blocks. Ends with a barrier.
-__device__ __forceinline__ void chunk_cumsum_heads(const float* la, long base, int H, int nq, int HB, float* cs) {
-    __shared__ float wsum[8]; // warp 0's total per head
-    const int i = threadIdx.x, lane = i & 31, warp = i >> 5;
-    float v[8];
-#pragma unroll
-    for (int k = 0; k < 8; ++k) v[k] = (i < MQ && k < HB && i < nq) ? la[base + (long)i * H + k] : 0.f;
-    if (i < MQ) {
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1)
-#pragma unroll
-            for (int k = 0; k < 8; ++k)
-                if (k < HB) {
-                    const float u = __shfl_up_sync(0xffffffffu, v[k], o);
-                    if (lane >= o) v[k] += u;
-                }
-        if (warp == 0 && lane == 31)
-#pragma unroll
-            for (int k = 0; k < 8; ++k)
-                if (k < HB) wsum[k] = v[k];
-    }
-    __syncthreads();
-    if (i < MQ)
-#pragma unroll
-        for (int k = 0; k < 8; ++k)
-            if (k < HB) cs[k * MQ + i] = v[k] + (warp == 1 ? wsum[k] : 0.f);
-    __syncthreads();
-}
-
 // out_k[p][n] = Σ_j w_k[j]·v_k[j][p]·u[j][n] over the chunk, for the HB heads k of a block (one group): u
 // (MQ rows of N, shared by the heads) loaded once; each head's v (MQ rows of P at v + k·P, row stride vrs)
 // arrives by cp.async a head ahead of its product (two buffers) and is scaled in place by w_k (f32 v is
@@ -889,7 +871,7 @@ extern "C" __global__ void PN_BOUNDS ssd_chunk_state_mma(const T* xbc, const flo
     const int c = blockIdx.x, h0 = blockIdx.y * HB, b = blockIdx.z, g = h0 / HPG;
     const int t0 = c * MQ, nq = min(MQ, L - t0);
     const long r0 = (long)b * L + t0;
-    chunk_cumsum_heads(la, r0 * H + h0, H, nq, HB, cs);
+    chunk_cumsum<MQ>(la, r0 * H + h0, H, nq, cs, HB);
     for (int e = threadIdx.x; e < HB * MQ; e += blockDim.x) {
         const int k = e / MQ, i = e % MQ;
         w[e] = i < nq ? __expf(cs[k * MQ + MQ - 1] - cs[e]) * dt[(r0 + i) * H + h0 + k] : 0.f;
@@ -911,7 +893,7 @@ extern "C" __global__ void PN_BOUNDS ssd_chunk_dstate_mma(const T* xbc, const fl
     const int c = blockIdx.x, h0 = blockIdx.y * HB, b = blockIdx.z, g = h0 / HPG;
     const int t0 = c * MQ, nq = min(MQ, L - t0);
     const long r0 = (long)b * L + t0;
-    chunk_cumsum_heads(la, r0 * H + h0, H, nq, HB, cs);
+    chunk_cumsum<MQ>(la, r0 * H + h0, H, nq, cs, HB);
     for (int e = threadIdx.x; e < HB * MQ; e += blockDim.x) w[e] = __expf(cs[e]);
     pn_heads(xbc + r0 * ROW + C_OFF + g * N, ROW, dy + (r0 * H + h0) * P, (long)H * P, nq, w, dstates + (((long)b * NC + c) * H + h0) * (P * N), HB, um, vs);
 }
@@ -944,7 +926,7 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_scan_mma(const T* xb
     cp_tile<MQ, N>(xbc + r0 * ROW + C_OFF + g * N, ROW, nq, cm, SN2);
     cp_tile<MQ, N>(xbc + r0 * ROW + B_OFF + g * N, ROW, nq, bm, SN2);
     issue(0); // one group with C and B
-    chunk_cumsum_heads(la, r0 * H + h0, H, nq, HB, cs);
+    chunk_cumsum<MQ>(la, r0 * H + h0, H, nq, cs, HB);
     for (int e = threadIdx.x; e < HB * MQ; e += blockDim.x) {
         const int k = e / MQ, i = e % MQ;
         dts[e] = i < nq ? dt[(r0 + i) * H + h0 + k] : 0.f;
@@ -1076,7 +1058,7 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc
     const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / HPG;
     const int t0 = c * MQ, nq = min(MQ, L - t0);
     const long r0 = (long)b * L + t0;
-    chunk_cumsum(la, r0 * H + h, H, nq, cs);
+    chunk_cumsum<MQ>(la, r0 * H + h, H, nq, cs);
     const float csl = cs[MQ - 1];
     for (int i = threadIdx.x; i < MQ; i += blockDim.x) {
         dts[i] = i < nq ? dt[(r0 + i) * H + h] : 0.f;
