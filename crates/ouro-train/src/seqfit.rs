@@ -846,7 +846,8 @@ impl Fitted {
 /// config.json + model.safetensors into `dir`, written in a temporary folder and renamed over it.
 fn save_model(dir: &Path, cfg: &FitConfig, varmap: &VarMap) -> Result<()> {
     crate::write_folder(dir, |tmp| {
-        std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(cfg).unwrap()).map_err(candle_core::Error::wrap)?;
+        let file = tmp.join("config.json");
+        std::fs::write(&file, serde_json::to_string_pretty(cfg).unwrap()).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", file.display())))?;
         varmap.save(tmp.join("model.safetensors"))
     })
 }
