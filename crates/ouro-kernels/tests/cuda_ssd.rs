@@ -226,7 +226,9 @@ fn y_only_op_short_no_skip_no_bias() {
 #[test]
 fn every_heads_per_block_matches_the_cpu() {
     // chunk_state_mma / chunk_scan_mma take 1, 2, 4 or 8 heads of a group per block (B, C and C·Bᵀ shared,
-    // x and S_in double-buffered by cp.async): the same numbers with each, a partial chunk included.
+    // x and S_in double-buffered by cp.async): the same numbers with each, a partial chunk included. At 8 heads,
+    // p = 32, chunk_scan_mma asks for exactly 48 KB of dynamic shared memory, which a kernel with static shared
+    // memory may use only once allowed explicitly (it failed to launch before the kernel cache did that).
     let Some(_) = cuda() else { return };
     for hb in ["1", "2", "4", "8"] {
         std::env::set_var("OURO_SSD_HEADS_PER_BLOCK", hb);

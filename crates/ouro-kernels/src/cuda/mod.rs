@@ -52,7 +52,8 @@ pub(crate) fn module(dev: &CudaDevice, name: &'static str, source: &str, defines
 /// A kernel looked up in a module, with the attributes set on it so far.
 struct Kernel {
     f: CudaFunction,
-    /// The dynamic shared memory the function may use (above the default 48 KB).
+    /// The dynamic shared memory the function has been allowed (0: the default, 48 KB less its static
+    /// shared memory: a launch of exactly 48 KB dynamic fails when the kernel has any static).
     smem: usize,
     /// Whether the largest shared-memory carveout was asked for.
     carveout: bool,
@@ -90,7 +91,7 @@ fn kernel(m: &Arc<CudaModule>, name: &str, smem: usize, carveout: bool) -> Resul
         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
         std::collections::hash_map::Entry::Vacant(e) => {
             let f = m.load_function(name).map_err(|e| candle_core::Error::Msg(format!("kernel {name}: {e}")))?;
-            e.insert(Kernel { f, smem: 48 * 1024, carveout: false })
+            e.insert(Kernel { f, smem: 0, carveout: false })
         }
     };
     if smem > k.smem {

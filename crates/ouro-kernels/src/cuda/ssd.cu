@@ -899,33 +899,36 @@ extern "C" __global__ void PN_BOUNDS ssd_chunk_dstate_mma(const T* xbc, const fl
 }
 
 // Grid (NC, H/HB, Bt), 128 threads: warp w computes rows 16w..16w+15 of the chunk. As ssd_chunk_scan, for the
-// HB heads h0.. of one group (HB divides HPG): C and B loaded and C·Bᵀ computed once for them; each head's x
-// and S_in arrive by cp.async a head ahead of its products (two buffers). B is needed only for C·Bᵀ, so its
-// tile becomes S_in's second buffer afterwards: 71 instead of 88 KB of shared memory at p = 64, n = 128, three
-// blocks per multiprocessor instead of two.
-extern "C" __global__ void __launch_bounds__(128) ssd_chunk_scan_mma(const T* xbc, const float* dt, const float* la, const ST* states,
-                                                                     YT* y, int L, int H, int HPG, int ROW, int X_OFF, int B_OFF,
-                                                                     int C_OFF, int NC, const float* D, int HB) {
+// HB heads h0.. of one group (HB divides HPG): C and B loaded and C·Bᵀ computed once for them (kept in
+// registers). B is needed only for C·Bᵀ, so its tile then holds each head's S_in in turn: head k + 1's x is
+// issued when head k starts (two x buffers), its S_in once every warp has done C·S_inᵀ of head k (it flies
+// during head k's M·X). C·S_inᵀ is accumulated first, scaled by exp(cs_i), then M·X added to it. 55 KB of
+// shared memory at p = 64, n = 128 and at most 128 registers: four blocks per multiprocessor (three when
+// S_in had its own two buffers and C·S_inᵀ its own accumulator: 71 KB, 166 registers; 9% slower).
+#if P <= 64
+#define SCAN_BOUNDS __launch_bounds__(128, 4)
+#else
+#define SCAN_BOUNDS __launch_bounds__(128) // at p = 128 the accumulators alone take 64 registers
+#endif
+extern "C" __global__ void SCAN_BOUNDS ssd_chunk_scan_mma(const T* xbc, const float* dt, const float* la, const ST* states, YT* y, int L,
+                                                          int H, int HPG, int ROW, int X_OFF, int B_OFF, int C_OFF, int NC,
+                                                          const float* D, int HB) {
     constexpr int SN2 = N + PADK, SP2 = P + PADK, R1 = (MQ > P ? MQ : P) * SN2;
     extern __shared__ float sm[];
     float* cs = sm;                                   // HB × MQ
     float* dts = cs + HB * MQ;                        // HB × MQ
     bf* cm = reinterpret_cast<bf*>(dts + HB * MQ);    // MQ × SN2: C [i][n]
-    bf* bm = cm + MQ * SN2;                           // max(MQ, P) × SN2: B [j][n], then S_in [p][n] of odd heads
-    bf* ss = bm + R1;                                 // P × SN2: S_in [p][n] of even heads
-    bf* xs = ss + P * SN2;                            // 2 × MQ × SP2: x [j][p]
+    bf* bm = cm + MQ * SN2;                           // max(MQ, P) × SN2: B [j][n], then S_in [p][n]
+    bf* xs = bm + R1;                                 // 2 × MQ × SP2: x [j][p]
     const int c = blockIdx.x, h0 = blockIdx.y * HB, b = blockIdx.z, g = h0 / HPG;
     const int t0 = c * MQ, nq = min(MQ, L - t0);
     const long r0 = (long)b * L + t0;
-    auto s_in = [&](int k) { return (k & 1) ? bm : ss; };
-    auto issue = [&](int k) { // head h0 + k's x and S_in into buffer k & 1
-        cp_tile<MQ, P>(xbc + r0 * ROW + X_OFF + (h0 + k) * P, ROW, nq, xs + (k & 1) * MQ * SP2, SP2);
-        cp_tile<P, N>(states + (((long)b * NC + c) * H + h0 + k) * (P * N), N, P, s_in(k), SN2);
-        cp_commit();
-    };
+    auto issue_x = [&](int k) { cp_tile<MQ, P>(xbc + r0 * ROW + X_OFF + (h0 + k) * P, ROW, nq, xs + (k & 1) * MQ * SP2, SP2); };
+    auto issue_s = [&](int k) { cp_tile<P, N>(states + (((long)b * NC + c) * H + h0 + k) * (P * N), N, P, bm, SN2); };
     cp_tile<MQ, N>(xbc + r0 * ROW + C_OFF + g * N, ROW, nq, cm, SN2);
     cp_tile<MQ, N>(xbc + r0 * ROW + B_OFF + g * N, ROW, nq, bm, SN2);
-    issue(0); // one group with C and B
+    issue_x(0);
+    cp_commit();
     chunk_cumsum<MQ>(la, r0 * H + h0, H, nq, cs, HB);
     for (int e = threadIdx.x; e < HB * MQ; e += blockDim.x) {
         const int k = e / MQ, i = e % MQ;
@@ -935,30 +938,36 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_scan_mma(const T* xb
     const int i0 = warp * 16, ra = i0 + gq, rb = ra + 8;
     const int jt_end = 2 * (warp + 1); // n8 tiles of j that reach the causal triangle of these rows
     float cb[MQ / 8][4];
+    cp_wait<0>();
+    __syncthreads();
+    zero<MQ / 8>(cb);
+    strip_mma<MQ / 8, N, 2>(cb, cm, SN2, i0, bm, SN2, 0, jt_end); // C·Bᵀ, the causal tiles, for every head
+    __syncthreads();                                                // B's tile is free: S_in of head 0
+    issue_s(0);
+    cp_commit();
     for (int k = 0; k < HB; ++k) {
         const int h = h0 + k;
         const bf* xk = xs + (k & 1) * MQ * SP2;
-        const bf* sk = s_in(k);
         const float* csk = cs + k * MQ;
         const float* dtk = dts + k * MQ;
-        // In flight now: head k's group, and head k + 1's when k ≥ 1 (head 1's is issued after C·Bᵀ).
-        if (k >= 1 && k + 1 < HB) cp_wait<1>();
-        else cp_wait<0>();
-        __syncthreads();
-        if (k == 0) { // C·Bᵀ, the causal tiles, for every head; then B's tile takes head 1's S_in
-            zero<MQ / 8>(cb);
-            strip_mma<MQ / 8, N, 2>(cb, cm, SN2, i0, bm, SN2, 0, jt_end);
-            if (HB > 1) {
-                __syncthreads();
-                issue(1);
-            }
+        cp_wait<0>(); // head k's S_in and x
+        __syncthreads(); // ... seen by every thread; head k − 1 done, its x buffer free for head k + 1's
+        if (k + 1 < HB) {
+            issue_x(k + 1);
+            cp_commit();
         }
-        float off[P / 8][4], acc[P / 8][4];
-        zero<P / 8>(off);
+        float acc[P / 8][4];
         zero<P / 8>(acc);
-        strip_mma<P / 8, N, 2>(off, cm, SN2, i0, sk, SN2); // C·S_inᵀ
+        strip_mma<P / 8, N, 2>(acc, cm, SN2, i0, bm, SN2); // C·S_inᵀ
+        __syncthreads();                                 // S_in read by every warp: head k + 1's may come
+        if (k + 1 < HB) {
+            issue_s(k + 1);
+            cp_commit();
+        }
+        const float csa = csk[ra], csb = csk[rb], ea = __expf(csa), eb = __expf(csb);
+#pragma unroll
+        for (int pt = 0; pt < P / 8; ++pt) acc[pt][0] *= ea, acc[pt][1] *= ea, acc[pt][2] *= eb, acc[pt][3] *= eb;
         // M = C·Bᵀ ∘ exp(cs_i − cs_j)·dt_j (j ≤ i), turned into A fragments in registers; then M·X.
-        const float csa = csk[ra], csb = csk[rb];
 #pragma unroll
         for (int kt = 0; kt < MQ / 16; ++kt) {
             if (kt <= warp) {
@@ -981,16 +990,13 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_scan_mma(const T* xb
                 }
             }
         }
-        const float ea = __expf(csa), eb = __expf(csb);
 #pragma unroll
         for (int pt = 0; pt < P / 8; ++pt) {
             const int p = pt * 8 + 2 * tq;
             const float d0 = D[h * P + p], d1 = D[h * P + p + 1];
-            if (ra < nq) st2(y, ((r0 + ra) * H + h) * P + p, acc[pt][0] + ea * off[pt][0] + d0 * ld(xk, ra * SP2 + p), acc[pt][1] + ea * off[pt][1] + d1 * ld(xk, ra * SP2 + p + 1));
-            if (rb < nq) st2(y, ((r0 + rb) * H + h) * P + p, acc[pt][2] + eb * off[pt][2] + d0 * ld(xk, rb * SP2 + p), acc[pt][3] + eb * off[pt][3] + d1 * ld(xk, rb * SP2 + p + 1));
+            if (ra < nq) st2(y, ((r0 + ra) * H + h) * P + p, acc[pt][0] + d0 * ld(xk, ra * SP2 + p), acc[pt][1] + d1 * ld(xk, ra * SP2 + p + 1));
+            if (rb < nq) st2(y, ((r0 + rb) * H + h) * P + p, acc[pt][2] + d0 * ld(xk, rb * SP2 + p), acc[pt][3] + d1 * ld(xk, rb * SP2 + p + 1));
         }
-        __syncthreads(); // buffer k & 1 is free
-        if (k + 2 < HB) issue(k + 2);
     }
 }
 

@@ -67,14 +67,14 @@ fn heads_per_block(hpg: usize) -> usize {
 }
 
 /// Shared-memory bytes of (chunk_state_mma, chunk_scan_mma, chunk_dstate_mma, chunk_bwd_mma) with `hb`
-/// heads per block in the first three: f32 vectors and bf16 tiles with rows padded by 8 (x and S_in
-/// double-buffered).
+/// heads per block in the first three: f32 vectors and bf16 tiles with rows padded by 8 (x double-buffered;
+/// S_in too in chunk_bwd).
 fn smem_mma(p: usize, n: usize, hb: usize) -> [usize; 4] {
     let q = MMA_CHUNK;
     let (sk, sn, sp) = (q + 8, n + 8, p + 8);
     [
         8 * q * hb + 2 * (q * sn + 2 * q * sp),
-        8 * q * hb + 2 * (q * sn + q.max(p) * sn + p * sn + 2 * q * sp), // B's tile doubles as S_in's second buffer
+        8 * q * hb + 2 * (q * sn + q.max(p) * sn + 2 * q * sp), // B's tile holds S_in once C·Bᵀ is done
         8 * q * hb + 2 * (q * sn + 2 * q * sp),
         24 * q + 4 * p + 2 * (2 * q * sn + 2 * p * sn + 2 * q * sp + 2 * q * sk),
     ]
