@@ -113,6 +113,16 @@ __device__ __forceinline__ void chunk_cumsum(const float* la, long base, int H, 
     __syncthreads();
 }
 
+// v[k] = p[base + i·H + k] for this thread's row i = threadIdx.x < R of a chunk and its HB ≤ 8 heads k (0 past
+// the nq valid rows, the heads past HB, and for threads ≥ R): a row's HB values by one thread, issued together
+// (before chunk_cumsum, whose own loads then fly beside them).
+template <int R>
+__device__ __forceinline__ void rows_of_heads(const float* p, long base, int H, int nq, int HB, float* v) {
+    const int i = threadIdx.x;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v[k] = (i < R && i < nq && k < HB) ? p[base + (long)i * H + k] : 0.f;
+}
+
 // The last step of a chunk backward, by one warp (nq ≤ 64 rows, two per lane): dla_j = Σ_{k ≥ j} (dcs_k −
 // dt_k·us_k), with Σ_k dt_k·us_k + dlast (dL/dcs_last through the decay of S_in) added at the last row, as a
 // suffix sum over the lanes; ddt_j = ddts_j + us_j. Row j of dla and ddt at base + j·H.
@@ -871,11 +881,13 @@ extern "C" __global__ void PN_BOUNDS ssd_chunk_state_mma(const T* xbc, const flo
     const int c = blockIdx.x, h0 = blockIdx.y * HB, b = blockIdx.z, g = h0 / HPG;
     const int t0 = c * MQ, nq = min(MQ, L - t0);
     const long r0 = (long)b * L + t0;
+    float dtv[8];
+    rows_of_heads<MQ>(dt, r0 * H + h0, H, nq, HB, dtv);
     chunk_cumsum<MQ>(la, r0 * H + h0, H, nq, cs, HB);
-    for (int e = threadIdx.x; e < HB * MQ; e += blockDim.x) {
-        const int k = e / MQ, i = e % MQ;
-        w[e] = i < nq ? __expf(cs[k * MQ + MQ - 1] - cs[e]) * dt[(r0 + i) * H + h0 + k] : 0.f;
-    }
+    if (threadIdx.x < MQ)
+#pragma unroll
+        for (int k = 0; k < 8; ++k)
+            if (k < HB) w[k * MQ + threadIdx.x] = __expf(cs[k * MQ + MQ - 1] - cs[k * MQ + threadIdx.x]) * dtv[k];
     if (threadIdx.x < HB) csum[((long)b * H + h0 + threadIdx.x) * NC + c] = cs[threadIdx.x * MQ + MQ - 1];
     pn_heads(xbc + r0 * ROW + B_OFF + g * N, ROW, xbc + r0 * ROW + X_OFF + h0 * P, ROW, nq, w, states + (((long)b * NC + c) * H + h0) * (P * N), HB, um, vs);
 }
@@ -929,11 +941,13 @@ extern "C" __global__ void SCAN_BOUNDS ssd_chunk_scan_mma(const T* xbc, const fl
     cp_tile<MQ, N>(xbc + r0 * ROW + B_OFF + g * N, ROW, nq, bm, SN2);
     issue_x(0);
     cp_commit();
+    float dtv[8];
+    rows_of_heads<MQ>(dt, r0 * H + h0, H, nq, HB, dtv);
     chunk_cumsum<MQ>(la, r0 * H + h0, H, nq, cs, HB);
-    for (int e = threadIdx.x; e < HB * MQ; e += blockDim.x) {
-        const int k = e / MQ, i = e % MQ;
-        dts[e] = i < nq ? dt[(r0 + i) * H + h0 + k] : 0.f;
-    }
+    if (threadIdx.x < MQ)
+#pragma unroll
+        for (int k = 0; k < 8; ++k)
+            if (k < HB) dts[k * MQ + threadIdx.x] = dtv[k];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
     const int i0 = warp * 16, ra = i0 + gq, rb = ra + 8;
     const int jt_end = 2 * (warp + 1); // n8 tiles of j that reach the causal triangle of these rows
@@ -1064,10 +1078,12 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc
     const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / HPG;
     const int t0 = c * MQ, nq = min(MQ, L - t0);
     const long r0 = (long)b * L + t0;
+    float dtv[8];
+    rows_of_heads<MQ>(dt, r0 * H + h, H, nq, 1, dtv);
     chunk_cumsum<MQ>(la, r0 * H + h, H, nq, cs);
     const float csl = cs[MQ - 1];
     for (int i = threadIdx.x; i < MQ; i += blockDim.x) {
-        dts[i] = i < nq ? dt[(r0 + i) * H + h] : 0.f;
+        dts[i] = dtv[0];
         wl[i] = i < nq ? __expf(csl - cs[i]) : 0.f;
         dcs[i] = ddts[i] = us[i] = 0.f;
     }
