@@ -1082,7 +1082,7 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc
     rows_of_heads<MQ>(dt, r0 * H + h, H, nq, 1, dtv);
     chunk_cumsum<MQ>(la, r0 * H + h, H, nq, cs);
     const float csl = cs[MQ - 1];
-    for (int i = threadIdx.x; i < MQ; i += blockDim.x) {
+    for (int i = threadIdx.x; i < MQ; i += blockDim.x) { // one pass (128 threads, MQ = 64 rows): i is this thread's row
         dts[i] = dtv[0];
         wl[i] = i < nq ? __expf(csl - cs[i]) : 0.f;
         dcs[i] = ddts[i] = us[i] = 0.f;
