@@ -71,7 +71,16 @@ fn poison_outputs() {
     ONCE.call_once(|| std::env::set_var("OURO_CUDA_POISON", "1"));
 }
 
+/// Tests that set the kernel-choice variables (OURO_SSD_*) hold this for writing, the checks for reading,
+/// so that no check runs on a choice another test forced.
+static ENV_LOCK: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
 fn check(c: Case, dtype: DType, tol: f32) {
+    let _env = ENV_LOCK.read().unwrap_or_else(|e| e.into_inner());
+    check_inner(c, dtype, tol)
+}
+
+fn check_inner(c: Case, dtype: DType, tol: f32) {
     let Some(dev) = cuda() else { return };
     poison_outputs();
     for seed in [1, 2] {
@@ -133,6 +142,7 @@ fn bf16_group_partials_with_atomics() {
     let Some(_) = cuda() else { return };
     let c = || Case { b: 1, l: 100, h: 4, p: 16, g: 2, n: 16, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: false, with_d: true };
     let dev = Device::new_cuda(0).unwrap();
+    let _env = ENV_LOCK.write().unwrap_or_else(|e| e.into_inner());
     let partials = run(&c(), 7, &dev, DType::BF16);
     std::env::set_var("OURO_SSD_ATOMICS", "1");
     let atomics = run(&c(), 7, &dev, DType::BF16);
@@ -190,6 +200,11 @@ fn run_y(c: &Case, seed: u64, dev: &Device, with_bias: bool) -> Vec<Tensor> {
 }
 
 fn check_y(c: Case, with_bias: bool) {
+    let _env = ENV_LOCK.read().unwrap_or_else(|e| e.into_inner());
+    check_y_inner(c, with_bias)
+}
+
+fn check_y_inner(c: Case, with_bias: bool) {
     let Some(dev) = cuda() else { return };
     poison_outputs();
     const Y_NAMES: [&str; 6] = ["y", "d xbc", "d dt", "d A", "d dt_bias", "d D"];
@@ -230,11 +245,35 @@ fn every_heads_per_block_matches_the_cpu() {
     // p = 32, chunk_scan_mma asks for exactly 48 KB of dynamic shared memory, which a kernel with static shared
     // memory may use only once allowed explicitly (it failed to launch before the kernel cache did that).
     let Some(_) = cuda() else { return };
+    let _env = ENV_LOCK.write().unwrap_or_else(|e| e.into_inner());
     for hb in ["1", "2", "4", "8"] {
         std::env::set_var("OURO_SSD_HEADS_PER_BLOCK", hb);
         eprintln!("heads per block {hb}");
-        check(Case { b: 2, l: 200, h: 8, p: 64, g: 1, n: 64, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: true, with_d: true }, DType::BF16, 1e-2);
-        check_y(Case { b: 1, l: 150, h: 16, p: 32, g: 2, n: 128, dt_limit: (0.001, 0.1), init: false, d_per_channel: false, with_d: true }, true);
+        check_inner(Case { b: 2, l: 200, h: 8, p: 64, g: 1, n: 64, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: true, with_d: true }, DType::BF16, 1e-2);
+        check_y_inner(Case { b: 1, l: 150, h: 16, p: 32, g: 2, n: 128, dt_limit: (0.001, 0.1), init: false, d_per_channel: false, with_d: true }, true);
     }
     std::env::remove_var("OURO_SSD_HEADS_PER_BLOCK");
 }
+
+#[test]
+fn state_pass_every_tile_matches_the_cpu() {
+    // ssd_state_pass_mma / ssd_dstate_pass_mma (chunk_state and the state passing in one walk over the chunks,
+    // chunk_dstate and the state passing backward in one walk back) at each channel slice and thread count,
+    // and the separate kernels they replace (tile 0): more chunks than their copy stages, a partial last
+    // chunk, two groups, d_state 64 and 128. No dt clamp: the walks see only the prepared dt and decay, and
+    // with the clamp dt_bias's gradient is a sum over the few unclamped steps, too ill-conditioned for the
+    // 1e-2 tolerance (l450 below: the walk's dL/dcs_last per chunk differs from the separate kernels' by
+    // 0.3–3% where ⟨dL/dS_out, S_in⟩ cancels, bf16-rounding noise, and d dt_bias then by 2%).
+    let Some(_) = cuda() else { return };
+    let _env = ENV_LOCK.write().unwrap_or_else(|e| e.into_inner());
+    for (tile, threads) in [("0", "256"), ("16", "256"), ("32", "256"), ("64", "256"), ("32", "512"), ("64", "512")] {
+        std::env::set_var("OURO_SSD_STATE_TILE", tile);
+        std::env::set_var("OURO_SSD_STATE_THREADS", threads);
+        eprintln!("state tile {tile}, {threads} threads");
+        check_y_inner(Case { b: 2, l: 700, h: 4, p: 64, g: 2, n: 64, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: true, with_d: true }, true);
+        check_y_inner(Case { b: 1, l: 450, h: 2, p: 64, g: 1, n: 128, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true }, true);
+    }
+    std::env::remove_var("OURO_SSD_STATE_TILE");
+    std::env::remove_var("OURO_SSD_STATE_THREADS");
+}
+

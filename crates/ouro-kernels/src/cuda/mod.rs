@@ -117,6 +117,12 @@ pub fn max_shared(dev: &CudaDevice) -> Result<usize> {
     Ok(v as usize)
 }
 
+/// An attribute of the device a stream runs on (the multiprocessor count, the largest shared memory…).
+pub(crate) fn device_attribute(stream: &CudaStream, a: sys::CUdevice_attribute) -> Result<usize> {
+    let v = stream.context().attribute(a).map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+    Ok(v as usize)
+}
+
 /// A kernel argument: a device address (0 for none) or a 32-bit integer or float.
 #[derive(Clone, Copy)]
 pub(crate) enum Arg {

@@ -582,21 +582,24 @@ __device__ __forceinline__ void st1(bf* p, long i, float v) { p[i] = to_bf(v); }
 
 // Accumulator rows stored whole: four n8 tiles of an m16n8 accumulator strip (columns c0..c0+31; thread
 // (gq, tq) holds columns 8t + 2tq, +1 of tile t in rows gq and gq + 8) written 16 bytes per thread (bf16) or
-// 2 × 16 (f32) instead of 4 (8): the quad trades its pairs (three xor shuffles per row) so that thread tq holds
+// 2 × 16 (f32) instead of 4 (8): the quad trades its pairs (a transpose by four xor shuffles per row) so that thread tq holds
 // columns 8tq..8tq+7 of both rows. Each store instruction then covers whole 32-byte sectors (two per row),
 // where the pairs covered half of one. pa / pb: row gq's / row gq+8's element c0; a row is skipped when its
 // flag is false (past the chunk's end; all 32 lanes still shuffle).
-__device__ __forceinline__ unsigned sel4(const unsigned* v, int i) { return i == 0 ? v[0] : i == 1 ? v[1] : i == 2 ? v[2] : v[3]; }
 __device__ __forceinline__ void quad_trade(unsigned* v) { // v[t] (column pair 2tq of tile t) → v[s] (pair s of tile tq)
-    const int tq = threadIdx.x & 3;
-    unsigned got[4];
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-        const unsigned send = sel4(v, tq ^ r);
-        got[r] = r ? __shfl_xor_sync(0xffffffffu, send, r) : send;
-    }
-#pragma unroll
-    for (int s2 = 0; s2 < 4; ++s2) v[s2] = sel4(got, s2 ^ tq);
+    // A 4 × 4 transpose over the quad (lane tq, index t) in two butterfly steps: the first swaps bit 0 of
+    // the lane with bit 0 of the index (v[1], v[3] of even lanes ↔ v[0], v[2] of odd ones), the second bit 1.
+    const bool o1 = threadIdx.x & 1, o2 = threadIdx.x & 2;
+    unsigned x = o1 ? v[0] : v[1], y = o1 ? v[2] : v[3];
+    x = __shfl_xor_sync(0xffffffffu, x, 1);
+    y = __shfl_xor_sync(0xffffffffu, y, 1);
+    if (o1) v[0] = x, v[2] = y;
+    else v[1] = x, v[3] = y;
+    x = o2 ? v[0] : v[2], y = o2 ? v[1] : v[3];
+    x = __shfl_xor_sync(0xffffffffu, x, 2);
+    y = __shfl_xor_sync(0xffffffffu, y, 2);
+    if (o2) v[0] = x, v[1] = y;
+    else v[2] = x, v[3] = y;
 }
 __device__ __forceinline__ void st_rows4(bf* pa, bf* pb, bool va, bool vb, const float (*acc)[4]) {
     unsigned a[4], b[4];
@@ -673,6 +676,15 @@ __device__ __forceinline__ void frag_b_t(unsigned* b, const bf* s, int st, int n
     const int r = threadIdx.x & 15;
     const unsigned addr = (unsigned)__cvta_generic_to_shared(s + (k0 + r) * st + n0);
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(b[0]), "=r"(b[1]) : "r"(addr));
+}
+
+// Two such B fragments, n8 tiles n0 and n0 + 8 (b[0..1], b[2..3]), by one ldmatrix.x4.trans: lanes 16–31
+// address the rows at n0 + 8.
+__device__ __forceinline__ void frag_b_t2(unsigned* b, const bf* s, int st, int n0, int k0) {
+    const int lane = threadIdx.x & 31;
+    const unsigned addr = (unsigned)__cvta_generic_to_shared(s + (k0 + (lane & 15)) * st + n0 + (lane >> 4) * 8);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3]) : "r"(addr));
 }
 
 // Tile loaders: rows [0, ROWS) of a row-major global matrix (row r at g + r·rs), columns [0, W), into a
@@ -891,6 +903,202 @@ extern "C" __global__ void PN_BOUNDS ssd_chunk_state_mma(const T* xbc, const flo
     if (threadIdx.x < HB) csum[((long)b * H + h0 + threadIdx.x) * NC + c] = cs[threadIdx.x * MQ + MQ - 1];
     pn_heads(xbc + r0 * ROW + B_OFF + g * N, ROW, xbc + r0 * ROW + X_OFF + h0 * P, ROW, nq, w, states + (((long)b * NC + c) * H + h0) * (P * N), HB, um, vs);
 }
+
+// chunk_state and the state passing in one walk over the chunks (the y-only op: no initial state, no final
+// state), and in the backward chunk_dstate and state_passing_bwd in one walk back. Grid (P/PT, H, Bt), NTH
+// threads: a block walks the NC chunks of one sequence and head, for PT of its P channels, holding that
+// slice (PT × N, f32) of the running state in its warps' accumulators. Forward, chunks in order, G = S:
+//   passed[b, c, h] = S (bf16); S ← exp(cs_last)·S + Σ_j (exp(cs_last − cs_j)·dt_j·x_j) ⊗ B_j
+// Backward, chunks in reverse, G = dL/dS_out of chunk c (zero after the last):
+//   dpassed[b, c, h] = G (bf16); dcsum[b, h, c] += exp(cs_last)·⟨G, S_in⟩; G ← exp(cs_last)·G + Σ_i (exp(cs_i)·dy_i) ⊗ C_i
+// So the chunks' own states (or state gradients) are never stored and read back: those bytes are passed's
+// (dpassed's) once. Both are G += (w ∘ v)ᵀ·u by mma per chunk: v = x or dy (rows of the chunk, PT columns),
+// u = B or C, w_j = exp(cs_last − cs_j)·dt_j or exp(cs_j). The next chunks' v, u, la and dt (and S_in in the
+// backward) are copied by cp.async FS − 1 steps ahead, and each step computes the next chunk's weights (every
+// warp scans its la itself, two rows per lane) beside this chunk's products, so the scan's shuffles are off the
+// path from one chunk to the next; the weights scale the A fragments (v) as they are loaded. Warps PT/16 ×
+// NTH/(PT/2) over the slice, 16 rows each; the forward writes csum[b, h, c] = cs_last as chunk_state_mma does.
+// Parallel over b, h and the slices only: the launch falls back to the separate kernels when that is too few
+// blocks (ssd.rs). N a power of two, ≥ 32 (≥ 64 at PT = 16 or 512 threads).
+#define FS 4
+__device__ __forceinline__ void cp4(void* dst, const void* src, bool valid) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 4 : 0));
+}
+// A bf16 pair scaled by (lo, hi) and rounded back.
+__device__ __forceinline__ unsigned scale2(unsigned v, float lo, float hi) {
+    return pack2(lo * __uint_as_float(v << 16), hi * __uint_as_float(v & 0xffff0000u));
+}
+// Rows [0, ROWS) × W bf16 columns (row r at g + r·rs) into a shared tile (s[r·sn + k]) by cp.async (rows ≥ nr
+// zero-filled), 16 bytes per copy: with NTH threads, a thread's column is fixed and its rows step by
+// NTH / (W / 8), so the copies unroll with no index arithmetic.
+template <int ROWS, int W, int NTH>
+__device__ __forceinline__ void cp_rows(const bf* g, long rs, int nr, bf* s, int sn) {
+    constexpr int PR = W / 8, STEP = NTH / PR, U = (ROWS + STEP - 1) / STEP;
+    static_assert(NTH % PR == 0, "a thread's column is fixed");
+    const int r0 = threadIdx.x / PR, k = 8 * (threadIdx.x % PR);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int r = r0 + u * STEP;
+        if (ROWS % STEP == 0 || r < ROWS) cp16(s + r * sn + k, g + (long)(r < nr ? r : 0) * rs + k, r < nr);
+    }
+}
+// The weights of one chunk for this lane's A fragments: w[4kt + q] = w_j at rows j = 16kt + 2tq + (0, 1, 8, 9)[q];
+// forward w_j = exp(cs_last − cs_j)·dt_j, backward exp(cs_j), from the chunk's la and dt at lav (MQ each);
+// cs_last to `last`.
+template <bool BWD>
+__device__ __forceinline__ void chunk_weights(const float* lav, float* w, float& last) {
+    const int lane = threadIdx.x & 31, tq = lane & 3;
+    const float2 l2 = *reinterpret_cast<const float2*>(lav + 2 * lane);
+    float run = l2.x + l2.y; // rows 2·lane and 2·lane + 1 in this lane
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const float u = __shfl_up_sync(0xffffffffu, run, o);
+        if (lane >= o) run += u;
+    }
+    last = __shfl_sync(0xffffffffu, run, 31);
+    float w0, w1;
+    if constexpr (BWD) {
+        w0 = __expf(run - l2.y), w1 = __expf(run);
+    } else {
+        const float2 d2 = *reinterpret_cast<const float2*>(lav + MQ + 2 * lane);
+        w0 = __expf(last - (run - l2.y)) * d2.x, w1 = __expf(last - run) * d2.y;
+    }
+#pragma unroll
+    for (int kt = 0; kt < MQ / 16; ++kt) {
+        w[4 * kt] = __shfl_sync(0xffffffffu, w0, 8 * kt + tq);
+        w[4 * kt + 1] = __shfl_sync(0xffffffffu, w1, 8 * kt + tq);
+        w[4 * kt + 2] = __shfl_sync(0xffffffffu, w0, 8 * kt + 4 + tq);
+        w[4 * kt + 3] = __shfl_sync(0xffffffffu, w1, 8 * kt + 4 + tq);
+    }
+}
+// u: B or C of the chunk's rows (xbc, row stride ROW); v: x (xbc) or dy (row stride vrs), at this head and slice;
+// sin: the passed states (backward); out: passed or dpassed; sums: csum or dcsum.
+template <int PT, int NTH, bool BWD>
+__device__ __forceinline__ void state_walk(const bf* u, const bf* v, long vrs, const float* dt, const float* la, const bf* sin, bf* out,
+                                           float* sums, int L, int H, int ROW, int NC) {
+    constexpr int WM = PT / 16, WN = NTH / 32 / WM, NTW = N / (8 * WN); // warp (wm, wn): rows 16·wm.., NTW n8 tiles
+    static_assert(P % PT == 0 && N % (8 * WN) == 0, "slices of P, warps' columns of N");
+    constexpr int SX = PT + PADK, SB = N + PADK;
+    constexpr int STAGE = MQ * (SX + SB) + (BWD ? PT * SB : 0); // bf16 elements of a stage's tiles: v, u (, S_in)
+    extern __shared__ float sm[];
+    float* vecs = sm;                                    // FS × (la, dt) × MQ
+    bf* tiles = reinterpret_cast<bf*>(sm + FS * 2 * MQ); // FS × (v [j][p] MQ × SX, u [j][n] MQ × SB (, S_in [p][n] PT × SB))
+    const int p0 = blockIdx.x * PT, h = blockIdx.y, b = blockIdx.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
+    const int m0 = (warp / WN) * 16, n0 = (warp % WN) * NTW * 8;
+    const long cstride = (long)H * P * N;                         // elements between chunks of passed / dpassed
+    const long slice = ((long)b * NC * H + h) * (P * N) + (long)p0 * N; // this block's slice of chunk 0 there
+    auto chunk = [&](int k) { return BWD ? NC - 1 - k : k; };     // the chunk of step k
+    auto issue = [&](int k) {
+        if (k < NC) {
+            const int c = chunk(k), s = k % FS, t0 = c * MQ, nq = min(MQ, L - t0);
+            const long r0 = (long)b * L + t0;
+            bf* vs = tiles + s * STAGE;
+            cp_rows<MQ, PT, NTH>(v + r0 * vrs, vrs, nq, vs, SX);
+            cp_rows<MQ, N, NTH>(u + r0 * ROW, ROW, nq, vs + MQ * SX, SB);
+            if constexpr (BWD) cp_rows<PT, N, NTH>(sin + slice + c * cstride, N, PT, vs + MQ * (SX + SB), SB);
+            if (threadIdx.x < (BWD ? MQ : 2 * MQ)) { // threads 0..63: la, 64..127: dt (0 past the chunk's end)
+                const int i = threadIdx.x & (MQ - 1);
+                cp4(vecs + s * 2 * MQ + threadIdx.x, (threadIdx.x < MQ ? la : dt) + (r0 + (i < nq ? i : 0)) * H + h, i < nq);
+            }
+        }
+        cp_commit(); // a group every call, empty past the end, so that the waits count alike
+    };
+    float* sums_bh = sums + ((long)b * H + h) * NC;
+    const bool writes_csum = !BWD && blockIdx.x == 0 && threadIdx.x == 31;
+#pragma unroll
+    for (int k = 0; k < FS - 1; ++k) issue(k);
+    cp_wait<FS - 2>();
+    __syncthreads();
+    float w[16], last;
+    chunk_weights<BWD>(vecs, w, last);
+    if (writes_csum) sums_bh[0] = last;
+    float acc[NTW][4];
+    zero<NTW>(acc);
+    bf* o0 = out + slice + (long)(m0 + gq) * N + n0;
+    for (int k = 0; k < NC; ++k) {
+        cp_wait<FS - 3>();
+        __syncthreads(); // steps k and k + 1 are in; step k − 1's stage is free for step k + FS − 1
+        issue(k + FS - 1);
+        const int c = chunk(k);
+        const bf* vs = tiles + (k % FS) * STAGE;
+        const bf* us = vs + MQ * SX;
+        // G of chunk c out (rows gq and gq + 8 of the warp's strip), then the decay over the chunk.
+        bf* o = o0 + c * cstride;
+        st_strip<NTW>(o, o + 8 * N, true, true, acc);
+        const float dc = __expf(last);
+        if constexpr (BWD) { // dL/dcs_last through the decay of S_in: exp(cs_last)·⟨G, S_in⟩ over the slice
+            const bf* si = us + MQ * SB + (m0 + gq) * SB + n0 + 2 * tq;
+            float part = 0.f;
+#pragma unroll
+            for (int t = 0; t < NTW; ++t) {
+                const unsigned a = ld2(si + 8 * t), e = ld2(si + 8 * SB + 8 * t);
+                part += acc[t][0] * __uint_as_float(a << 16) + acc[t][1] * __uint_as_float(a & 0xffff0000u);
+                part += acc[t][2] * __uint_as_float(e << 16) + acc[t][3] * __uint_as_float(e & 0xffff0000u);
+            }
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) part += __shfl_xor_sync(0xffffffffu, part, off);
+            if (lane == 0 && part != 0.f) atomicAdd(sums_bh + c, dc * part);
+        }
+#pragma unroll
+        for (int t = 0; t < NTW; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[t][e] *= dc;
+        // G += (w ∘ v)ᵀ·u over the chunk's rows j (the mma's k): A = vᵀ by ldmatrix.trans, its k columns
+        // 2tq, 2tq + 1 and 2tq + 8, + 9 scaled in registers.
+#pragma unroll
+        for (int kt = 0; kt < MQ / 16; ++kt) {
+            unsigned fa[4];
+            frag_a_t(fa, vs, SX, m0, kt * 16);
+            fa[0] = scale2(fa[0], w[4 * kt], w[4 * kt + 1]);
+            fa[1] = scale2(fa[1], w[4 * kt], w[4 * kt + 1]);
+            fa[2] = scale2(fa[2], w[4 * kt + 2], w[4 * kt + 3]);
+            fa[3] = scale2(fa[3], w[4 * kt + 2], w[4 * kt + 3]);
+            if constexpr (NTW % 2 == 0) {
+#pragma unroll
+                for (int t = 0; t < NTW; t += 2) {
+                    unsigned fb[4];
+                    frag_b_t2(fb, us, SB, n0 + t * 8, kt * 16);
+                    mma16816(acc[t], fa, fb);
+                    mma16816(acc[t + 1], fa, fb + 2);
+                }
+            } else {
+                unsigned fb[2];
+                frag_b_t(fb, us, SB, n0, kt * 16);
+                mma16816(acc[0], fa, fb);
+            }
+        }
+        // Step k + 1's weights (past the last step: a stale stage, not used).
+        chunk_weights<BWD>(vecs + ((k + 1) % FS) * 2 * MQ, w, last);
+        if (writes_csum && k + 1 < NC) sums_bh[k + 1] = last;
+    }
+    cp_wait<0>();
+}
+
+#define POW2_N ((N & (N - 1)) == 0)
+// ssd_state_pass_mma{PT}_{NTH}: chunk_state_mma + ssd_state_passing_bf16 (no s0, no sf) for the y-only op.
+// ssd_dstate_pass_mma{PT}_{NTH}: chunk_dstate_mma + ssd_state_passing_bwd_bf16 (no dsf, no ds0); dcsum zeroed.
+#define STATE_WALKS(PT, NTH, OK)                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(NTH) ssd_state_pass_mma##PT##_##NTH(const T* xbc, const float* dt, const float* la,         \
+                                                                                    bf* passed, float* csum, int L, int H, int HPG,          \
+                                                                                    int ROW, int X_OFF, int B_OFF, int NC) {                 \
+        if constexpr (OK)                                                                                                                     \
+            state_walk<PT, NTH, false>(xbc + B_OFF + (blockIdx.y / HPG) * N, xbc + X_OFF + blockIdx.y * P + blockIdx.x * PT, ROW, dt, la,    \
+                                       nullptr, passed, csum, L, H, ROW, NC);                                                                 \
+    }                                                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(NTH) ssd_dstate_pass_mma##PT##_##NTH(const T* xbc, const float* la, const YT* dy,           \
+                                                                                     const bf* passed, bf* dpassed, float* dcsum, int L,     \
+                                                                                     int H, int HPG, int ROW, int C_OFF, int NC) {           \
+        if constexpr (OK && IO_T)                                                                                                             \
+            state_walk<PT, NTH, true>(xbc + C_OFF + (blockIdx.y / HPG) * N, (const bf*)dy + blockIdx.y * P + blockIdx.x * PT, (long)H * P, la, \
+                                      la, passed, dpassed, dcsum, L, H, ROW, NC);                                                             \
+    }
+STATE_WALKS(64, 256, P % 64 == 0 && POW2_N && N >= 32)
+STATE_WALKS(32, 256, P % 32 == 0 && POW2_N && N >= 32)
+STATE_WALKS(16, 256, POW2_N && N >= 64)
+STATE_WALKS(64, 512, P % 64 == 0 && POW2_N && N >= 64)
+STATE_WALKS(32, 512, P % 32 == 0 && POW2_N && N >= 64)
 
 // Grid (NC, H/HB, Bt), 128 threads. As ssd_chunk_dstate, for the HB heads h0.. of one group (HB divides HPG),
 // by pn_heads: v = dy, u = C, w_i = exp(cs_i).

@@ -66,6 +66,16 @@ fn heads_per_block(hpg: usize) -> usize {
     hb
 }
 
+/// Stages of ssd_state_pass_mma's copies (FS in ssd.cu).
+const STATE_PASS_STAGES: usize = 4;
+
+/// Shared-memory bytes of ssd_state_pass_mma (`bwd`: ssd_dstate_pass_mma) with a channel slice of `pt`: per
+/// stage, la and dt (f32) and the x and B (dy and C) tiles, and in the backward the slice of S_in (bf16, rows
+/// padded by 8).
+fn state_pass_smem(pt: usize, n: usize, bwd: bool) -> usize {
+    STATE_PASS_STAGES * (8 * MMA_CHUNK + 2 * (MMA_CHUNK * (pt + 8 + n + 8) + if bwd { pt * (n + 8) } else { 0 }))
+}
+
 /// Shared-memory bytes of (chunk_state_mma, chunk_scan_mma, chunk_dstate_mma, chunk_bwd_mma) with `hb`
 /// heads per block in the first three: f32 vectors and bf16 tiles with rows padded by 8 (x double-buffered;
 /// S_in too in chunk_bwd).
@@ -258,6 +268,15 @@ impl SsdCuda {
         let k = self.kernels();
         let pass_grid = self.grids(z).1;
         let (hi, nci) = (Arg::I32(self.lay.heads as i32), Arg::I32(z.nc as i32));
+        if let (Some(out), 0, 0, Some((pt, threads))) = (bf16, s0, sf, self.state_pass_kernel(stream, z)?) {
+            // Both in one walk over the chunks (ssd_state_pass_mma): the chunks' own states are not stored.
+            let XbcLayout { heads: h, head_dim: p, .. } = self.lay;
+            let smem = state_pass_smem(pt, self.lay.d_state, false);
+            let args = [&[Arg::Ptr(xbc), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(out), Arg::Ptr(pcs)][..], &self.common(z), &[Arg::I32(self.lay.b_off as i32), nci]].concat();
+            let grid = ((p / pt) as u32, h as u32, z.b as u32);
+            launch(stream, &function(m, &format!("ssd_state_pass_mma{pt}_{threads}"), smem)?, grid, threads, smem, &args)?;
+            return Ok(out);
+        }
         let args = [&[Arg::Ptr(xbc), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(pst), Arg::Ptr(pcs)][..], &self.common(z), &[Arg::I32(self.lay.b_off as i32), nci]].concat();
         let (grid, args) = self.heads_grid(&k, z, args);
         launch(stream, &self.occupying(m, k.state, k.smem[0])?, grid, k.threads, k.smem[0], &args)?;
@@ -271,6 +290,35 @@ impl SsdCuda {
                 Ok(out)
             }
         }
+    }
+
+    /// The channel slice (PT of head_dim) and threads of ssd_state_pass_mma (chunk_state and the state
+    /// passing in one walk over the chunks) and ssd_dstate_pass_mma (chunk_dstate and the state passing
+    /// backward in one walk back), for the y-only op's bf16 passed states; None: the separate kernels
+    /// instead. The walk is parallel over sequences, heads and slices only, so it runs where slices of 64
+    /// (32 at head_dim 32) give about every multiprocessor a block (0.9×), with 256 threads.
+    /// `OURO_SSD_STATE_TILE` (64, 32 or 16; 0: the two kernels) and `OURO_SSD_STATE_THREADS` (256 or 512)
+    /// force the choice.
+    fn state_pass_kernel(&self, stream: &Stream, z: &Sizes) -> Result<Option<(usize, u32)>> {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
+        let XbcLayout { heads: h, head_dim: p, d_state: n, .. } = self.lay;
+        if !(self.mma && self.io_t) {
+            return Ok(None);
+        }
+        let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+        let threads = env("OURO_SSD_STATE_THREADS").filter(|&t| t == 512).unwrap_or(256);
+        let max = super::device_attribute(stream, A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+        // The kernels ssd.cu instantiates: N a power of two, ≥ 32 (≥ 64 for PT 16 or 512 threads).
+        let least_n = |pt: usize| if pt == 16 || threads == 512 { 64 } else { 32 };
+        let fits = |pt: usize| p % pt == 0 && !(pt == 16 && threads == 512) && n.is_power_of_two() && n >= least_n(pt) && state_pass_smem(pt, n, true) + 256 <= max;
+        let pt = match env("OURO_SSD_STATE_TILE") {
+            Some(want) => Some(want).filter(|&pt| [16, 32, 64].contains(&pt) && fits(pt)),
+            None => {
+                let sms = super::device_attribute(stream, A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+                [64, 32].into_iter().find(|&pt| p % pt == 0).filter(|&pt| fits(pt) && 10 * z.b * h * (p / pt) >= 9 * sms)
+            }
+        };
+        Ok(pt.map(|pt| (pt, threads as u32)))
     }
 
     /// chunk_state's or chunk_dstate's kernel; the tensor-core ones at head_dim 64 and d_state 128 (38 KB of
@@ -307,21 +355,38 @@ impl SsdCuda {
         let XbcLayout { heads: h, head_dim: p, groups, b_off, c_off, .. } = self.lay;
         let (grid, pass_grid) = self.grids(z);
         let (hi, hpg, nci) = (Arg::I32(h as i32), Arg::I32((h / groups) as i32), Arg::I32(z.nc as i32));
-        let args = vec![Arg::Ptr(g.xbc), Arg::Ptr(g.la), Arg::Ptr(g.dy), Arg::Ptr(g.dstates), Arg::I32(z.l as i32), hi, hpg, Arg::I32(z.row as i32), Arg::I32(c_off as i32), nci];
-        let (dgrid, args) = self.heads_grid(&k, z, args);
-        launch(stream, &self.occupying(m, k.dstate, k.smem[2])?, dgrid, k.threads, k.smem[2], &args)?;
-        let dpassed = match g.dpassed {
-            None => {
-                launch(stream, &function(m, "ssd_state_passing_bwd", 0)?, pass_grid, NT, 0, &[
-                    Arg::Ptr(g.dstates), Arg::Ptr(g.passed), Arg::Ptr(g.csum), Arg::Ptr(g.dsf), Arg::Ptr(g.dcsum), Arg::Ptr(g.ds0), hi, nci,
-                ])?;
-                g.dstates
-            }
-            Some(out) => {
-                launch(stream, &function(m, "ssd_state_passing_bwd_bf16", 0)?, pass_grid, NT, 0, &[
-                    Arg::Ptr(g.dstates), Arg::Ptr(out), Arg::Ptr(g.passed), Arg::Ptr(g.csum), Arg::Ptr(g.dsf), Arg::Ptr(g.dcsum), Arg::Ptr(g.ds0), hi, nci,
+        let walk = match (g.dpassed, g.dsf, g.ds0) {
+            (Some(out), 0, 0) => self.state_pass_kernel(stream, z)?.map(|k| (out, k)),
+            _ => None,
+        };
+        let dpassed = match (walk, g.dpassed) {
+            (Some((out, (pt, threads))), _) => {
+                // chunk_dstate and state_passing_bwd in one walk back over the chunks (ssd_dstate_pass_mma).
+                let smem = state_pass_smem(pt, self.lay.d_state, true);
+                launch(stream, &function(m, &format!("ssd_dstate_pass_mma{pt}_{threads}"), smem)?, ((p / pt) as u32, h as u32, z.b as u32), threads, smem, &[
+                    Arg::Ptr(g.xbc), Arg::Ptr(g.la), Arg::Ptr(g.dy), Arg::Ptr(g.passed), Arg::Ptr(out), Arg::Ptr(g.dcsum), Arg::I32(z.l as i32), hi, hpg,
+                    Arg::I32(z.row as i32), Arg::I32(c_off as i32), nci,
                 ])?;
                 out
+            }
+            (None, dpassed) => {
+                let args = vec![Arg::Ptr(g.xbc), Arg::Ptr(g.la), Arg::Ptr(g.dy), Arg::Ptr(g.dstates), Arg::I32(z.l as i32), hi, hpg, Arg::I32(z.row as i32), Arg::I32(c_off as i32), nci];
+                let (dgrid, args) = self.heads_grid(&k, z, args);
+                launch(stream, &self.occupying(m, k.dstate, k.smem[2])?, dgrid, k.threads, k.smem[2], &args)?;
+                match dpassed {
+                    None => {
+                        launch(stream, &function(m, "ssd_state_passing_bwd", 0)?, pass_grid, NT, 0, &[
+                            Arg::Ptr(g.dstates), Arg::Ptr(g.passed), Arg::Ptr(g.csum), Arg::Ptr(g.dsf), Arg::Ptr(g.dcsum), Arg::Ptr(g.ds0), hi, nci,
+                        ])?;
+                        g.dstates
+                    }
+                    Some(out) => {
+                        launch(stream, &function(m, "ssd_state_passing_bwd_bf16", 0)?, pass_grid, NT, 0, &[
+                            Arg::Ptr(g.dstates), Arg::Ptr(out), Arg::Ptr(g.passed), Arg::Ptr(g.csum), Arg::Ptr(g.dsf), Arg::Ptr(g.dcsum), Arg::Ptr(g.ds0), hi, nci,
+                        ])?;
+                        out
+                    }
+                }
             }
         };
         let mut args = [
@@ -510,14 +575,15 @@ pub fn scan_xbc_y(xbc: &Tensor, dt: &Tensor, a: &Tensor, dt_bias: Option<&Tensor
         Some(t) => f(t)?,
         None => Tensor::zeros(h, DType::F32, xbc.device())?,
     };
-    // [dt (b·l·h) | A (h) | dt_bias (h) | D (h·p)], f32.
-    let packed = Tensor::cat(&[f(dt)?.flatten_all()?, f(a)?.flatten_all()?, bias.flatten_all()?, d.flatten_all()?], 0)?;
-    if packed.elem_count() != b * l * h + 2 * h + h * p {
+    // dt as it is (f32, contiguous: no copy when it is already), and [A (h) | dt_bias (h) | D (h·p)], f32.
+    let dt = f(dt)?.contiguous()?;
+    let params = Tensor::cat(&[f(a)?.flatten_all()?, bias.flatten_all()?, d.flatten_all()?], 0)?;
+    if params.elem_count() != 2 * h + h * p {
         bail!("ssd (cuda): A and dt_bias must be ({h})");
     }
     let (lo, hi) = dt_limit;
     let op = SsdYCuda { lay, softplus, lo: lo as f32, hi: if hi.is_finite() { hi as f32 } else { f32::INFINITY } };
-    Ok(Some(xbc.apply_op2(&packed, op)?))
+    Ok(Some(xbc.apply_op3(&dt, &params, op)?))
 }
 
 #[derive(Clone, Copy)]
@@ -534,50 +600,52 @@ impl SsdYCuda {
         SsdCuda { lay: self.lay, q: MMA_CHUNK, has_s0: false, mma: true, io_t: true }
     }
 
-    /// Addresses of A, dt_bias and D in `packed` ([dt (blh) | A (h) | dt_bias (h) | D (h·p)]).
-    fn params(&self, packed: u64, blh: usize) -> [u64; 3] {
+    /// Addresses of A, dt_bias and D in `params` ([A (h) | dt_bias (h) | D (h·p)]).
+    fn params(&self, params: u64) -> [u64; 3] {
         let h = self.lay.heads;
-        [packed + 4 * blh as u64, packed + 4 * (blh + h) as u64, packed + 4 * (blh + 2 * h) as u64]
+        [params, params + 4 * h as u64, params + 8 * h as u64]
     }
 
-    /// dtp and la (each b·l·h f32) from the raw dt and the parameters at the head of `packed`.
-    fn prep(&self, dev: &candle_core::cuda_backend::CudaDevice, m: &Module, packed: u64, blh: usize) -> Result<(candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>, u64, u64)> {
+    /// dtp and la (each b·l·h f32) from the raw `dt` and the parameters at `params`.
+    fn prep(&self, dev: &candle_core::cuda_backend::CudaDevice, m: &Module, dt: u64, params: u64, blh: usize) -> Result<(candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>, u64, u64)> {
         let h = self.lay.heads;
         let (buf, pb) = alloc_f32(dev, 2 * blh, false)?;
-        let [pa, pbias, _] = self.params(packed, blh);
+        let [pa, pbias, _] = self.params(params);
         launch(&dev.cuda_stream(), &function(m, "ssd_prep_dt", 0)?, (blh.div_ceil(256).min(4096) as u32, 1, 1), 256, 0, &[
-            Arg::Ptr(packed), Arg::Ptr(pa), Arg::Ptr(pbias), Arg::Ptr(pb), Arg::Ptr(pb + 4 * blh as u64), Arg::I64(blh as i64), Arg::I32(h as i32),
+            Arg::Ptr(dt), Arg::Ptr(pa), Arg::Ptr(pbias), Arg::Ptr(pb), Arg::Ptr(pb + 4 * blh as u64), Arg::I64(blh as i64), Arg::I32(h as i32),
             Arg::I32(self.softplus as i32), Arg::F32(self.lo), Arg::F32(self.hi),
         ])?;
         Ok((buf, pb, pb + 4 * blh as u64))
     }
 }
 
-impl CustomOp2 for SsdYCuda {
+impl CustomOp3 for SsdYCuda {
     fn name(&self) -> &'static str {
         "ssd-y-cuda"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
         bail!("ssd-y-cuda: runs on CUDA devices only")
     }
 
-    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
         let f = self.full();
         let z = f.sizes(l1)?;
         let XbcLayout { heads: h, head_dim: p, d_state: n, .. } = self.lay;
         let dev = s1.device.clone();
         let stream = dev.cuda_stream();
         let m = f.module(s1)?;
-        let (xbc, packed) = (ptr(s1, l1, "ssd xbc")?, ptr(s2, l2, "ssd dt/params")?);
+        let (xbc, dt, params) = (ptr(s1, l1, "ssd xbc")?, ptr(s2, l2, "ssd dt")?, ptr(s3, l3, "ssd params")?);
         let blh = z.b * z.l * h;
-        let [_, _, dskip] = self.params(packed, blh);
-        let (_prep, dtp, la) = self.prep(&dev, &m, packed, blh)?;
+        let [_, _, dskip] = self.params(params);
+        let (_prep, dtp, la) = self.prep(&dev, &m, dt, params, blh)?;
         let ny = z.b * z.l * h * p;
         let (y, py) = alloc_bf16(&dev, ny, false)?;
         poison_bf16(&dev, py, ny)?;
         let nst = z.b * z.nc * h * p * n;
-        let (_states, pst) = alloc_bf16(&dev, nst, false)?;
+        // The chunks' own states: not stored when the state walk runs.
+        let own = if f.state_pass_kernel(&stream, &z)?.is_some() { 1 } else { nst };
+        let (_states, pst) = alloc_bf16(&dev, own, false)?;
         let (_passed, ppass) = alloc_bf16(&dev, nst, false)?;
         let (_csum, pcs) = alloc_f32(&dev, z.b * h * z.nc, false)?;
         let passed = f.launch_states(&m, &stream, &z, [xbc, dtp, la], 0, 0, pst, pcs, Some(ppass))?;
@@ -587,21 +655,24 @@ impl CustomOp2 for SsdYCuda {
         Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((z.b, z.l, h, p))))
     }
 
-    fn bwd(&self, t1: &Tensor, t2: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, t1: &Tensor, t2: &Tensor, t3: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // dy in bf16, 16-byte aligned (the tiles load it 16 bytes at a time).
         let grad = grad.detach().to_dtype(DType::BF16)?.contiguous()?;
         let grad = if grad.layout().start_offset() % 8 != 0 { grad.copy()? } else { grad };
         let stash = Stash::default();
-        let dxbc = t1.detach().apply_op3_no_bwd(&t2.detach(), &grad, &SsdYCudaBwd { fwd: *self, stash: stash.clone() })?;
-        let dpacked = stash.take(t2)?;
-        Ok((Some(dxbc.reshape(t1.shape())?), Some(dpacked)))
+        let dxbc = t1.detach().apply_op3_no_bwd(&t2.detach(), &grad, &SsdYCudaBwd { fwd: *self, params: t3.detach(), stash: stash.clone() })?;
+        // [ddt | dA | ddt_bias | dD]: dt's gradient, then the parameters' in their layout.
+        let d = stash.take(t2)?;
+        let blh = t2.elem_count();
+        Ok((Some(dxbc.reshape(t1.shape())?), Some(d.narrow(0, 0, blh)?.reshape(t2.shape())?), Some(d.narrow(0, blh, t3.elem_count())?)))
     }
 }
 
-/// (xbc, [dt | A | dt_bias | D], dy bf16) → dxbc (bf16) as the output, and [ddt | dA | ddt_bias | dD]
-/// (f32) left in the stash.
+/// (xbc, dt, dy bf16) and the parameters [A | dt_bias | D] → dxbc (bf16) as the output, and [ddt | dA |
+/// ddt_bias | dD] (f32) left in the stash.
 struct SsdYCudaBwd {
     fwd: SsdYCuda,
+    params: Tensor,
     stash: Stash,
 }
 
@@ -622,10 +693,13 @@ impl CustomOp3 for SsdYCudaBwd {
         let dev = s1.device.clone();
         let stream = dev.cuda_stream();
         let m = f.module(s1)?;
-        let (xbc, packed, dy) = (ptr(s1, l1, "ssd xbc")?, ptr(s2, l2, "ssd dt/params")?, ptr(s3, l3, "ssd dy")?);
+        let (xbc, dt, dy) = (ptr(s1, l1, "ssd xbc")?, ptr(s2, l2, "ssd dt")?, ptr(s3, l3, "ssd dy")?);
+        let (params_storage, params_layout) = self.params.storage_and_layout();
+        let candle_core::Storage::Cuda(ps) = &*params_storage else { bail!("ssd (cuda): the parameters are not on the GPU") };
+        let params = ptr(ps, params_layout, "ssd params")?;
         let blh = z.b * z.l * h;
-        let [pa, pbias, dskip] = y.params(packed, blh);
-        let (_prep, dtp, la) = y.prep(&dev, &m, packed, blh)?;
+        let [pa, pbias, dskip] = y.params(params);
+        let (_prep, dtp, la) = y.prep(&dev, &m, dt, params, blh)?;
         let nx = z.b * z.l * z.row;
         // Columns of a row outside x, B and C get no gradient: zero them first.
         let covered = z.row == h * p + 2 * groups * n && x_off == 0;
@@ -635,13 +709,15 @@ impl CustomOp3 for SsdYCudaBwd {
         }
         let total = blh + 2 * h + h * p;
         let (dpk, pdpk) = alloc_f32(&dev, total, true)?;
-        // The gradient of `packed`, laid out as it is.
-        let (pddt, [pda, pdbias, pdd]) = (pdpk, y.params(pdpk, blh));
+        // dt's gradient, then the parameters' laid out as they are.
+        let (pddt, [pda, pdbias, pdd]) = (pdpk, y.params(pdpk + 4 * blh as u64));
         poison(&dev, pddt, blh)?;
         poison(&dev, pdd, h * p)?;
         let nst = z.b * z.nc * h * p * n;
-        let (_states, pst) = alloc_bf16(&dev, nst, false)?;
-        let (_dstates, pdst) = alloc_bf16(&dev, nst, false)?;
+        // The chunks' own states and state gradients: not stored when the state walks run.
+        let own = if f.state_pass_kernel(&stream, &z)?.is_some() { 1 } else { nst };
+        let (_states, pst) = alloc_bf16(&dev, own, false)?;
+        let (_dstates, pdst) = alloc_bf16(&dev, own, false)?;
         let (_csum, pcs) = alloc_f32(&dev, z.b * h * z.nc, false)?;
         let (_dcsum, pdcs) = alloc_f32(&dev, z.b * h * z.nc, true)?;
         let (_passed, ppass) = alloc_bf16(&dev, nst, false)?;
@@ -657,7 +733,7 @@ impl CustomOp3 for SsdYCudaBwd {
         })?;
         let hi = Arg::I32(h as i32);
         launch(&stream, &function(&m, "ssd_prep_dt_bwd", 0)?, (blh.div_ceil(256).min(1024) as u32, 1, 1), 256, 8 * h, &[
-            Arg::Ptr(packed), Arg::Ptr(pa), Arg::Ptr(pbias), Arg::Ptr(pddtp), Arg::Ptr(pdla), Arg::Ptr(pddt), Arg::Ptr(pda), Arg::Ptr(pdbias),
+            Arg::Ptr(dt), Arg::Ptr(pa), Arg::Ptr(pbias), Arg::Ptr(pddtp), Arg::Ptr(pdla), Arg::Ptr(pddt), Arg::Ptr(pda), Arg::Ptr(pdbias),
             Arg::I64(blh as i64), hi, Arg::I32(y.softplus as i32), Arg::F32(y.lo), Arg::F32(y.hi),
         ])?;
         self.stash.put(CudaStorage::wrap_cuda_slice(dpk, dev.clone()), Shape::from(total));
