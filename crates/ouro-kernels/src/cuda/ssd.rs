@@ -296,7 +296,8 @@ impl SsdCuda {
     /// passing in one walk over the chunks) and ssd_dstate_pass_mma (chunk_dstate and the state passing
     /// backward in one walk back), for the y-only op's bf16 passed states; None: the separate kernels
     /// instead. The walk is parallel over sequences, heads and slices only, so it runs where slices of 64
-    /// (32 at head_dim 32) give about every multiprocessor a block (0.9×), with 256 threads.
+    /// (32 at head_dim 32) give about every multiprocessor a block (0.9×), with 256 threads, at d_state 64 or 128
+    /// (the sizes the CUDA tests run it at).
     /// `OURO_SSD_STATE_TILE` (64, 32 or 16; 0: the two kernels) and `OURO_SSD_STATE_THREADS` (256 or 512)
     /// force the choice.
     fn state_pass_kernel(&self, stream: &Stream, z: &Sizes) -> Result<Option<(usize, u32)>> {
@@ -315,7 +316,7 @@ impl SsdCuda {
             Some(want) => Some(want).filter(|&pt| [16, 32, 64].contains(&pt) && fits(pt)),
             None => {
                 let sms = super::device_attribute(stream, A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
-                [64, 32].into_iter().find(|&pt| p % pt == 0).filter(|&pt| fits(pt) && 10 * z.b * h * (p / pt) >= 9 * sms)
+                [64, 32].into_iter().find(|&pt| p % pt == 0).filter(|&pt| (n == 64 || n == 128) && fits(pt) && 10 * z.b * h * (p / pt) >= 9 * sms)
             }
         };
         Ok(pt.map(|pt| (pt, threads as u32)))
