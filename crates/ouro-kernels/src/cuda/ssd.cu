@@ -12,7 +12,9 @@
 //   S_out = exp(cs_last)·S_in + Σ_j exp(cs_last − cs_j)·dt_j·x_j ⊗ B_j
 // Kernels: chunk_state (the chunk's own S contribution) → state_passing (S_in of every chunk, sequential
 // over chunks) → chunk_scan (y). Backward: the same two passes, then chunk_dstate (dL/dS_in from y) →
-// state_passing_bwd (dL/dS_out per chunk, sequential backwards) → chunk_bwd (everything per chunk).
+// state_passing_bwd (dL/dS_out per chunk, sequential backwards) → chunk_bwd (everything per chunk). In the
+// y-only op, where the batch × heads fill the GPU, ssd_state_pass_mma does chunk_state + state_passing in one
+// walk over the chunks and ssd_dstate_pass_mma chunk_dstate + state_passing_bwd in one walk back (state_walk).
 // All arithmetic is f32; T is the storage type of xbc (f32 or bf16). With -DIO_T=1 (the y-only training op, bf16
 // tensor-core kernels only) y is written, dy read and dx, dB, dC written in T as well; else they are f32.
 // The tensor-core chunk_state, chunk_scan and chunk_dstate take HB heads of one group per block (B / C
@@ -917,7 +919,7 @@ extern "C" __global__ void PN_BOUNDS ssd_chunk_state_mma(const T* xbc, const flo
 // backward) are copied by cp.async FS − 1 steps ahead, and each step computes the next chunk's weights (every
 // warp scans its la itself, two rows per lane) beside this chunk's products, so the scan's shuffles are off the
 // path from one chunk to the next; the weights scale the A fragments (v) as they are loaded. Warps PT/16 ×
-// NTH/(PT/2) over the slice, 16 rows each; the forward writes csum[b, h, c] = cs_last as chunk_state_mma does.
+// NTH/(2·PT) over the slice, 16 rows each; the forward writes csum[b, h, c] = cs_last as chunk_state_mma does.
 // Parallel over b, h and the slices only: the launch falls back to the separate kernels when that is too few
 // blocks (ssd.rs). N a power of two, ≥ 32 (≥ 64 at PT = 16 or 512 threads).
 #define FS 4
