@@ -262,22 +262,28 @@ impl SsdCuda {
 
     /// chunk_state, then state passing: each chunk's own state (at `pst`: f32, bf16 in the y-only op) and total decay (`pcs`), then the
     /// state entering every chunk, in place at `pst` or, given `bf16`, there in bf16 (what the tensor-core kernels
-    /// read); the final state to `sf` (0: none) from `s0` (0: zeros). Returns the passed states' address.
+    /// read); the final state to `sf` (0: none) from `s0` (0: zeros). Given `walk` ([`Self::state_pass_kernel`]'s
+    /// choice), with `bf16` and neither s0 nor sf, both in one walk straight to `bf16` instead. Returns the passed
+    /// states' address.
     #[allow(clippy::too_many_arguments)]
-    fn launch_states(&self, m: &Module, stream: &Stream, z: &Sizes, [xbc, dt, la]: [u64; 3], s0: u64, sf: u64, pst: u64, pcs: u64, bf16: Option<u64>) -> Result<u64> {
+    fn launch_states(&self, m: &Module, stream: &Stream, z: &Sizes, [xbc, dt, la]: [u64; 3], s0: u64, sf: u64, pst: u64, pcs: u64, bf16: Option<u64>, walk: Option<(usize, u32)>) -> Result<u64> {
         let k = self.kernels();
         let pass_grid = self.grids(z).1;
         let (hi, nci) = (Arg::I32(self.lay.heads as i32), Arg::I32(z.nc as i32));
-        if let (Some(out), 0, 0, Some((pt, threads))) = (bf16, s0, sf, self.state_pass_kernel(stream, z)?) {
+        let walk = match (bf16, s0, sf, walk) {
+            (Some(out), 0, 0, Some(w)) => Some((out, w)),
+            _ => None,
+        };
+        // chunk_state's and the walk's arguments: they differ only in where the states go.
+        let args = [&[Arg::Ptr(xbc), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(walk.map_or(pst, |w| w.0)), Arg::Ptr(pcs)][..], &self.common(z), &[Arg::I32(self.lay.b_off as i32), nci]].concat();
+        if let Some((out, (pt, threads))) = walk {
             // Both in one walk over the chunks (ssd_state_pass_mma): the chunks' own states are not stored.
             let XbcLayout { heads: h, head_dim: p, .. } = self.lay;
             let smem = state_pass_smem(pt, self.lay.d_state, false);
-            let args = [&[Arg::Ptr(xbc), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(out), Arg::Ptr(pcs)][..], &self.common(z), &[Arg::I32(self.lay.b_off as i32), nci]].concat();
             let grid = ((p / pt) as u32, h as u32, z.b as u32);
             launch(stream, &function(m, &format!("ssd_state_pass_mma{pt}_{threads}"), smem)?, grid, threads, smem, &args)?;
             return Ok(out);
         }
-        let args = [&[Arg::Ptr(xbc), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(pst), Arg::Ptr(pcs)][..], &self.common(z), &[Arg::I32(self.lay.b_off as i32), nci]].concat();
         let (grid, args) = self.heads_grid(&k, z, args);
         launch(stream, &self.occupying(m, k.state, k.smem[0])?, grid, k.threads, k.smem[0], &args)?;
         match bf16 {
@@ -350,14 +356,15 @@ impl SsdCuda {
     /// The backward from the passed states on: chunk_dstate, state_passing_bwd (dL/dS_out of every chunk, in
     /// place in `dstates` or, given `dpassed`, there in bf16), chunk_bwd, then the sums of the per-chunk dD
     /// partials (`dd_part`, tensor-core kernels; the f32 ones add into `dd`) and of the per-head B/C
-    /// partials (`part`).
-    fn launch_bwd(&self, m: &Module, stream: &Stream, z: &Sizes, g: &BwdPtrs) -> Result<()> {
+    /// partials (`part`). Given `walk` ([`Self::state_pass_kernel`]'s choice), with `dpassed` and neither dsf nor
+    /// ds0, chunk_dstate and state_passing_bwd in one walk back instead.
+    fn launch_bwd(&self, m: &Module, stream: &Stream, z: &Sizes, g: &BwdPtrs, walk: Option<(usize, u32)>) -> Result<()> {
         let k = self.kernels();
         let XbcLayout { heads: h, head_dim: p, groups, b_off, c_off, .. } = self.lay;
         let (grid, pass_grid) = self.grids(z);
         let (hi, hpg, nci) = (Arg::I32(h as i32), Arg::I32((h / groups) as i32), Arg::I32(z.nc as i32));
         let walk = match (g.dpassed, g.dsf, g.ds0) {
-            (Some(out), 0, 0) => self.state_pass_kernel(stream, z)?.map(|k| (out, k)),
+            (Some(out), 0, 0) => walk.map(|w| (out, w)),
             _ => None,
         };
         let dpassed = match (walk, g.dpassed) {
@@ -472,7 +479,7 @@ impl CustomOp2 for SsdCuda {
         let passed_bf16 = self.mma.then(|| alloc_bf16(&dev, nst, false)).transpose()?;
         let (_csum, pcs) = alloc_f32(&dev, z.b * h * z.nc, false)?;
         poison(&dev, po, ny + ns)?;
-        let passed = self.launch_states(&m, &stream, &z, [xbc, dt, la], s0, po + 4 * ny as u64, pst, pcs, passed_bf16.as_ref().map(|v| v.1))?;
+        let passed = self.launch_states(&m, &stream, &z, [xbc, dt, la], s0, po + 4 * ny as u64, pst, pcs, passed_bf16.as_ref().map(|v| v.1), None)?;
         self.launch_scan(&m, &stream, &z, [xbc, dt, la], passed, po, dskip)?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(ny + ns)))
     }
@@ -532,7 +539,7 @@ impl CustomOp3 for SsdCudaBwd {
         }
         let passed_bf16 = f.mma.then(|| alloc_bf16(&dev, nst, false)).transpose()?;
         let dpassed_bf16 = f.mma.then(|| alloc_bf16(&dev, nst, false)).transpose()?;
-        let passed = f.launch_states(&m, &stream, &z, [xbc, dt, la], s0, 0, pst, pcs, passed_bf16.as_ref().map(|v| v.1))?;
+        let passed = f.launch_states(&m, &stream, &z, [xbc, dt, la], s0, 0, pst, pcs, passed_bf16.as_ref().map(|v| v.1), None)?;
         // Tensor-core path: B and C gradients per head into partials, then summed per group (plain
         // stores instead of atomics contended by every head of a group; OURO_SSD_ATOMICS=1 for atomics).
         let part = (f.mma && std::env::var_os("OURO_SSD_ATOMICS").is_none()).then(|| alloc_f32(&dev, z.b * z.l * h * 2 * n, false)).transpose()?;
@@ -541,7 +548,7 @@ impl CustomOp3 for SsdCudaBwd {
         f.launch_bwd(&m, &stream, &z, &BwdPtrs {
             xbc, dt, la, dy, passed, csum: pcs, dsf, ds0: pds0, dstates: pdst, dpassed: dpassed_bf16.as_ref().map(|v| v.1), dcsum: pdcs, dx: pdx, ddt: pddt, dla: pdla,
             part: part.as_ref().map(|v| v.1), dskip, dd: pdd, dd_part: dd_part.as_ref().map(|v| v.1),
-        })?;
+        }, None)?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(total)))
     }
 }
@@ -645,11 +652,12 @@ impl CustomOp3 for SsdYCuda {
         poison_bf16(&dev, py, ny)?;
         let nst = z.b * z.nc * h * p * n;
         // The chunks' own states: not stored when the state walk runs.
-        let own = if f.state_pass_kernel(&stream, &z)?.is_some() { 1 } else { nst };
+        let walk = f.state_pass_kernel(&stream, &z)?;
+        let own = if walk.is_some() { 1 } else { nst };
         let (_states, pst) = alloc_bf16(&dev, own, false)?;
         let (_passed, ppass) = alloc_bf16(&dev, nst, false)?;
         let (_csum, pcs) = alloc_f32(&dev, z.b * h * z.nc, false)?;
-        let passed = f.launch_states(&m, &stream, &z, [xbc, dtp, la], 0, 0, pst, pcs, Some(ppass))?;
+        let passed = f.launch_states(&m, &stream, &z, [xbc, dtp, la], 0, 0, pst, pcs, Some(ppass), walk)?;
         f.launch_scan(&m, &stream, &z, [xbc, dtp, la], passed, py, dskip)?;
         // y in its final shape: a reshape after the op would cost the backward a zero-filled gradient of y
         // and an add (candle's autodiff does that for every node).
@@ -716,7 +724,8 @@ impl CustomOp3 for SsdYCudaBwd {
         poison(&dev, pdd, h * p)?;
         let nst = z.b * z.nc * h * p * n;
         // The chunks' own states and state gradients: not stored when the state walks run.
-        let own = if f.state_pass_kernel(&stream, &z)?.is_some() { 1 } else { nst };
+        let walk = f.state_pass_kernel(&stream, &z)?;
+        let own = if walk.is_some() { 1 } else { nst };
         let (_states, pst) = alloc_bf16(&dev, own, false)?;
         let (_dstates, pdst) = alloc_bf16(&dev, own, false)?;
         let (_csum, pcs) = alloc_f32(&dev, z.b * h * z.nc, false)?;
@@ -727,11 +736,11 @@ impl CustomOp3 for SsdYCudaBwd {
         let pdla = pddtp + 4 * blh as u64;
         let (_part, ppart) = alloc_bf16(&dev, z.b * z.l * h * 2 * n, false)?;
         let (_ddp, pddp) = alloc_f32(&dev, z.b * z.nc * h * p, false)?;
-        let passed = f.launch_states(&m, &stream, &z, [xbc, dtp, la], 0, 0, pst, pcs, Some(ppass))?;
+        let passed = f.launch_states(&m, &stream, &z, [xbc, dtp, la], 0, 0, pst, pcs, Some(ppass), walk)?;
         f.launch_bwd(&m, &stream, &z, &BwdPtrs {
             xbc, dt: dtp, la, dy, passed, csum: pcs, dsf: 0, ds0: 0, dstates: pdst, dpassed: Some(pdpass), dcsum: pdcs, dx: pdx, ddt: pddtp, dla: pdla,
             part: Some(ppart), dskip, dd: pdd, dd_part: Some(pddp),
-        })?;
+        }, walk)?;
         let hi = Arg::I32(h as i32);
         launch(&stream, &function(&m, "ssd_prep_dt_bwd", 0)?, (blh.div_ceil(256).min(1024) as u32, 1, 1), 256, 8 * h, &[
             Arg::Ptr(dt), Arg::Ptr(pa), Arg::Ptr(pbias), Arg::Ptr(pddtp), Arg::Ptr(pdla), Arg::Ptr(pddt), Arg::Ptr(pda), Arg::Ptr(pdbias),
