@@ -14,7 +14,9 @@
 // over chunks) → chunk_scan (y). Backward: the same two passes, then chunk_dstate (dL/dS_in from y) →
 // state_passing_bwd (dL/dS_out per chunk, sequential backwards) → chunk_bwd (everything per chunk). In the
 // y-only op, where the batch × heads fill the GPU, ssd_state_pass_mma does chunk_state + state_passing in one
-// walk over the chunks and ssd_dstate_pass_mma chunk_dstate + state_passing_bwd in one walk back (state_walk).
+// walk over the chunks and ssd_dstate_pass_mma chunk_dstate + state_passing_bwd in one walk back (state_walk);
+// its forward is ssd_chunk_cb_mma (C·Bᵀ per chunk and group) then ssd_scan_walk_mma, the whole forward in one walk
+// over the chunks (scan_walk: no passed states in memory).
 // All arithmetic is f32; T is the storage type of xbc (f32 or bf16). With -DIO_T=1 (the y-only training op, bf16
 // tensor-core kernels only) y is written, dy read and dx, dB, dC written in T as well; else they are f32.
 // The tensor-core chunk_state, chunk_scan and chunk_dstate take HB heads of one group per block (B / C
@@ -947,9 +949,9 @@ __device__ __forceinline__ void cp_rows(const bf* g, long rs, int nr, bf* s, int
 }
 // The weights of one chunk for this lane's A fragments: w[4kt + q] = w_j at rows j = 16kt + 2tq + (0, 1, 8, 9)[q];
 // forward w_j = exp(cs_last − cs_j)·dt_j, backward exp(cs_j), from the chunk's la and dt at lav (MQ each);
-// cs_last to `last`.
+// cs_last to `last`, and the cumulative sums cs_j (× cs_scale) to `cs` when given.
 template <bool BWD>
-__device__ __forceinline__ void chunk_weights(const float* lav, float* w, float& last) {
+__device__ __forceinline__ void chunk_weights(const float* lav, float* w, float& last, float* cs = nullptr, float cs_scale = 1.f) {
     const int lane = threadIdx.x & 31, tq = lane & 3;
     const float2 l2 = *reinterpret_cast<const float2*>(lav + 2 * lane);
     float run = l2.x + l2.y; // rows 2·lane and 2·lane + 1 in this lane
@@ -959,6 +961,7 @@ __device__ __forceinline__ void chunk_weights(const float* lav, float* w, float&
         if (lane >= o) run += u;
     }
     last = __shfl_sync(0xffffffffu, run, 31);
+    if (cs) *reinterpret_cast<float2*>(cs + 2 * lane) = make_float2(cs_scale * (run - l2.y), cs_scale * run);
     float w0, w1;
     if constexpr (BWD) {
         w0 = __expf(run - l2.y), w1 = __expf(run);
@@ -972,6 +975,39 @@ __device__ __forceinline__ void chunk_weights(const float* lav, float* w, float&
         w[4 * kt + 1] = __shfl_sync(0xffffffffu, w1, 8 * kt + tq);
         w[4 * kt + 2] = __shfl_sync(0xffffffffu, w0, 8 * kt + 4 + tq);
         w[4 * kt + 3] = __shfl_sync(0xffffffffu, w1, 8 * kt + 4 + tq);
+    }
+}
+// One chunk of a walk: G ← dc·G + (w ∘ v)ᵀ·u over the chunk's rows j (the mma's k), for this warp's 16 rows
+// (m0..) and NTW n8 tiles (n0..) of G, held in acc: v [j][p] (row stride SX) and u [j][n] (SB) in shared memory.
+// A = vᵀ by ldmatrix.trans, its k columns 2tq, 2tq + 1 and 2tq + 8, + 9 scaled by the weights (chunk_weights) in
+// registers.
+template <int NTW, int SX, int SB>
+__device__ __forceinline__ void walk_update(float (*acc)[4], float dc, const float* w, const bf* vs, const bf* us, int m0, int n0) {
+#pragma unroll
+    for (int t = 0; t < NTW; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[t][e] *= dc;
+#pragma unroll
+    for (int kt = 0; kt < MQ / 16; ++kt) {
+        unsigned fa[4];
+        frag_a_t(fa, vs, SX, m0, kt * 16);
+        fa[0] = scale2(fa[0], w[4 * kt], w[4 * kt + 1]);
+        fa[1] = scale2(fa[1], w[4 * kt], w[4 * kt + 1]);
+        fa[2] = scale2(fa[2], w[4 * kt + 2], w[4 * kt + 3]);
+        fa[3] = scale2(fa[3], w[4 * kt + 2], w[4 * kt + 3]);
+        if constexpr (NTW % 2 == 0) {
+#pragma unroll
+            for (int t = 0; t < NTW; t += 2) {
+                unsigned fb[4];
+                frag_b_t2(fb, us, SB, n0 + t * 8, kt * 16);
+                mma16816(acc[t], fa, fb);
+                mma16816(acc[t + 1], fa, fb + 2);
+            }
+        } else {
+            unsigned fb[2];
+            frag_b_t(fb, us, SB, n0, kt * 16);
+            mma16816(acc[0], fa, fb);
+        }
     }
 }
 // u: B or C of the chunk's rows (xbc, row stride ROW); v: x (xbc) or dy (row stride vrs), at this head and slice;
@@ -1043,34 +1079,7 @@ __device__ __forceinline__ void state_walk(const bf* u, const bf* v, long vrs, c
             for (int off = 16; off > 0; off >>= 1) part += __shfl_xor_sync(0xffffffffu, part, off);
             if (lane == 0 && part != 0.f) atomicAdd(sums_bh + c, dc * part);
         }
-#pragma unroll
-        for (int t = 0; t < NTW; ++t)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[t][e] *= dc;
-        // G += (w ∘ v)ᵀ·u over the chunk's rows j (the mma's k): A = vᵀ by ldmatrix.trans, its k columns
-        // 2tq, 2tq + 1 and 2tq + 8, + 9 scaled in registers.
-#pragma unroll
-        for (int kt = 0; kt < MQ / 16; ++kt) {
-            unsigned fa[4];
-            frag_a_t(fa, vs, SX, m0, kt * 16);
-            fa[0] = scale2(fa[0], w[4 * kt], w[4 * kt + 1]);
-            fa[1] = scale2(fa[1], w[4 * kt], w[4 * kt + 1]);
-            fa[2] = scale2(fa[2], w[4 * kt + 2], w[4 * kt + 3]);
-            fa[3] = scale2(fa[3], w[4 * kt + 2], w[4 * kt + 3]);
-            if constexpr (NTW % 2 == 0) {
-#pragma unroll
-                for (int t = 0; t < NTW; t += 2) {
-                    unsigned fb[4];
-                    frag_b_t2(fb, us, SB, n0 + t * 8, kt * 16);
-                    mma16816(acc[t], fa, fb);
-                    mma16816(acc[t + 1], fa, fb + 2);
-                }
-            } else {
-                unsigned fb[2];
-                frag_b_t(fb, us, SB, n0, kt * 16);
-                mma16816(acc[0], fa, fb);
-            }
-        }
+        walk_update<NTW, SX, SB>(acc, dc, w, vs, us, m0, n0);
         // Step k + 1's weights (past the last step: a stale stage, not used).
         chunk_weights<BWD>(vecs + ((k + 1) % FS) * 2 * MQ, w, last);
         if (writes_csum && k + 1 < NC) sums_bh[k + 1] = last;
@@ -1101,6 +1110,239 @@ STATE_WALKS(32, 256, P % 32 == 0 && POW2_N && N >= 32)
 STATE_WALKS(16, 256, POW2_N && N >= 64)
 STATE_WALKS(64, 512, P % 64 == 0 && POW2_N && N >= 64)
 STATE_WALKS(32, 512, P % 32 == 0 && POW2_N && N >= 64)
+
+// C·Bᵀ of every chunk and group, for the scan walk: cb[b, c, g] (MQ × MQ, f32, row i, column j) over the causal
+// n8 tiles (j < 8·⌈(i + 1)/8⌉ per 16-row strip; the tiles past them 0). Grid (NC, G, Bt), 128 threads: warp w
+// rows 16w.. . Rows past the sequence's end are 0 (their C rows load as zeros).
+extern "C" __global__ void __launch_bounds__(128) ssd_chunk_cb_mma(const T* xbc, float* cb, int L, int G, int ROW, int B_OFF, int C_OFF, int NC) {
+    constexpr int SN2 = N + PADK;
+    extern __shared__ float sm[];
+    bf* cm = reinterpret_cast<bf*>(sm); // MQ × SN2: C [i][n]
+    bf* bm = cm + MQ * SN2;             // MQ × SN2: B [j][n]
+    const int c = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
+    const int t0 = c * MQ, nq = min(MQ, L - t0);
+    const long r0 = (long)b * L + t0;
+    cp_tile<MQ, N>(xbc + r0 * ROW + C_OFF + g * N, ROW, nq, cm, SN2);
+    cp_tile<MQ, N>(xbc + r0 * ROW + B_OFF + g * N, ROW, nq, bm, SN2);
+    cp_commit();
+    cp_wait<0>();
+    __syncthreads();
+    const int warp = threadIdx.x >> 5, gq = (threadIdx.x & 31) >> 2;
+    float acc[MQ / 8][4];
+    zero<MQ / 8>(acc);
+    strip_mma<MQ / 8, N, 2>(acc, cm, SN2, warp * 16, bm, SN2, 0, 2 * (warp + 1));
+    float* o = cb + (((long)b * NC + c) * G + g) * (MQ * MQ) + (warp * 16 + gq) * MQ;
+    st_strip<MQ / 8>(o, o + 8 * MQ, true, true, acc);
+}
+
+// The whole forward of the y-only op in one walk over the chunks (no initial or final state): chunk_state,
+// the state passing and chunk_scan together, so the passed states never leave the multiprocessor. Grid (P/PT,
+// H, Bt), 256 threads: a block walks the NC chunks of one sequence and head for PT of its P channels. At chunk c:
+//   y_i = exp(cs_i)·S_in C_i + Σ_{j ≤ i} (C_i·B_j)·exp(cs_i − cs_j)·dt_j·x_j + D·x_i    (y warps 0..3: rows 16w..)
+//   S ← exp(cs_last)·S + Σ_j (exp(cs_last − cs_j)·dt_j·x_j) ⊗ B_j                        (state warps 4..7)
+// The state warps hold the running state's slice (PT × N, f32) in their accumulators (walk_update, as
+// state_walk) and leave S_in of the next chunk in shared memory (bf16, two slots); they also make each chunk's
+// weights and write its cumulative sums, ×log2 e, beside its la and dt. C·Bᵀ is the same for every head of a
+// group: ssd_chunk_cb_mma computes it once, and the y warps read it (f32). Copies by cp.async, two chunks ahead
+// (SW stages): chunk c's x, B, C and C·Bᵀ, with la and dt of chunk c + 1 (a ring of 4 slots: c's sums are read
+// while c + 1's weights are made and c + 2's, c + 3's arrive), by cp_rows.
+#define SW 3
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+// One k-step (kt) of the chunk's causal product Σ_{j ≤ i} M_ij·x_j for this warp's rows ra and rb = ra + 8:
+// M_ij = C_i·B_j · exp(cs_i − cs_j)·dt_j, made in registers as the A fragment from cbv(s) (C·Bᵀ at rows ra, rb
+// and columns j, j + 1 for j = 16kt + 8s + 2tq, as (ra j, ra j+1, rb j, rb j+1)), the chunk's sums cs (natural
+// units, or ×log2 e when LOG2) and dt; then TILES n8 tiles of x [j][p] (stride SX) from column p0 into acc.
+template <int TILES, int SX, bool LOG2, class CBV>
+__device__ __forceinline__ void causal_mx(float (*acc)[4], int kt, int ra, int rb, float csa, float csb, const float* cs, const float* dt, CBV cbv,
+                                          const bf* xs, int p0) {
+    const int tq = threadIdx.x & 3;
+    auto e = [](float x) { return LOG2 ? ex2(x) : __expf(x); };
+    float m[2][4];
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+        const int j = (2 * kt + s) * 8 + 2 * tq;
+        const float4 v = cbv(s);
+        const float2 cj = *reinterpret_cast<const float2*>(cs + j), dj = *reinterpret_cast<const float2*>(dt + j);
+        m[s][0] = j <= ra ? v.x * e(csa - cj.x) * dj.x : 0.f;
+        m[s][1] = j + 1 <= ra ? v.y * e(csa - cj.y) * dj.y : 0.f;
+        m[s][2] = j <= rb ? v.z * e(csb - cj.x) * dj.x : 0.f;
+        m[s][3] = j + 1 <= rb ? v.w * e(csb - cj.y) * dj.y : 0.f;
+    }
+    unsigned a[4] = {pack2(m[0][0], m[0][1]), pack2(m[0][2], m[0][3]), pack2(m[1][0], m[1][1]), pack2(m[1][2], m[1][3])};
+    if constexpr (TILES % 2 == 0) {
+#pragma unroll
+        for (int t = 0; t < TILES; t += 2) {
+            unsigned fb[4];
+            frag_b_t2(fb, xs, SX, p0 + t * 8, kt * 16);
+            mma16816(acc[t], a, fb);
+            mma16816(acc[t + 1], a, fb + 2);
+        }
+    } else {
+#pragma unroll
+        for (int t = 0; t < TILES; ++t) {
+            unsigned fb[2];
+            frag_b_t(fb, xs, SX, p0 + t * 8, kt * 16);
+            mma16816(acc[t], a, fb);
+        }
+    }
+}
+// The A fragment (16×16) at r0, k0 of a tile stored [row][k] (stride st, rows 16-byte aligned), by ldmatrix.x4:
+// lanes 8q..8q+7 address the rows of 8×8 block q (q & 1: rows + 8, q & 2: k + 8).
+__device__ __forceinline__ void ldsm_a(unsigned* a, const bf* s, int st, int r0, int k0) {
+    const int lane = threadIdx.x & 31;
+    const unsigned addr = (unsigned)__cvta_generic_to_shared(s + (r0 + (lane & 7) + ((lane >> 3) & 1) * 8) * st + k0 + (lane >> 4) * 8);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]) : "r"(addr));
+}
+// The B fragments of n8 tiles n0 and n0 + 8 (b[0..1], b[2..3]) at k0 from a tile stored [n][k] (stride st), by
+// ldmatrix.x4: lanes 8q..8q+7 address the rows of block q (q & 1: k + 8, q & 2: n + 8).
+__device__ __forceinline__ void ldsm_b2(unsigned* b, const bf* s, int st, int n0, int k0) {
+    const int lane = threadIdx.x & 31;
+    const unsigned addr = (unsigned)__cvta_generic_to_shared(s + (n0 + (lane & 7) + (lane >> 4) * 8) * st + k0 + ((lane >> 3) & 1) * 8);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3]) : "r"(addr));
+}
+template <int PT>
+__device__ __forceinline__ void scan_walk(const T* xbc, const float* cbg, const float* dt, const float* la, bf* y, const float* D, int L,
+                                          int H, int HPG, int ROW, int X_OFF, int B_OFF, int C_OFF, int NC) {
+    constexpr int NTH = 256, WM = PT / 16, WN = 4 / WM, NTW = N / (8 * WN); // the state warps' grid over the slice
+    constexpr int YT = PT / 8;                                              // n8 tiles of a y warp's rows
+    static_assert(P % PT == 0 && N % (8 * WN) == 0 && YT % 2 == 0, "slices of P, warps' columns of N");
+    constexpr int SX = PT + PADK, SB = N + PADK, SC = MQ + 8;
+    constexpr int STAGE = MQ * (SX + 2 * SB); // bf16 elements of a stage's tiles: x [j][p], B [j][n], C [i][n]
+    constexpr float LOG2E = 1.4426950408889634f;
+    extern __shared__ float sm[];
+    float* cbs = sm;                                      // SW × MQ × SC: C·Bᵀ [i][j]
+    float* vecs = cbs + SW * MQ * SC;                     // 4 × (la, dt, cs·log2 e) × MQ
+    bf* tiles = reinterpret_cast<bf*>(vecs + 4 * 3 * MQ); // SW × STAGE
+    bf* sins = tiles + SW * STAGE;                        // 2 × PT × SB: S_in [p][n]
+    const int p0 = blockIdx.x * PT, h = blockIdx.y, b = blockIdx.z, g = h / HPG, G = H / HPG;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
+    const bf* xb = reinterpret_cast<const bf*>(xbc);
+    const long seq0 = (long)b * L; // the sequence's first row
+    const bf* cb0 = reinterpret_cast<const bf*>(cbg + ((long)b * NC * G + g) * (MQ * MQ)); // C·Bᵀ rows (MQ f32) as 2·MQ bf16
+    auto vec_issue = [&](int c) { // la and dt of chunk c into slot c % 4 (0 past the sequence's end)
+        if (c < NC && threadIdx.x < 2 * MQ) {
+            const int nq = min(MQ, L - c * MQ), i = threadIdx.x & (MQ - 1);
+            cp4(vecs + (c % 4) * 3 * MQ + threadIdx.x, (threadIdx.x < MQ ? la : dt) + (seq0 + c * MQ + (i < nq ? i : 0)) * H + h, i < nq);
+        }
+    };
+    auto issue = [&](int c) { // chunk c's tiles and C·Bᵀ, chunk c + 1's la and dt: one group
+        if (c < NC) {
+            const int nq = min(MQ, L - c * MQ), s = c % SW; // rows past the sequence's end: zeros
+            const bf* rows = xb + (seq0 + (long)c * MQ) * ROW;   // the chunk's first row
+            bf* xs = tiles + s * STAGE;
+            cp_rows<MQ, PT, NTH>(rows + X_OFF + h * P + p0, ROW, nq, xs, SX);
+            cp_rows<MQ, N, NTH>(rows + B_OFF + g * N, ROW, nq, xs + MQ * SX, SB);
+            cp_rows<MQ, N, NTH>(rows + C_OFF + g * N, ROW, nq, xs + MQ * (SX + SB), SB);
+            cp_rows<MQ, 2 * MQ, NTH>(cb0 + (long)c * (2 * G * MQ * MQ), 2 * MQ, MQ, reinterpret_cast<bf*>(cbs + s * MQ * SC), 2 * SC);
+            vec_issue(c + 1);
+        }
+        cp_commit();
+    };
+    vec_issue(0);
+    issue(0);
+    issue(1);
+    for (int e = threadIdx.x; e < PT * SB; e += NTH) sins[e] = 0; // S_in of chunk 0
+    cp_wait<1>();
+    __syncthreads();
+    if (warp < 4) {
+        // y warps: rows ra, rb of each chunk (strip wi), every column of the slice.
+        const int wi = warp, i0 = wi * 16, ra = i0 + gq, rb = ra + 8;
+        float dv[YT][2];
+#pragma unroll
+        for (int t = 0; t < YT; ++t) dv[t][0] = D[h * P + p0 + t * 8 + 2 * tq], dv[t][1] = D[h * P + p0 + t * 8 + 2 * tq + 1];
+        bf* yt = y + (seq0 * H + h) * P + p0 + 2 * tq; // row 0 of the sequence, this lane's column pair
+        const long yrow = (long)H * P;
+        for (int c = 0; c < NC; ++c) {
+            cp_wait<1>();    // chunk c's group (and c + 1's la and dt)
+            __syncthreads(); // ... seen by all; S_in and the sums of c written; chunk c − 1's stage and slots free
+            issue(c + 2);
+            const int nq = min(MQ, L - c * MQ);
+            const bf* xs = tiles + (c % SW) * STAGE;
+            const bf* cms = xs + MQ * (SX + SB);
+            const float* cb = cbs + (c % SW) * MQ * SC;
+            const float* dts = vecs + (c % 4) * 3 * MQ + MQ;
+            const float* csl = dts + MQ;
+            const bf* sin = sins + (c & 1) * PT * SB;
+            // C·S_inᵀ, scaled by exp(cs_i); then M·X with M = C·Bᵀ ∘ exp(cs_i − cs_j)·dt_j (j ≤ i) made in registers.
+            float ya[YT][4];
+            zero<YT>(ya);
+#pragma unroll
+            for (int kt = 0; kt < N / 16; ++kt) {
+                unsigned fa[4];
+                ldsm_a(fa, cms, SB, i0, kt * 16);
+#pragma unroll
+                for (int t = 0; t < YT; t += 2) {
+                    unsigned fb[4];
+                    ldsm_b2(fb, sin, SB, t * 8, kt * 16);
+                    mma16816(ya[t], fa, fb);
+                    mma16816(ya[t + 1], fa, fb + 2);
+                }
+            }
+            const float csa = csl[ra], csb = csl[rb], ea = ex2(csa), eb = ex2(csb);
+#pragma unroll
+            for (int t = 0; t < YT; ++t) ya[t][0] *= ea, ya[t][1] *= ea, ya[t][2] *= eb, ya[t][3] *= eb;
+#pragma unroll
+            for (int kt = 0; kt < MQ / 16; ++kt)
+                if (kt <= wi)
+                    causal_mx<YT, SX, true>(ya, kt, ra, rb, csa, csb, csl, dts, [&](int s) {
+                        const int j = (2 * kt + s) * 8 + 2 * tq;
+                        const float2 u = *reinterpret_cast<const float2*>(cb + ra * SC + j), v = *reinterpret_cast<const float2*>(cb + rb * SC + j);
+                        return make_float4(u.x, u.y, v.x, v.y);
+                    }, xs, 0);
+            // + D·x, out in bf16.
+            bf* yc = yt + (long)c * MQ * yrow;
+#pragma unroll
+            for (int t = 0; t < YT; ++t) {
+                const int p = t * 8 + 2 * tq;
+                const float2 xa = ld2f(xs, ra * SX + p), xc = ld2f(xs, rb * SX + p);
+                if (ra < nq) st2(yc, ra * yrow + t * 8, ya[t][0] + dv[t][0] * xa.x, ya[t][1] + dv[t][1] * xa.y);
+                if (rb < nq) st2(yc, rb * yrow + t * 8, ya[t][2] + dv[t][0] * xc.x, ya[t][3] + dv[t][1] * xc.y);
+            }
+        }
+    } else {
+        // State warps: the slice's rows m0.. and n8 tiles n0.. of S.
+        const int sw = warp - 4, m0 = (sw / WN) * 16, n0 = (sw % WN) * NTW * 8;
+        float* cs_out = sw == 0 ? vecs + 2 * MQ : nullptr; // warp 4 writes the sums (slot offset added below)
+        float w[16], last;
+        chunk_weights<false>(vecs, w, last, cs_out, LOG2E);
+        float acc[NTW][4];
+        zero<NTW>(acc);
+        bf* so0 = sins + (m0 + gq) * SB + n0 + 2 * tq;
+        for (int c = 0; c < NC; ++c) {
+            cp_wait<1>();
+            __syncthreads();
+            issue(c + 2);
+            const bf* xs = tiles + (c % SW) * STAGE;
+            walk_update<NTW, SX, SB>(acc, __expf(last), w, xs, xs + MQ * SX, m0, n0);
+            // S_out of chunk c = S_in of c + 1, in bf16 for the y warps' next step.
+            bf* so = so0 + ((c + 1) & 1) * PT * SB;
+#pragma unroll
+            for (int t = 0; t < NTW; ++t) {
+                st2(so, 8 * t, acc[t][0], acc[t][1]);
+                st2(so, 8 * SB + 8 * t, acc[t][2], acc[t][3]);
+            }
+            // Chunk c + 1's weights and sums (past the last chunk: a stale slot, not used).
+            const int s1 = ((c + 1) % 4) * 3 * MQ;
+            chunk_weights<false>(vecs + s1, w, last, cs_out ? cs_out + s1 : nullptr, LOG2E);
+        }
+    }
+    cp_wait<0>();
+}
+
+// ssd_scan_walk_mma{PT}: the y-only op's forward in one kernel (scan_walk) after ssd_chunk_cb_mma.
+#define SCAN_WALK(PT, OK)                                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, 1) ssd_scan_walk_mma##PT(const T* xbc, const float* cb, const float* dt, const float* la, \
+                                                                               bf* y, const float* D, int L, int H, int HPG, int ROW,       \
+                                                                               int X_OFF, int B_OFF, int C_OFF, int NC) {                   \
+        if constexpr (OK && IO_T) scan_walk<PT>(xbc, cb, dt, la, y, D, L, H, HPG, ROW, X_OFF, B_OFF, C_OFF, NC);                               \
+    }
+SCAN_WALK(64, P % 64 == 0 && POW2_N && N >= 16)
+SCAN_WALK(32, P % 32 == 0 && POW2_N && N >= 16)
+SCAN_WALK(16, POW2_N && N >= 32)
 
 // Grid (NC, H/HB, Bt), 128 threads. As ssd_chunk_dstate, for the HB heads h0.. of one group (HB divides HPG),
 // by pn_heads: v = dy, u = C, w_i = exp(cs_i).
@@ -1193,27 +1435,12 @@ extern "C" __global__ void SCAN_BOUNDS ssd_chunk_scan_mma(const T* xbc, const fl
         for (int pt = 0; pt < P / 8; ++pt) acc[pt][0] *= ea, acc[pt][1] *= ea, acc[pt][2] *= eb, acc[pt][3] *= eb;
         // M = C·Bᵀ ∘ exp(cs_i − cs_j)·dt_j (j ≤ i), turned into A fragments in registers; then M·X.
 #pragma unroll
-        for (int kt = 0; kt < MQ / 16; ++kt) {
-            if (kt <= warp) {
-                float m[2][4];
-#pragma unroll
-                for (int s = 0; s < 2; ++s) {
-                    const int j = (2 * kt + s) * 8 + 2 * tq;
-                    const float e0 = dtk[j], e1 = dtk[j + 1], c0 = csk[j], c1 = csk[j + 1];
-                    m[s][0] = j <= ra ? cb[2 * kt + s][0] * __expf(csa - c0) * e0 : 0.f;
-                    m[s][1] = j + 1 <= ra ? cb[2 * kt + s][1] * __expf(csa - c1) * e1 : 0.f;
-                    m[s][2] = j <= rb ? cb[2 * kt + s][2] * __expf(csb - c0) * e0 : 0.f;
-                    m[s][3] = j + 1 <= rb ? cb[2 * kt + s][3] * __expf(csb - c1) * e1 : 0.f;
-                }
-                unsigned a[4] = {pack2(m[0][0], m[0][1]), pack2(m[0][2], m[0][3]), pack2(m[1][0], m[1][1]), pack2(m[1][2], m[1][3])};
-#pragma unroll
-                for (int pt = 0; pt < P / 8; ++pt) {
-                    unsigned bb[2];
-                    frag_b_t(bb, xk, SP2, pt * 8, kt * 16);
-                    mma16816(acc[pt], a, bb);
-                }
-            }
-        }
+        for (int kt = 0; kt < MQ / 16; ++kt)
+            if (kt <= warp)
+                causal_mx<P / 8, SP2, false>(acc, kt, ra, rb, csa, csb, csk, dtk, [&](int s) {
+                    const float* v = cb[2 * kt + s];
+                    return make_float4(v[0], v[1], v[2], v[3]);
+                }, xk, 0);
 #pragma unroll
         for (int pt = 0; pt < P / 8; ++pt) {
             const int p = pt * 8 + 2 * tq;

@@ -1,8 +1,9 @@
 //! The Mamba-2 chunked SSD on CUDA (kernels in `ssd.cu`): S_t = exp(la_t)·S_{t−1} + dt_t·x_t ⊗ B_t,
 //! y_t = S_t·C_t, read straight from Mamba-2's conv output rows [x | B | C] in f32 or bf16, f32 math.
 //!
-//! Forward: chunk_state → state_passing → chunk_scan. Backward: the first two again (the states entering
-//! each chunk), then chunk_dstate → state_passing_bwd → chunk_bwd. The chunk size is the largest of
+//! Forward: chunk_state → state_passing → chunk_scan (the training op, where its walk fills the GPU: chunk_cb
+//! → scan_walk, the whole forward in one walk over the chunks). Backward: the first two again (the states
+//! entering each chunk), then chunk_dstate → state_passing_bwd → chunk_bwd. The chunk size is the largest of
 //! 64, 32, 16 whose backward fits in one block's shared memory; bf16 rows aligned to 16 bytes take the
 //! tensor-core kernels (chunk 64), whose chunk_state, chunk_scan and chunk_dstate each take several heads
 //! of a group per block (`heads_per_block`) and read the passed states in bf16.
@@ -74,6 +75,16 @@ const STATE_PASS_STAGES: usize = 4;
 /// padded by 8).
 fn state_pass_smem(pt: usize, n: usize, bwd: bool) -> usize {
     STATE_PASS_STAGES * (8 * MMA_CHUNK + 2 * (MMA_CHUNK * (pt + 8 + n + 8) + if bwd { pt * (n + 8) } else { 0 }))
+}
+
+/// Stages of ssd_scan_walk_mma's copies (SW in ssd.cu).
+const SCAN_WALK_STAGES: usize = 3;
+
+/// Shared-memory bytes of ssd_scan_walk_mma with a channel slice of `pt`: per stage C·Bᵀ (f32, rows padded by
+/// 8) and the x, B and C tiles (bf16, rows padded by 8); four slots of la, dt and cs (f32); two S_in slices.
+fn scan_walk_smem(pt: usize, n: usize) -> usize {
+    let q = MMA_CHUNK;
+    4 * (SCAN_WALK_STAGES * q * (q + 8) + 4 * 3 * q) + 2 * (SCAN_WALK_STAGES * q * (pt + 8 + 2 * (n + 8)) + 2 * pt * (n + 8))
 }
 
 /// Shared-memory bytes of (chunk_state_mma, chunk_scan_mma, chunk_dstate_mma, chunk_bwd_mma) with `hb`
@@ -326,6 +337,50 @@ impl SsdCuda {
             }
         };
         Ok(pt.map(|pt| (pt, threads as u32)))
+    }
+
+    /// The channel slice (PT of head_dim) of ssd_scan_walk_mma, the y-only op's whole forward in one walk over
+    /// the chunks, or None: chunk_state and the state passing (or their walk), then chunk_scan. Like the state
+    /// walk it is parallel over sequences, heads and slices only (one block per multiprocessor: 220 KB of shared
+    /// memory at d_state 128), so it runs with slices of 64 where they give about every multiprocessor a block
+    /// (0.9×), at d_state 64 or 128 (the sizes the CUDA tests run it at). Narrower slices, which would cover
+    /// fewer sequences × heads, measured no faster than the separate kernels (2×32768×32 heads: 0.78 ms at slice
+    /// 32 against 0.77). `OURO_SSD_SCAN_WALK` (64, 32 or 16; 0: off) forces the choice.
+    fn scan_walk_kernel(&self, stream: &Stream, z: &Sizes) -> Result<Option<usize>> {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
+        let XbcLayout { heads: h, head_dim: p, d_state: n, .. } = self.lay;
+        if !(self.mma && self.io_t) {
+            return Ok(None);
+        }
+        let max = super::device_attribute(stream, A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+        // The kernels ssd.cu instantiates: N a power of two, ≥ 16 (≥ 32 at slice 16).
+        let fits = |pt: usize| p % pt == 0 && n.is_power_of_two() && n >= if pt == 16 { 32 } else { 16 } && scan_walk_smem(pt, n) + 256 <= max;
+        Ok(match std::env::var("OURO_SSD_SCAN_WALK").ok().and_then(|v| v.parse::<usize>().ok()) {
+            Some(want) => Some(want).filter(|&pt| [16, 32, 64].contains(&pt) && fits(pt)),
+            None => {
+                let sms = super::device_attribute(stream, A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+                Some(64).filter(|&pt| p % pt == 0 && 10 * z.b * h * (p / pt) >= 9 * sms && (n == 64 || n == 128) && fits(pt))
+            }
+        })
+    }
+
+    /// y by ssd_chunk_cb_mma (C·Bᵀ per chunk and group) and ssd_scan_walk_mma with slices of `pt` (from
+    /// [`Self::scan_walk_kernel`]), no passed states: the y-only op's forward.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_scan_walk(&self, dev: &candle_core::cuda_backend::CudaDevice, m: &Module, z: &Sizes, [xbc, dt, la]: [u64; 3], y: u64, dskip: u64, pt: usize) -> Result<()> {
+        let XbcLayout { heads: h, head_dim: p, groups: g, d_state: n, x_off, b_off, c_off } = self.lay;
+        let stream = &dev.cuda_stream();
+        let (_cb, pcb) = alloc_f32(dev, z.b * z.nc * g * MMA_CHUNK * MMA_CHUNK, false)?;
+        let (nci, row) = (Arg::I32(z.nc as i32), Arg::I32(z.row as i32));
+        let cb_smem = 4 * MMA_CHUNK * (n + 8);
+        launch(stream, &function(m, "ssd_chunk_cb_mma", cb_smem)?, (z.nc as u32, g as u32, z.b as u32), 128, cb_smem, &[
+            Arg::Ptr(xbc), Arg::Ptr(pcb), Arg::I32(z.l as i32), Arg::I32(g as i32), row, Arg::I32(b_off as i32), Arg::I32(c_off as i32), nci,
+        ])?;
+        let smem = scan_walk_smem(pt, n);
+        launch(stream, &function(m, &format!("ssd_scan_walk_mma{pt}"), smem)?, ((p / pt) as u32, h as u32, z.b as u32), 256, smem, &[
+            Arg::Ptr(xbc), Arg::Ptr(pcb), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(y), Arg::Ptr(dskip), Arg::I32(z.l as i32), Arg::I32(h as i32),
+            Arg::I32((h / g) as i32), row, Arg::I32(x_off as i32), Arg::I32(b_off as i32), Arg::I32(c_off as i32), nci,
+        ])
     }
 
     /// chunk_state's or chunk_dstate's kernel; the tensor-core ones at head_dim 64 and d_state 128 (38 KB of
@@ -650,6 +705,10 @@ impl CustomOp3 for SsdYCuda {
         let ny = z.b * z.l * h * p;
         let (y, py) = alloc_bf16(&dev, ny, false)?;
         poison_bf16(&dev, py, ny)?;
+        if let Some(walk) = f.scan_walk_kernel(&stream, &z)? {
+            f.launch_scan_walk(&dev, &m, &z, [xbc, dtp, la], py, dskip, walk)?;
+            return Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((z.b, z.l, h, p))));
+        }
         let nst = z.b * z.nc * h * p * n;
         // The chunks' own states: not stored when the state walk runs.
         let walk = f.state_pass_kernel(&stream, &z)?;
