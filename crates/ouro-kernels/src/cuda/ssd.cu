@@ -977,6 +977,27 @@ __device__ __forceinline__ void chunk_weights(const float* lav, float* w, float&
         w[4 * kt + 3] = __shfl_sync(0xffffffffu, w1, 8 * kt + 4 + tq);
     }
 }
+// acc[t] += A·B_t for the TILES n8 tiles t of a [k][n] tile (stride st) at columns n0 + 8t, k-step k0: two tiles
+// per ldmatrix.x4.trans where TILES is even.
+template <int TILES>
+__device__ __forceinline__ void mma_tiles_t(float (*acc)[4], const unsigned* a, const bf* s, int st, int n0, int k0) {
+    if constexpr (TILES % 2 == 0) {
+#pragma unroll
+        for (int t = 0; t < TILES; t += 2) {
+            unsigned fb[4];
+            frag_b_t2(fb, s, st, n0 + t * 8, k0);
+            mma16816(acc[t], a, fb);
+            mma16816(acc[t + 1], a, fb + 2);
+        }
+    } else {
+#pragma unroll
+        for (int t = 0; t < TILES; ++t) {
+            unsigned fb[2];
+            frag_b_t(fb, s, st, n0 + t * 8, k0);
+            mma16816(acc[t], a, fb);
+        }
+    }
+}
 // One chunk of a walk: G ← dc·G + (w ∘ v)ᵀ·u over the chunk's rows j (the mma's k), for this warp's 16 rows
 // (m0..) and NTW n8 tiles (n0..) of G, held in acc: v [j][p] (row stride SX) and u [j][n] (SB) in shared memory.
 // A = vᵀ by ldmatrix.trans, its k columns 2tq, 2tq + 1 and 2tq + 8, + 9 scaled by the weights (chunk_weights) in
@@ -995,19 +1016,7 @@ __device__ __forceinline__ void walk_update(float (*acc)[4], float dc, const flo
         fa[1] = scale2(fa[1], w[4 * kt], w[4 * kt + 1]);
         fa[2] = scale2(fa[2], w[4 * kt + 2], w[4 * kt + 3]);
         fa[3] = scale2(fa[3], w[4 * kt + 2], w[4 * kt + 3]);
-        if constexpr (NTW % 2 == 0) {
-#pragma unroll
-            for (int t = 0; t < NTW; t += 2) {
-                unsigned fb[4];
-                frag_b_t2(fb, us, SB, n0 + t * 8, kt * 16);
-                mma16816(acc[t], fa, fb);
-                mma16816(acc[t + 1], fa, fb + 2);
-            }
-        } else {
-            unsigned fb[2];
-            frag_b_t(fb, us, SB, n0, kt * 16);
-            mma16816(acc[0], fa, fb);
-        }
+        mma_tiles_t<NTW>(acc, fa, us, SB, n0, kt * 16);
     }
 }
 // u: B or C of the chunk's rows (xbc, row stride ROW); v: x (xbc) or dy (row stride vrs), at this head and slice;
@@ -1172,23 +1181,8 @@ __device__ __forceinline__ void causal_mx(float (*acc)[4], int kt, int ra, int r
         m[s][2] = j <= rb ? v.z * e(csb - cj.x) * dj.x : 0.f;
         m[s][3] = j + 1 <= rb ? v.w * e(csb - cj.y) * dj.y : 0.f;
     }
-    unsigned a[4] = {pack2(m[0][0], m[0][1]), pack2(m[0][2], m[0][3]), pack2(m[1][0], m[1][1]), pack2(m[1][2], m[1][3])};
-    if constexpr (TILES % 2 == 0) {
-#pragma unroll
-        for (int t = 0; t < TILES; t += 2) {
-            unsigned fb[4];
-            frag_b_t2(fb, xs, SX, p0 + t * 8, kt * 16);
-            mma16816(acc[t], a, fb);
-            mma16816(acc[t + 1], a, fb + 2);
-        }
-    } else {
-#pragma unroll
-        for (int t = 0; t < TILES; ++t) {
-            unsigned fb[2];
-            frag_b_t(fb, xs, SX, p0 + t * 8, kt * 16);
-            mma16816(acc[t], a, fb);
-        }
-    }
+    const unsigned a[4] = {pack2(m[0][0], m[0][1]), pack2(m[0][2], m[0][3]), pack2(m[1][0], m[1][1]), pack2(m[1][2], m[1][3])};
+    mma_tiles_t<TILES>(acc, a, xs, SX, p0, kt * 16);
 }
 // The A fragment (16×16) at r0, k0 of a tile stored [row][k] (stride st, rows 16-byte aligned), by ldmatrix.x4:
 // lanes 8q..8q+7 address the rows of 8×8 block q (q & 1: rows + 8, q & 2: k + 8).
