@@ -1165,7 +1165,9 @@ __device__ __forceinline__ float ex2(float x) {
 // M_ij = C_i·B_j · exp(cs_i − cs_j)·dt_j, made in registers as the A fragment from cbv(s) (C·Bᵀ at rows ra, rb
 // and columns j, j + 1 for j = 16kt + 8s + 2tq, as (ra j, ra j+1, rb j, rb j+1)), the chunk's sums cs (natural
 // units, or ×log2 e when LOG2) and dt; then TILES n8 tiles of x [j][p] (stride SX) from column p0 into acc.
-template <int TILES, int SX, bool LOG2, class CBV>
+// PAIRED (the scan walk): cs and dt read in pairs, x two tiles per ldmatrix; else (chunk_scan_mma, at its cap of
+// 128 registers) one value and one tile at a time, as each was measured.
+template <int TILES, int SX, bool LOG2, bool PAIRED, class CBV>
 __device__ __forceinline__ void causal_mx(float (*acc)[4], int kt, int ra, int rb, float csa, float csb, const float* cs, const float* dt, CBV cbv,
                                           const bf* xs, int p0) {
     const int tq = threadIdx.x & 3;
@@ -1175,14 +1177,25 @@ __device__ __forceinline__ void causal_mx(float (*acc)[4], int kt, int ra, int r
     for (int s = 0; s < 2; ++s) {
         const int j = (2 * kt + s) * 8 + 2 * tq;
         const float4 v = cbv(s);
-        const float2 cj = *reinterpret_cast<const float2*>(cs + j), dj = *reinterpret_cast<const float2*>(dt + j);
+        float2 cj, dj;
+        if constexpr (PAIRED) cj = *reinterpret_cast<const float2*>(cs + j), dj = *reinterpret_cast<const float2*>(dt + j);
+        else dj = make_float2(dt[j], dt[j + 1]), cj = make_float2(cs[j], cs[j + 1]);
         m[s][0] = j <= ra ? v.x * e(csa - cj.x) * dj.x : 0.f;
         m[s][1] = j + 1 <= ra ? v.y * e(csa - cj.y) * dj.y : 0.f;
         m[s][2] = j <= rb ? v.z * e(csb - cj.x) * dj.x : 0.f;
         m[s][3] = j + 1 <= rb ? v.w * e(csb - cj.y) * dj.y : 0.f;
     }
     const unsigned a[4] = {pack2(m[0][0], m[0][1]), pack2(m[0][2], m[0][3]), pack2(m[1][0], m[1][1]), pack2(m[1][2], m[1][3])};
-    mma_tiles_t<TILES>(acc, a, xs, SX, p0, kt * 16);
+    if constexpr (PAIRED) {
+        mma_tiles_t<TILES>(acc, a, xs, SX, p0, kt * 16);
+    } else {
+#pragma unroll
+        for (int t = 0; t < TILES; ++t) {
+            unsigned fb[2];
+            frag_b_t(fb, xs, SX, p0 + t * 8, kt * 16);
+            mma16816(acc[t], a, fb);
+        }
+    }
 }
 // The A fragment (16×16) at r0, k0 of a tile stored [row][k] (stride st, rows 16-byte aligned), by ldmatrix.x4:
 // lanes 8q..8q+7 address the rows of 8×8 block q (q & 1: rows + 8, q & 2: k + 8).
@@ -1282,7 +1295,7 @@ __device__ __forceinline__ void scan_walk(const T* xbc, const float* cbg, const 
 #pragma unroll
             for (int kt = 0; kt < MQ / 16; ++kt)
                 if (kt <= wi)
-                    causal_mx<YT, SX, true>(ya, kt, ra, rb, csa, csb, csl, dts, [&](int s) {
+                    causal_mx<YT, SX, true, true>(ya, kt, ra, rb, csa, csb, csl, dts, [&](int s) {
                         const int j = (2 * kt + s) * 8 + 2 * tq;
                         const float2 u = *reinterpret_cast<const float2*>(cb + ra * SC + j), v = *reinterpret_cast<const float2*>(cb + rb * SC + j);
                         return make_float4(u.x, u.y, v.x, v.y);
@@ -1431,7 +1444,7 @@ extern "C" __global__ void SCAN_BOUNDS ssd_chunk_scan_mma(const T* xbc, const fl
 #pragma unroll
         for (int kt = 0; kt < MQ / 16; ++kt)
             if (kt <= warp)
-                causal_mx<P / 8, SP2, false>(acc, kt, ra, rb, csa, csb, csk, dtk, [&](int s) {
+                causal_mx<P / 8, SP2, false, false>(acc, kt, ra, rb, csa, csb, csk, dtk, [&](int s) {
                     const float* v = cb[2 * kt + s];
                     return make_float4(v[0], v[1], v[2], v[3]);
                 }, xk, 0);
