@@ -281,8 +281,8 @@ fn state_pass_every_tile_matches_the_cpu() {
 #[test]
 fn scan_walk_every_tile_matches_the_cpu() {
     // ssd_scan_walk_mma (the y-only op's whole forward in one walk over the chunks, after ssd_chunk_cb_mma) at
-    // each channel slice, and off (0): more chunks than its copy stages, a partial last chunk, two groups, head
-    // dims 64 and 32, d_state 32, 64 and 128, the dt clamp. (A slice the sizes do not allow falls back to the
+    // each channel slice, and off (0): more chunks than its copy stages, a partial last chunk, a single partial
+    // chunk, two groups, head dims 64 and 32, d_state 32, 64 and 128, the dt clamp. (A slice the sizes do not allow falls back to the
     // separate kernels.) The backward is the usual one.
     let Some(_) = cuda() else { return };
     let _env = ENV_LOCK.write().unwrap_or_else(|e| e.into_inner());
@@ -292,6 +292,8 @@ fn scan_walk_every_tile_matches_the_cpu() {
         check_y_inner(Case { b: 2, l: 700, h: 4, p: 64, g: 2, n: 64, dt_limit: (0.001, 0.1), init: false, d_per_channel: true, with_d: true }, true);
         check_y_inner(Case { b: 1, l: 450, h: 2, p: 64, g: 1, n: 128, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true }, true);
         check_y_inner(Case { b: 2, l: 200, h: 4, p: 32, g: 1, n: 32, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: false }, false);
+        // One partial chunk: the walk's copies and weights one chunk ahead find nothing to copy.
+        check_y_inner(Case { b: 3, l: 37, h: 2, p: 64, g: 1, n: 64, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true }, true);
     }
     std::env::remove_var("OURO_SSD_SCAN_WALK");
 }
