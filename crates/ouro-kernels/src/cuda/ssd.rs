@@ -309,59 +309,52 @@ impl SsdCuda {
         }
     }
 
-    /// The channel slice (PT of head_dim) and threads of ssd_state_pass_mma (chunk_state and the state
-    /// passing in one walk over the chunks) and ssd_dstate_pass_mma (chunk_dstate and the state passing
-    /// backward in one walk back), for the y-only op's bf16 passed states; None: the separate kernels
-    /// instead. The walk is parallel over sequences, heads and slices only, so it runs where slices of 64
-    /// (32 at head_dim 32) give about every multiprocessor a block (0.9×), with 256 threads, at d_state 64 or 128
-    /// (the sizes the CUDA tests run it at).
-    /// `OURO_SSD_STATE_TILE` (64, 32 or 16; 0: the two kernels) and `OURO_SSD_STATE_THREADS` (256 or 512)
-    /// force the choice.
-    fn state_pass_kernel(&self, stream: &Stream, z: &Sizes) -> Result<Option<(usize, u32)>> {
-        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
-        let XbcLayout { heads: h, head_dim: p, d_state: n, .. } = self.lay;
-        if !(self.mma && self.io_t) {
-            return Ok(None);
-        }
-        let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
-        let threads = env("OURO_SSD_STATE_THREADS").filter(|&t| t == 512).unwrap_or(256);
-        let max = super::device_attribute(stream, A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
-        // The kernels ssd.cu instantiates: N a power of two, ≥ 32 (≥ 64 for PT 16 or 512 threads).
-        let least_n = |pt: usize| if pt == 16 || threads == 512 { 64 } else { 32 };
-        let fits = |pt: usize| p % pt == 0 && !(pt == 16 && threads == 512) && n.is_power_of_two() && n >= least_n(pt) && state_pass_smem(pt, n, true) + 256 <= max;
-        let pt = match env("OURO_SSD_STATE_TILE") {
-            Some(want) => Some(want).filter(|&pt| [16, 32, 64].contains(&pt) && fits(pt)),
-            None => {
-                let sms = super::device_attribute(stream, A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
-                [64, 32].into_iter().find(|&pt| p % pt == 0).filter(|&pt| (n == 64 || n == 128) && fits(pt) && 10 * z.b * h * (p / pt) >= 9 * sms)
-            }
-        };
-        Ok(pt.map(|pt| (pt, threads as u32)))
-    }
-
-    /// The channel slice (PT of head_dim) of ssd_scan_walk_mma, the y-only op's whole forward in one walk over
-    /// the chunks, or None: chunk_state and the state passing (or their walk), then chunk_scan. Like the state
-    /// walk it is parallel over sequences, heads and slices only (one block per multiprocessor: 220 KB of shared
-    /// memory at d_state 128), so it runs with slices of 64 where they give about every multiprocessor a block
-    /// (0.9×), at d_state 64 or 128 (the sizes the CUDA tests run it at). Narrower slices, which would cover
-    /// fewer sequences × heads, measured no faster than the separate kernels (2×32768×32 heads: 0.78 ms at slice
-    /// 32 against 0.77). `OURO_SSD_SCAN_WALK` (64, 32 or 16; 0: off) forces the choice.
-    fn scan_walk_kernel(&self, stream: &Stream, z: &Sizes) -> Result<Option<usize>> {
+    /// The channel slice (PT of head_dim) of a walk over the chunks for the y-only op, or None. The walks are
+    /// parallel over sequences, heads and slices only, so by default the first slice of `auto` that divides
+    /// head_dim is taken where it gives about every multiprocessor a block (0.9×), at d_state 64 or 128 (the
+    /// sizes the CUDA tests run them at) and where `fits(pt, max shared memory per block)`; the variable `var`
+    /// (64, 32 or 16; 0: none) forces the choice.
+    fn walk_slice(&self, stream: &Stream, z: &Sizes, var: &str, auto: &[usize], fits: impl Fn(usize, usize) -> bool) -> Result<Option<usize>> {
         use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
         let XbcLayout { heads: h, head_dim: p, d_state: n, .. } = self.lay;
         if !(self.mma && self.io_t) {
             return Ok(None);
         }
         let max = super::device_attribute(stream, A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
-        // The kernels ssd.cu instantiates: N a power of two, ≥ 16 (≥ 32 at slice 16).
-        let fits = |pt: usize| p % pt == 0 && n.is_power_of_two() && n >= if pt == 16 { 32 } else { 16 } && scan_walk_smem(pt, n) + 256 <= max;
-        Ok(match std::env::var("OURO_SSD_SCAN_WALK").ok().and_then(|v| v.parse::<usize>().ok()) {
+        let fits = |pt: usize| p % pt == 0 && fits(pt, max);
+        Ok(match std::env::var(var).ok().and_then(|v| v.parse::<usize>().ok()) {
             Some(want) => Some(want).filter(|&pt| [16, 32, 64].contains(&pt) && fits(pt)),
             None => {
                 let sms = super::device_attribute(stream, A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
-                Some(64).filter(|&pt| p % pt == 0 && 10 * z.b * h * (p / pt) >= 9 * sms && (n == 64 || n == 128) && fits(pt))
+                auto.iter().copied().find(|&pt| p % pt == 0).filter(|&pt| (n == 64 || n == 128) && fits(pt) && 10 * z.b * h * (p / pt) >= 9 * sms)
             }
         })
+    }
+
+    /// The channel slice and threads of ssd_state_pass_mma (chunk_state and the state passing in one walk over
+    /// the chunks) and ssd_dstate_pass_mma (chunk_dstate and the state passing backward in one walk back), for
+    /// the y-only op's bf16 passed states; None: the separate kernels instead. By default slices of 64 (32 at
+    /// head_dim 32) with 256 threads ([`Self::walk_slice`]); `OURO_SSD_STATE_TILE` (64, 32 or 16; 0: the two
+    /// kernels) and `OURO_SSD_STATE_THREADS` (256 or 512) force the choice.
+    fn state_pass_kernel(&self, stream: &Stream, z: &Sizes) -> Result<Option<(usize, u32)>> {
+        let n = self.lay.d_state;
+        let threads = std::env::var("OURO_SSD_STATE_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&t| t == 512).unwrap_or(256);
+        // The kernels ssd.cu instantiates: N a power of two, ≥ 32 (≥ 64 for PT 16 or 512 threads).
+        let least_n = |pt: usize| if pt == 16 || threads == 512 { 64 } else { 32 };
+        let fits = |pt: usize, max: usize| !(pt == 16 && threads == 512) && n.is_power_of_two() && n >= least_n(pt) && state_pass_smem(pt, n, true) + 256 <= max;
+        Ok(self.walk_slice(stream, z, "OURO_SSD_STATE_TILE", &[64, 32], fits)?.map(|pt| (pt, threads as u32)))
+    }
+
+    /// The channel slice of ssd_scan_walk_mma, the y-only op's whole forward in one walk over the chunks, or
+    /// None: chunk_state and the state passing (or their walk), then chunk_scan. By default slices of 64
+    /// ([`Self::walk_slice`]; one block per multiprocessor: 220 KB of shared memory at d_state 128). Narrower
+    /// slices, which would cover fewer sequences × heads, measured no faster than the separate kernels (2×32768×32
+    /// heads: 0.78 ms at slice 32 against 0.77). `OURO_SSD_SCAN_WALK` (64, 32 or 16; 0: off) forces the choice.
+    fn scan_walk_kernel(&self, stream: &Stream, z: &Sizes) -> Result<Option<usize>> {
+        let n = self.lay.d_state;
+        // The kernels ssd.cu instantiates: N a power of two, ≥ 16 (≥ 32 at slice 16).
+        let fits = |pt: usize, max: usize| n.is_power_of_two() && n >= if pt == 16 { 32 } else { 16 } && scan_walk_smem(pt, n) + 256 <= max;
+        self.walk_slice(stream, z, "OURO_SSD_SCAN_WALK", &[64], fits)
     }
 
     /// y by ssd_chunk_cb_mma (C·Bᵀ per chunk and group) and ssd_scan_walk_mma with slices of `pt` (from
