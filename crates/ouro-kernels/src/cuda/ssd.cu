@@ -772,12 +772,12 @@ __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0
 
 // Rows [0, ROWS) × W bf16 columns of a row-major global matrix (row r at g + r·rs) into a shared tile stored
 // as is (s[r·sn + k]), by cp.async, rows ≥ nr zero-filled. Consecutive threads take consecutive 16-byte
-// pieces of a row. For 128-thread blocks; W % 8 == 0.
-template <int ROWS, int W>
+// pieces of a row. For NTH-thread blocks; W % 8 == 0.
+template <int ROWS, int W, int NTH = 128>
 __device__ __forceinline__ void cp_tile(const bf* g, long rs, int nr, bf* s, int sn) {
     constexpr int PR = W / 8;
 #pragma unroll 4
-    for (int e = threadIdx.x; e < ROWS * PR; e += 128) {
+    for (int e = threadIdx.x; e < ROWS * PR; e += NTH) {
         const int r = e / PR, k = 8 * (e % PR);
         cp16(s + r * sn + k, r < nr ? g + r * rs + k : g, r < nr);
     }
@@ -796,10 +796,10 @@ __device__ __forceinline__ void scale_own_rows(bf* s, int sn, const float* w) {
     }
 }
 
-// acc[t] += A[r0..r0+16][k]·B[t·8..t·8+8][k]ᵀ summed over the k-steps kt ∈ [kt_from, K/16) (k = 16·kt),
-// for the n8 tiles t < live of TILES: A stored [row][k] (stride sa), B stored [n][k] (stride sb), or [k][n]
-// when BT (loaded by ldmatrix.trans). UNROLL is the k loop's unroll factor.
-template <int TILES, int K, int UNROLL, bool BT = false>
+// acc[t] += A[r0..r0+16][k]·B[t·TS..t·TS+8][k]ᵀ summed over the k-steps kt ∈ [kt_from, K/16) (k = 16·kt),
+// for the n8 tiles t < live of TILES (TS = 16: every other n8 tile of B): A stored [row][k] (stride sa), B stored
+// [n][k] (stride sb), or [k][n] when BT (loaded by ldmatrix.trans). UNROLL is the k loop's unroll factor.
+template <int TILES, int K, int UNROLL, bool BT = false, int TS = 8>
 __device__ __forceinline__ void strip_mma(float (*acc)[4], const bf* a, int sa, int r0, const bf* b, int sb, int kt_from = 0, int live = TILES) {
 #pragma unroll (UNROLL)
     for (int kt = 0; kt < K / 16; ++kt)
@@ -810,8 +810,8 @@ __device__ __forceinline__ void strip_mma(float (*acc)[4], const bf* a, int sa, 
             for (int t = 0; t < TILES; ++t)
                 if (t < live) {
                     unsigned fb[2];
-                    if (BT) frag_b_t(fb, b, sb, t * 8, kt * 16);
-                    else frag_b(fb, b, sb, t * 8, kt * 16);
+                    if (BT) frag_b_t(fb, b, sb, t * TS, kt * 16);
+                    else frag_b(fb, b, sb, t * TS, kt * 16);
                     mma16816(acc[t], fa, fb);
                 }
         }
@@ -1493,14 +1493,19 @@ extern "C" __global__ void ssd_reduce_heads(const YT* part, YT* dxbc, long rows,
     }
 }
 
-// Grid (NC, H, Bt), 128 threads: as ssd_chunk_bwd, on tensor cores. Warp w owns rows 16w..16w+15 of
-// each chunk-sized product (rows i for dC, rows j for dB and dx).
-extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc, const float* dt, const float* la, const ST* states,
-                                                                    const ST* dstates, const float* dcsum, const YT* dy,
-                                                                    YT* dxbc, float* ddt, float* dla, int L, int H, int HPG,
-                                                                    int ROW, int X_OFF, int B_OFF, int C_OFF, int NC, YT* part,
-                                                                    const float* D, float* dD) {
-    constexpr int SN2 = N + PADK, SK = MQ + PADK, SP2 = P + PADK;
+// Blocks per multiprocessor that chunk_bwd's registers allow (its shared memory allows 2 at d_state 128, 3 at 64).
+#define BWD_BLOCKS (N <= 64 ? 3 : 2)
+// Grid (H, NC, Bt) (a chunk's heads side by side: its B and C tiles read from L2; 2–7% faster than (NC, H, Bt)), 256
+// threads: as ssd_chunk_bwd, on tensor cores. Warps w and w + 4 share rows 16·rt..16·rt+15 (rt = w mod 4) of each
+// chunk-sized product (rows i for dC, rows j for dB and dx): half hf = w / 4 takes the n8 column tiles 2u + hf of
+// the causal products M and W, and the columns [hf, hf + 1)·N/2 of dC and dB, [hf, hf + 1)·P/2 of dx.
+extern "C" __global__ void __launch_bounds__(256, BWD_BLOCKS) ssd_chunk_bwd_mma(const T* xbc, const float* dt, const float* la, const ST* states,
+                                                                       const ST* dstates, const float* dcsum, const YT* dy,
+                                                                       YT* dxbc, float* ddt, float* dla, int L, int H, int HPG,
+                                                                       int ROW, int X_OFF, int B_OFF, int C_OFF, int NC, YT* part,
+                                                                       const float* D, float* dD) {
+    constexpr int SN2 = N + PADK, SK = MQ + PADK, SP2 = P + PADK, NTH = 256;
+    constexpr int NH = N / 16, PH = P / 16; // n8 tiles of a half of dC / dB and of dx
     extern __shared__ float sm[];
     float* cs = sm;           // MQ
     float* dts = cs + MQ;     // MQ
@@ -1519,85 +1524,85 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc
     bf* dys = xs + MQ * SP2;  // MQ × SP2: dy [i][p]
     bf* mt = dys + MQ * SP2;  // MQ × SK: M [j][i]
     bf* wt = mt + MQ * SK;    // MQ × SK: W [j][i]
-    const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / HPG;
+    const int h = blockIdx.x, c = blockIdx.y, b = blockIdx.z, g = h / HPG;
     const int t0 = c * MQ, nq = min(MQ, L - t0);
     const long r0 = (long)b * L + t0;
     float dtv[8];
     rows_of_heads<MQ>(dt, r0 * H + h, H, nq, 1, dtv);
     chunk_cumsum<MQ>(la, r0 * H + h, H, nq, cs);
     const float csl = cs[MQ - 1];
-    for (int i = threadIdx.x; i < MQ; i += blockDim.x) { // one pass (128 threads, MQ = 64 rows): i is this thread's row
+    for (int i = threadIdx.x; i < MQ; i += blockDim.x) { // one pass (MQ = 64 rows): i is this thread's row
         dts[i] = dtv[0];
         wl[i] = i < nq ? __expf(csl - cs[i]) : 0.f;
         dcs[i] = ddts[i] = us[i] = 0.f;
     }
     for (int p = threadIdx.x; p < P; p += blockDim.x) dds[p] = 0.f;
     // The tiles arrive by cp.async (whole rows, 16 bytes per thread) in two groups: C, B, x, dy and S_in (the
-    // first products' operands), then dL/dS_out (needed after the next barrier but one); dy, when it is f32,
-    // is loaded meanwhile.
+    // first products' operands), then dL/dS_out (needed after the next barrier); dy, when it is f32, is loaded
+    // meanwhile.
     const long so = (((long)b * NC + c) * H + h) * (P * N);
-    cp_tile<MQ, N>(xbc + r0 * ROW + C_OFF + g * N, ROW, nq, cm, SN2);
-    cp_tile<MQ, N>(xbc + r0 * ROW + B_OFF + g * N, ROW, nq, bm, SN2);
-    cp_tile<MQ, P>(xbc + r0 * ROW + X_OFF + h * P, ROW, nq, xs, SP2);
-    if constexpr (sizeof(YT) == 2) cp_tile<MQ, P>(reinterpret_cast<const bf*>(dy) + (r0 * H + h) * P, (long)H * P, nq, dys, SP2);
-    cp_tile<P, N>(states + so, N, P, st, SN2);
+    cp_tile<MQ, N, NTH>(xbc + r0 * ROW + C_OFF + g * N, ROW, nq, cm, SN2);
+    cp_tile<MQ, N, NTH>(xbc + r0 * ROW + B_OFF + g * N, ROW, nq, bm, SN2);
+    cp_tile<MQ, P, NTH>(xbc + r0 * ROW + X_OFF + h * P, ROW, nq, xs, SP2);
+    if constexpr (sizeof(YT) == 2) cp_tile<MQ, P, NTH>(reinterpret_cast<const bf*>(dy) + (r0 * H + h) * P, (long)H * P, nq, dys, SP2);
+    cp_tile<P, N, NTH>(states + so, N, P, st, SN2);
     cp_commit();
-    cp_tile<P, N>(dstates + so, N, P, dsl, SN2);
+    cp_tile<P, N, NTH>(dstates + so, N, P, dsl, SN2);
     cp_commit();
-    if constexpr (sizeof(YT) != 2) load_tile<YT, MQ, P>(dy + (r0 * H + h) * P, (long)H * P, nq, nullptr, dys, SP2, nullptr, 0);
+    if constexpr (sizeof(YT) != 2) {
+        if (threadIdx.x < LT) load_tile<YT, MQ, P>(dy + (r0 * H + h) * P, (long)H * P, nq, nullptr, dys, SP2, nullptr, 0);
+    }
     cp_wait<1>();
     __syncthreads();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
-    const int i0 = warp * 16, ra = i0 + gq, rb = ra + 8;
-    const int jt_end = 2 * (warp + 1);
-    unsigned wf[MQ / 16][4]; // W of these rows as A fragments
+    const int rt = warp & 3, hf = warp >> 2, i0 = rt * 16, ra = i0 + gq, rb = ra + 8;
     {
-        float cb[MQ / 8][4], dyx[MQ / 8][4];
-        zero<MQ / 8>(cb);
-        zero<MQ / 8>(dyx);
-        strip_mma<MQ / 8, N, 2>(cb, cm, SN2, i0, bm, SN2, 0, jt_end);
-        strip_mma<MQ / 8, P, 2>(dyx, dys, SP2, i0, xs, SP2, 0, jt_end);
+        // C·Bᵀ and dy·xᵀ at this warp's rows and its n8 tiles jt = 2u + hf, u ≤ rt (the causal triangle).
+        float cb[MQ / 16][4], dyx[MQ / 16][4];
+        zero<MQ / 16>(cb);
+        zero<MQ / 16>(dyx);
+        strip_mma<MQ / 16, N, 2, false, 16>(cb, cm, SN2, i0, bm + hf * 8 * SN2, SN2, 0, rt + 1);
+        strip_mma<MQ / 16, P, 2, false, 16>(dyx, dys, SP2, i0, xs + hf * 8 * SP2, SP2, 0, rt + 1);
         // M = CB∘E∘dt and W = E∘dt∘(dy·x) over the causal triangle (E = exp(cs_i − cs_j)); the
         // diagonal terms of dcs and ddt.
         const float csa = cs[ra], csb = cs[rb];
         float rowa = 0.f, rowb = 0.f;
-        float wv[MQ / 8][4];
 #pragma unroll
-        for (int jt = 0; jt < MQ / 8; ++jt) {
+        for (int u = 0; u < MQ / 16; ++u) {
+            const int jt = 2 * u + hf;
             float colv[2] = {0.f, 0.f}, cold[2] = {0.f, 0.f}; // columns j = jt·8 + 2tq + {0, 1}
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 const int r = q < 2 ? ra : rb, j = jt * 8 + 2 * tq + (q & 1);
                 float m = 0.f, w = 0.f;
-                if (jt < jt_end && j <= r && r < nq) {
+                if (u <= rt && j <= r && r < nq) {
                     const float ex = __expf((q < 2 ? csa : csb) - cs[j]);
-                    m = cb[jt][q] * ex * dts[j];
-                    w = ex * dts[j] * dyx[jt][q];
-                    const float v = m * dyx[jt][q];
+                    m = cb[u][q] * ex * dts[j];
+                    w = ex * dts[j] * dyx[u][q];
+                    const float v = m * dyx[u][q];
                     if (q < 2) rowa += v; else rowb += v;
                     colv[q & 1] -= v;
-                    cold[q & 1] += cb[jt][q] * ex * dyx[jt][q];
+                    cold[q & 1] += cb[u][q] * ex * dyx[u][q];
                 }
-                wv[jt][q] = w;
-                if (jt < jt_end) {
+                if (u <= rt) {
                     mt[j * SK + r] = to_bf(m);
                     wt[j * SK + r] = to_bf(w);
                 }
             }
-            if (jt < jt_end) {
+            if (u <= rt) {
                 // Sum the columns over the warp's 16 rows (the 8 row groups), one atomic per column.
 #pragma unroll
                 for (int o = 4; o < 32; o <<= 1)
 #pragma unroll
-                    for (int u = 0; u < 2; ++u) {
-                        colv[u] += __shfl_xor_sync(0xffffffffu, colv[u], o);
-                        cold[u] += __shfl_xor_sync(0xffffffffu, cold[u], o);
+                    for (int v = 0; v < 2; ++v) {
+                        colv[v] += __shfl_xor_sync(0xffffffffu, colv[v], o);
+                        cold[v] += __shfl_xor_sync(0xffffffffu, cold[v], o);
                     }
                 if (gq == 0)
 #pragma unroll
-                    for (int u = 0; u < 2; ++u) {
-                        atomicAdd(&dcs[jt * 8 + 2 * tq + u], colv[u]);
-                        atomicAdd(&ddts[jt * 8 + 2 * tq + u], cold[u]);
+                    for (int v = 0; v < 2; ++v) {
+                        atomicAdd(&dcs[jt * 8 + 2 * tq + v], colv[v]);
+                        atomicAdd(&ddts[jt * 8 + 2 * tq + v], cold[v]);
                     }
             }
         }
@@ -1607,35 +1612,33 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc
             atomicAdd(&dcs[ra], rowa);
             atomicAdd(&dcs[rb], rowb);
         }
-#pragma unroll
-        for (int kt = 0; kt < MQ / 16; ++kt) {
-            wf[kt][0] = pack2(wv[2 * kt][0], wv[2 * kt][1]);
-            wf[kt][1] = pack2(wv[2 * kt][2], wv[2 * kt][3]);
-            wf[kt][2] = pack2(wv[2 * kt + 1][0], wv[2 * kt + 1][1]);
-            wf[kt][3] = pack2(wv[2 * kt + 1][2], wv[2 * kt + 1][3]);
-        }
     }
+    cp_wait<0>();    // dL/dS_out
+    __syncthreads(); // mt and wt complete
+    const int n0 = hf * (N / 2), p0 = hf * (P / 2);
     // dC_i = Σ_j W_ij B_j + exp(cs_i)·dy_i S_in; the second term's row dot with C_i is dcs_i's.
     {
-        float acc[N / 8][4], off[N / 8][4];
-        zero<N / 8>(acc);
-        zero<N / 8>(off);
+        float acc[NH][4], off[NH][4];
+        zero<NH>(acc);
+        zero<NH>(off);
 #pragma unroll
         for (int kt = 0; kt < MQ / 16; ++kt)
-            if (kt <= warp) {
+            if (kt <= rt) { // W_ij ≠ 0 for j ≤ i only
+                unsigned wf[4];
+                frag_a_t(wf, wt, SK, i0, kt * 16);
 #pragma unroll
-                for (int nt = 0; nt < N / 8; ++nt) {
+                for (int nt = 0; nt < NH; ++nt) {
                     unsigned bb[2];
-                    frag_b_t(bb, bm, SN2, nt * 8, kt * 16);
-                    mma16816(acc[nt], wf[kt], bb);
+                    frag_b_t(bb, bm + n0, SN2, nt * 8, kt * 16);
+                    mma16816(acc[nt], wf, bb);
                 }
             }
-        strip_mma<N / 8, P, 2, true>(off, dys, SP2, i0, st, SN2);
+        strip_mma<NH, P, 2, true>(off, dys, SP2, i0, st + n0, SN2);
         const float ea = __expf(cs[ra]), eb = __expf(cs[rb]);
         float rowa = 0.f, rowb = 0.f;
 #pragma unroll
-        for (int nt = 0; nt < N / 8; ++nt) {
-            const int n = nt * 8 + 2 * tq;
+        for (int nt = 0; nt < NH; ++nt) {
+            const int n = n0 + nt * 8 + 2 * tq;
             rowa += ea * (off[nt][0] * ld(cm, ra * SN2 + n) + off[nt][1] * ld(cm, ra * SN2 + n + 1));
             rowb += eb * (off[nt][2] * ld(cm, rb * SN2 + n) + off[nt][3] * ld(cm, rb * SN2 + n + 1));
             if (ra < nq) bc_grad(dxbc, part, r0 + ra, ROW, C_OFF + g * N + n, H, h, N + n, acc[nt][0] + ea * off[nt][0], acc[nt][1] + ea * off[nt][1]);
@@ -1648,22 +1651,20 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc
             atomicAdd(&dcs[rb], rowb);
         }
     }
-    cp_wait<0>();    // dL/dS_out
-    __syncthreads(); // mt and wt complete
     // Rows j of this warp: ja, jb; sc = exp(cs_last − cs_j)·dt_j scales the state terms.
     const int ja = ra, jb = rb;
     const float sca = wl[ja] * dts[ja], scb = wl[jb] * dts[jb];
     // dB_j = Σ_i W_ij C_i + sc_j·x_j dSL; the second term's row dot with B_j gives us_j (without dt_j).
     {
-        float acc[N / 8][4], sx[N / 8][4];
-        zero<N / 8>(acc);
-        zero<N / 8>(sx);
-        strip_mma<N / 8, MQ, MQ / 16, true>(acc, wt, SK, i0, cm, SN2, warp); // W_ij ≠ 0 for i ≥ j only
-        strip_mma<N / 8, P, 2, true>(sx, xs, SP2, i0, dsl, SN2);
+        float acc[NH][4], sx[NH][4];
+        zero<NH>(acc);
+        zero<NH>(sx);
+        strip_mma<NH, MQ, MQ / 16, true>(acc, wt, SK, i0, cm + n0, SN2, rt); // W_ij ≠ 0 for i ≥ j only
+        strip_mma<NH, P, 2, true>(sx, xs, SP2, i0, dsl + n0, SN2);
         float rowa = 0.f, rowb = 0.f;
 #pragma unroll
-        for (int nt = 0; nt < N / 8; ++nt) {
-            const int n = nt * 8 + 2 * tq;
+        for (int nt = 0; nt < NH; ++nt) {
+            const int n = n0 + nt * 8 + 2 * tq;
             rowa += wl[ja] * (sx[nt][0] * ld(bm, ja * SN2 + n) + sx[nt][1] * ld(bm, ja * SN2 + n + 1));
             rowb += wl[jb] * (sx[nt][2] * ld(bm, jb * SN2 + n) + sx[nt][3] * ld(bm, jb * SN2 + n + 1));
             if (ja < nq) bc_grad(dxbc, part, r0 + ja, ROW, B_OFF + g * N + n, H, h, n, acc[nt][0] + sca * sx[nt][0], acc[nt][1] + sca * sx[nt][1]);
@@ -1671,21 +1672,21 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_bwd_mma(const T* xbc
         }
         rowa = quad_sum(rowa);
         rowb = quad_sum(rowb);
-        if (tq == 0) {
-            us[ja] += rowa; // this warp alone owns rows ja, jb
-            us[jb] += rowb;
+        if (tq == 0) { // the two halves' columns
+            atomicAdd(&us[ja], rowa);
+            atomicAdd(&us[jb], rowb);
         }
     }
     // dx_j = Σ_i M_ij dy_i + sc_j·dSL B_j.
     {
-        float acc[P / 8][4], sx[P / 8][4];
-        zero<P / 8>(acc);
-        zero<P / 8>(sx);
-        strip_mma<P / 8, MQ, MQ / 16, true>(acc, mt, SK, i0, dys, SP2, warp); // M_ij ≠ 0 for i ≥ j only
-        strip_mma<P / 8, N, 2>(sx, bm, SN2, i0, dsl, SN2);
+        float acc[PH][4], sx[PH][4];
+        zero<PH>(acc);
+        zero<PH>(sx);
+        strip_mma<PH, MQ, MQ / 16, true>(acc, mt, SK, i0, dys + p0, SP2, rt); // M_ij ≠ 0 for i ≥ j only
+        strip_mma<PH, N, 2>(sx, bm, SN2, i0, dsl + p0 * SN2, SN2);
 #pragma unroll
-        for (int pt = 0; pt < P / 8; ++pt) {
-            const int p = pt * 8 + 2 * tq;
+        for (int pt = 0; pt < PH; ++pt) {
+            const int p = p0 + pt * 8 + 2 * tq;
             const float d0 = D[h * P + p], d1 = D[h * P + p + 1];
             // The skip y += D·x, with dy in f32 from memory (rows past the chunk's end read as zero).
             const float2 dya = ja < nq ? ld2f(dy, ((r0 + ja) * H + h) * P + p) : make_float2(0.f, 0.f);

@@ -210,6 +210,8 @@ struct Kernels {
     dstate: &'static str,
     bwd: &'static str,
     threads: u32,
+    /// threads per block of bwd
+    bwd_threads: u32,
     smem: [usize; 4],
     /// heads per block of state, scan and dstate (the tensor-core kernels take it as their last argument)
     hb: usize,
@@ -244,9 +246,9 @@ impl SsdCuda {
         let XbcLayout { head_dim: p, d_state: n, .. } = self.lay;
         if self.mma {
             let hb = heads_per_block(self.lay.heads / self.lay.groups);
-            Kernels { state: "ssd_chunk_state_mma", scan: "ssd_chunk_scan_mma", dstate: "ssd_chunk_dstate_mma", bwd: "ssd_chunk_bwd_mma", threads: 128, smem: smem_mma(p, n, hb), hb }
+            Kernels { state: "ssd_chunk_state_mma", scan: "ssd_chunk_scan_mma", dstate: "ssd_chunk_dstate_mma", bwd: "ssd_chunk_bwd_mma", threads: 128, bwd_threads: 256, smem: smem_mma(p, n, hb), hb }
         } else {
-            Kernels { state: "ssd_chunk_state", scan: "ssd_chunk_scan", dstate: "ssd_chunk_dstate", bwd: "ssd_chunk_bwd", threads: NT, smem: smem(self.q, p, n), hb: 1 }
+            Kernels { state: "ssd_chunk_state", scan: "ssd_chunk_scan", dstate: "ssd_chunk_dstate", bwd: "ssd_chunk_bwd", threads: NT, bwd_threads: NT, smem: smem(self.q, p, n), hb: 1 }
         }
     }
 
@@ -455,7 +457,9 @@ impl SsdCuda {
             args.push(Arg::Ptr(g.part.unwrap_or(0)));
         }
         args.extend([Arg::Ptr(g.dskip), Arg::Ptr(g.dd_part.unwrap_or(g.dd))]);
-        launch(stream, &function(m, k.bwd, k.smem[3])?, grid, k.threads, k.smem[3], &args)?;
+        // The tensor-core kernel's grid is (H, NC, Bt): a chunk's heads side by side.
+        let grid = if self.mma { (grid.1, grid.0, grid.2) } else { grid };
+        launch(stream, &function(m, k.bwd, k.smem[3])?, grid, k.bwd_threads, k.smem[3], &args)?;
         if let Some(dp) = g.dd_part {
             launch(stream, &function(m, "ssd_reduce_dd", 0)?, ((h * p).div_ceil(32) as u32, 1, 1), 1024, 0, &[
                 Arg::Ptr(dp), Arg::Ptr(g.dd), Arg::I32((z.b * z.nc) as i32), Arg::I32((h * p) as i32),
