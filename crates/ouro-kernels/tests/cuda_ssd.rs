@@ -262,6 +262,28 @@ fn every_heads_per_block_matches_the_cpu() {
 }
 
 #[test]
+fn chunk_bwd_every_heads_per_block_and_buffers_match_the_cpu() {
+    // chunk_bwd_mma over 1, 2, 4 or 8 heads of a group per block (B/C gradients summed in the block: into
+    // partials per block, or, with all of a group's heads, straight into dxbc), with the next head's tiles
+    // loaded during a head (two buffers) or not (one): the general op (f32 partials or atomics) and the y-only
+    // op (bf16 partials or stores), partial chunks and a single partial chunk included.
+    let Some(_) = cuda() else { return };
+    let _env = ENV_LOCK.write().unwrap_or_else(|e| e.into_inner());
+    for nb in ["2", "1"] {
+        std::env::set_var("OURO_SSD_BWD_BUFFERS", nb);
+        for hb in ["1", "2", "4", "8"] {
+            std::env::set_var("OURO_SSD_BWD_HEADS", hb);
+            eprintln!("chunk_bwd: {nb} buffers, {hb} heads per block");
+            check_inner(Case { b: 2, l: 200, h: 8, p: 64, g: 2, n: 64, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: true, with_d: true }, DType::BF16, 1e-2);
+            check_y_inner(Case { b: 1, l: 150, h: 16, p: 32, g: 2, n: 128, dt_limit: (0.001, 0.1), init: false, d_per_channel: false, with_d: true }, true);
+            check_y_inner(Case { b: 3, l: 37, h: 8, p: 64, g: 1, n: 64, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true }, true);
+        }
+    }
+    std::env::remove_var("OURO_SSD_BWD_BUFFERS");
+    std::env::remove_var("OURO_SSD_BWD_HEADS");
+}
+
+#[test]
 fn state_pass_every_tile_matches_the_cpu() {
     // ssd_state_pass_mma / ssd_dstate_pass_mma (chunk_state and the state passing in one walk over the chunks,
     // chunk_dstate and the state passing backward in one walk back) at each channel slice and thread count,

@@ -88,17 +88,26 @@ fn scan_walk_smem(pt: usize, n: usize) -> usize {
 }
 
 /// Shared-memory bytes of (chunk_state_mma, chunk_scan_mma, chunk_dstate_mma, chunk_bwd_mma) with `hb`
-/// heads per block in the first three: f32 vectors and bf16 tiles with rows padded by 8 (x double-buffered;
-/// S_in too in chunk_bwd).
+/// heads per block in the first three: f32 vectors and bf16 tiles with rows padded by 8 (x double-buffered);
+/// chunk_bwd_mma's least (one head buffer).
 fn smem_mma(p: usize, n: usize, hb: usize) -> [usize; 4] {
     let q = MMA_CHUNK;
-    let (sk, sn, sp) = (q + 8, n + 8, p + 8);
+    let (sn, sp) = (n + 8, p + 8);
     [
         8 * q * hb + 2 * (q * sn + 2 * q * sp),
         8 * q * hb + 2 * (q * sn + q.max(p) * sn + 2 * q * sp), // B's tile holds S_in once C·Bᵀ is done
         8 * q * hb + 2 * (q * sn + 2 * q * sp),
-        24 * q + 4 * p + 2 * (2 * q * sn + 2 * p * sn + 2 * q * sp + 2 * q * sk),
+        bwd_smem(p, n, 1),
     ]
+}
+
+/// Shared-memory bytes of chunk_bwd_mma with `nb` buffers of a head's tiles: per buffer the head's vectors (6
+/// chunk-long and dD's p), S_in and dL/dS_out (p × (n + 8) bf16 each), x and dy (chunk × (p + 8)); once B and C
+/// (chunk × (n + 8)), M and W (chunk × (chunk + 8)).
+fn bwd_smem(p: usize, n: usize, nb: usize) -> usize {
+    let q = MMA_CHUNK;
+    let (sk, sn, sp) = (q + 8, n + 8, p + 8);
+    nb * ((6 * q + p) * 4 + 2 * (2 * p * sn + 2 * q * sp)) + 2 * (2 * q * sn + 2 * q * sk)
 }
 
 /// Whether bf16 storage of these sizes runs on the tensor-core kernels (chunk 64) on a device with
@@ -210,8 +219,6 @@ struct Kernels {
     dstate: &'static str,
     bwd: &'static str,
     threads: u32,
-    /// threads per block of bwd
-    bwd_threads: u32,
     smem: [usize; 4],
     /// heads per block of state, scan and dstate (the tensor-core kernels take it as their last argument)
     hb: usize,
@@ -246,9 +253,9 @@ impl SsdCuda {
         let XbcLayout { head_dim: p, d_state: n, .. } = self.lay;
         if self.mma {
             let hb = heads_per_block(self.lay.heads / self.lay.groups);
-            Kernels { state: "ssd_chunk_state_mma", scan: "ssd_chunk_scan_mma", dstate: "ssd_chunk_dstate_mma", bwd: "ssd_chunk_bwd_mma", threads: 128, bwd_threads: 256, smem: smem_mma(p, n, hb), hb }
+            Kernels { state: "ssd_chunk_state_mma", scan: "ssd_chunk_scan_mma", dstate: "ssd_chunk_dstate_mma", bwd: "ssd_chunk_bwd_mma", threads: 128, smem: smem_mma(p, n, hb), hb }
         } else {
-            Kernels { state: "ssd_chunk_state", scan: "ssd_chunk_scan", dstate: "ssd_chunk_dstate", bwd: "ssd_chunk_bwd", threads: NT, bwd_threads: NT, smem: smem(self.q, p, n), hb: 1 }
+            Kernels { state: "ssd_chunk_state", scan: "ssd_chunk_scan", dstate: "ssd_chunk_dstate", bwd: "ssd_chunk_bwd", threads: NT, smem: smem(self.q, p, n), hb: 1 }
         }
     }
 
@@ -403,12 +410,42 @@ impl SsdCuda {
         launch(stream, &function(m, k.scan, k.smem[1])?, grid, k.threads, k.smem[1], &args)
     }
 
+    /// Heads per block and head buffers of chunk_bwd_mma (2: the next head's tiles load while one computes; 1
+    /// where two would not leave two blocks per multiprocessor). The heads per block divide the heads per group:
+    /// by default the most that still make at least two blocks per multiprocessor in all (all of a group's where
+    /// they do: no partials to sum). `OURO_SSD_BWD_HEADS` forces a divisor, `OURO_SSD_BWD_BUFFERS=1` one buffer.
+    fn bwd_heads(&self, stream: &Stream, z: &Sizes) -> Result<(usize, usize)> {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
+        let XbcLayout { heads: h, head_dim: p, groups, d_state: n, .. } = self.lay;
+        if !self.mma {
+            return Ok((1, 1));
+        }
+        // Two buffers where two blocks still fit a multiprocessor (1 KB of each block's shared memory is the
+        // system's): measured, two blocks of one buffer beat one block of two (chunk_bwd 1.12 vs 1.29 ms at
+        // 4×8192×32×64×128), and two blocks of two beat two of one (1.38 vs 1.46 ms at 2×32768×32×64×64).
+        let per_sm = super::device_attribute(stream, A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)?;
+        let one = std::env::var("OURO_SSD_BWD_BUFFERS").is_ok_and(|v| v == "1");
+        let nb = if !one && 2 * (bwd_smem(p, n, 2) + 1024) <= per_sm { 2 } else { 1 };
+        let hpg = h / groups;
+        let forced = std::env::var("OURO_SSD_BWD_HEADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&k| k > 0 && hpg % k == 0);
+        let hb = match forced {
+            Some(k) => k,
+            None => {
+                let sms = super::device_attribute(stream, A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+                (1..=hpg).rev().find(|&k| hpg % k == 0 && z.b * z.nc * (h / k) >= 2 * sms).unwrap_or(1)
+            }
+        };
+        Ok((hb, nb))
+    }
+
     /// The backward from the passed states on: chunk_dstate, state_passing_bwd (dL/dS_out of every chunk, in
     /// place in `dstates` or, given `dpassed`, there in bf16), chunk_bwd, then the sums of the per-chunk dD
     /// partials (`dd_part`, tensor-core kernels; the f32 ones add into `dd`) and of the per-head B/C
-    /// partials (`part`). Given `walk` ([`Self::state_pass_kernel`]'s choice), with `dpassed` and neither dsf nor
-    /// ds0, chunk_dstate and state_passing_bwd in one walk back instead.
-    fn launch_bwd(&self, m: &Module, stream: &Stream, z: &Sizes, g: &BwdPtrs, walk: Option<(usize, u32)>) -> Result<()> {
+    /// partials (`part`: the tensor-core kernel's B/C gradients, one slot per block of `heads.0` heads, where a
+    /// group spans blocks; `heads` is [`Self::bwd_heads`]'s choice). Given `walk` ([`Self::state_pass_kernel`]'s
+    /// choice), with `dpassed` and neither dsf nor ds0, chunk_dstate and state_passing_bwd in one walk back instead.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_bwd(&self, m: &Module, stream: &Stream, z: &Sizes, g: &BwdPtrs, walk: Option<(usize, u32)>, heads: (usize, usize)) -> Result<()> {
         let k = self.kernels();
         let XbcLayout { heads: h, head_dim: p, groups, b_off, c_off, .. } = self.lay;
         let (grid, pass_grid) = self.grids(z);
@@ -453,22 +490,32 @@ impl SsdCuda {
             &[Arg::I32(b_off as i32), Arg::I32(c_off as i32), nci],
         ]
         .concat();
+        // The tensor-core kernel: `hb` heads per block, their B/C gradients summed in the block (partials only
+        // when a group's heads span blocks).
+        let (hb, nb) = heads;
+        let part = g.part.filter(|_| hb < h / groups);
         if self.mma {
-            args.push(Arg::Ptr(g.part.unwrap_or(0)));
+            args.push(Arg::Ptr(part.unwrap_or(0)));
         }
         args.extend([Arg::Ptr(g.dskip), Arg::Ptr(g.dd_part.unwrap_or(g.dd))]);
-        // The tensor-core kernel's grid is (H, NC, Bt): a chunk's heads side by side.
-        let grid = if self.mma { (grid.1, grid.0, grid.2) } else { grid };
-        launch(stream, &function(m, k.bwd, k.smem[3])?, grid, k.bwd_threads, k.smem[3], &args)?;
+        if self.mma {
+            args.push(Arg::I32(hb as i32));
+            let smem = bwd_smem(p, self.lay.d_state, nb);
+            let name = if nb == 2 { "ssd_chunk_bwd_mma" } else { "ssd_chunk_bwd_mma1" };
+            launch(stream, &super::function_prefer_shared(m, name, smem)?, ((h / hb) as u32, z.nc as u32, z.b as u32), 256, smem, &args)?;
+        } else {
+            launch(stream, &function(m, k.bwd, k.smem[3])?, grid, k.threads, k.smem[3], &args)?;
+        }
         if let Some(dp) = g.dd_part {
             launch(stream, &function(m, "ssd_reduce_dd", 0)?, ((h * p).div_ceil(32) as u32, 1, 1), 1024, 0, &[
                 Arg::Ptr(dp), Arg::Ptr(g.dd), Arg::I32((z.b * z.nc) as i32), Arg::I32((h * p) as i32),
             ])?;
         }
-        if let Some(part) = g.part {
+        if let Some(part) = part {
             let blocks = ((z.b * z.l * groups * 2 * self.lay.d_state).div_ceil(256)).min(65535) as u32;
             launch(stream, &function(m, "ssd_reduce_heads", 0)?, (blocks, 1, 1), 256, 0, &[
-                Arg::Ptr(part), Arg::Ptr(g.dx), Arg::I64((z.b * z.l) as i64), hi, hpg, Arg::I32(z.row as i32), Arg::I32(b_off as i32), Arg::I32(c_off as i32),
+                Arg::Ptr(part), Arg::Ptr(g.dx), Arg::I64((z.b * z.l) as i64), Arg::I32((h / hb) as i32), Arg::I32((h / groups / hb) as i32), Arg::I32(z.row as i32),
+                Arg::I32(b_off as i32), Arg::I32(c_off as i32),
             ])?;
         }
         Ok(())
@@ -592,15 +639,18 @@ impl CustomOp3 for SsdCudaBwd {
         let passed_bf16 = f.mma.then(|| alloc_bf16(&dev, nst, false)).transpose()?;
         let dpassed_bf16 = f.mma.then(|| alloc_bf16(&dev, nst, false)).transpose()?;
         let passed = f.launch_states(&m, &stream, &z, [xbc, dt, la], s0, 0, pst, pcs, passed_bf16.as_ref().map(|v| v.1), None)?;
-        // Tensor-core path: B and C gradients per head into partials, then summed per group (plain
-        // stores instead of atomics contended by every head of a group; OURO_SSD_ATOMICS=1 for atomics).
-        let part = (f.mma && std::env::var_os("OURO_SSD_ATOMICS").is_none()).then(|| alloc_f32(&dev, z.b * z.l * h * 2 * n, false)).transpose()?;
+        // Tensor-core path: B and C gradients summed over each block's heads, into partials (one per block) summed
+        // per group where a group's heads span blocks (plain stores instead of atomics contended by the blocks of
+        // a group; OURO_SSD_ATOMICS=1 for atomics), else added straight into dxbc.
+        let heads = f.bwd_heads(&stream, &z)?;
+        let slots = h / heads.0;
+        let part = (f.mma && slots > f.lay.groups && std::env::var_os("OURO_SSD_ATOMICS").is_none()).then(|| alloc_f32(&dev, z.b * z.l * slots * 2 * n, false)).transpose()?;
         // The tensor-core kernel writes dD per chunk (reduced after it); the f32 one adds into pdd.
         let dd_part = f.mma.then(|| alloc_f32(&dev, z.b * z.nc * h * p, false)).transpose()?;
         f.launch_bwd(&m, &stream, &z, &BwdPtrs {
             xbc, dt, la, dy, passed, csum: pcs, dsf, ds0: pds0, dstates: pdst, dpassed: dpassed_bf16.as_ref().map(|v| v.1), dcsum: pdcs, dx: pdx, ddt: pddt, dla: pdla,
             part: part.as_ref().map(|v| v.1), dskip, dd: pdd, dd_part: dd_part.as_ref().map(|v| v.1),
-        }, None)?;
+        }, None, heads)?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(total)))
     }
 }
@@ -790,13 +840,15 @@ impl CustomOp3 for SsdYCudaBwd {
         let (_dpassed, pdpass) = alloc_bf16(&dev, nst, false)?;
         let (_dprep, pddtp) = alloc_f32(&dev, 2 * blh, false)?;
         let pdla = pddtp + 4 * blh as u64;
-        let (_part, ppart) = alloc_bf16(&dev, z.b * z.l * h * 2 * n, false)?;
+        let heads = f.bwd_heads(&stream, &z)?;
+        let slots = h / heads.0;
+        let part = (slots > groups).then(|| alloc_bf16(&dev, z.b * z.l * slots * 2 * n, false)).transpose()?;
         let (_ddp, pddp) = alloc_f32(&dev, z.b * z.nc * h * p, false)?;
         let passed = f.launch_states(&m, &stream, &z, [xbc, dtp, la], 0, 0, pst, pcs, Some(ppass), walk)?;
         f.launch_bwd(&m, &stream, &z, &BwdPtrs {
             xbc, dt: dtp, la, dy, passed, csum: pcs, dsf: 0, ds0: 0, dstates: pdst, dpassed: Some(pdpass), dcsum: pdcs, dx: pdx, ddt: pddtp, dla: pdla,
-            part: Some(ppart), dskip, dd: pdd, dd_part: Some(pddp),
-        }, walk)?;
+            part: part.as_ref().map(|v| v.1), dskip, dd: pdd, dd_part: Some(pddp),
+        }, walk, heads)?;
         let hi = Arg::I32(h as i32);
         launch(&stream, &function(&m, "ssd_prep_dt_bwd", 0)?, (blh.div_ceil(256).min(1024) as u32, 1, 1), 256, 8 * h, &[
             Arg::Ptr(dt), Arg::Ptr(pa), Arg::Ptr(pbias), Arg::Ptr(pddtp), Arg::Ptr(pdla), Arg::Ptr(pddt), Arg::Ptr(pda), Arg::Ptr(pdbias),
