@@ -950,17 +950,24 @@ __device__ __forceinline__ void cp_rows(const bf* g, long rs, int nr, bf* s, int
 // The weights of one chunk for this lane's A fragments: w[4kt + q] = w_j at rows j = 16kt + 2tq + (0, 1, 8, 9)[q];
 // forward w_j = exp(cs_last − cs_j)·dt_j, backward exp(cs_j), from the chunk's la and dt at lav (MQ each);
 // cs_last to `last`, and the cumulative sums cs_j (× cs_scale) to `cs` when given.
-template <bool BWD>
-__device__ __forceinline__ void chunk_weights(const float* lav, float* w, float& last, float* cs = nullptr, float cs_scale = 1.f) {
-    const int lane = threadIdx.x & 31, tq = lane & 3;
-    const float2 l2 = *reinterpret_cast<const float2*>(lav + 2 * lane);
-    float run = l2.x + l2.y; // rows 2·lane and 2·lane + 1 in this lane
+// The cumulative sums of a chunk's 64 values by one warp, two per lane (rows 2·lane and 2·lane + 1: l0, l1): returns
+// the sum through row 2·lane + 1 (through row 2·lane is that − l1), and the chunk's total in `last`.
+__device__ __forceinline__ float warp_cumsum2(float l0, float l1, float& last) {
+    const int lane = threadIdx.x & 31;
+    float run = l0 + l1;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
         const float u = __shfl_up_sync(0xffffffffu, run, o);
         if (lane >= o) run += u;
     }
     last = __shfl_sync(0xffffffffu, run, 31);
+    return run;
+}
+template <bool BWD>
+__device__ __forceinline__ void chunk_weights(const float* lav, float* w, float& last, float* cs = nullptr, float cs_scale = 1.f) {
+    const int lane = threadIdx.x & 31, tq = lane & 3;
+    const float2 l2 = *reinterpret_cast<const float2*>(lav + 2 * lane);
+    const float run = warp_cumsum2(l2.x, l2.y, last); // rows 2·lane and 2·lane + 1 in this lane
     if (cs) *reinterpret_cast<float2*>(cs + 2 * lane) = make_float2(cs_scale * (run - l2.y), cs_scale * run);
     float w0, w1;
     if constexpr (BWD) {
@@ -1505,13 +1512,8 @@ struct BwdSlot {
         const int lane = threadIdx.x & 31, j0 = 2 * lane, j1 = j0 + 1;
         const float l0 = j0 < nq ? la[base + (long)j0 * H] : 0.f, l1 = j1 < nq ? la[base + (long)j1 * H] : 0.f;
         const float d0 = j0 < nq ? dt[base + (long)j0 * H] : 0.f, d1 = j1 < nq ? dt[base + (long)j1 * H] : 0.f;
-        float run = l0 + l1;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const float t = __shfl_up_sync(0xffffffffu, run, o);
-            if (lane >= o) run += t;
-        }
-        const float last = __shfl_sync(0xffffffffu, run, 31), c0 = run - l1;
+        float last;
+        const float run = warp_cumsum2(l0, l1, last), c0 = run - l1;
         cs[j0] = c0;
         cs[j1] = run;
         dts[j0] = d0;
