@@ -226,6 +226,23 @@ fn check_y_inner(c: Case, with_bias: bool) {
     }
 }
 
+/// Runs `check` once per setting of the kernel-choice variables `vars` (a value for each), holding ENV_LOCK for
+/// writing so that no other check sees them, then clears them. Nothing without a GPU.
+fn for_each_setting<const V: usize>(vars: [&str; V], settings: &[[&str; V]], check: impl Fn()) {
+    let Some(_) = cuda() else { return };
+    let _env = ENV_LOCK.write().unwrap_or_else(|e| e.into_inner());
+    for values in settings {
+        for (var, value) in vars.iter().zip(values) {
+            std::env::set_var(var, value);
+        }
+        eprintln!("{}", vars.iter().zip(values).map(|(var, value)| format!("{var}={value}")).collect::<Vec<_>>().join(" "));
+        check();
+    }
+    for var in vars {
+        std::env::remove_var(var);
+    }
+}
+
 #[test]
 fn y_only_op_mamba2_sizes_dt_limit() {
     // The training op (dt preparation inside, y / dy / dxbc in bf16) against the CPU's ssd_xbc.
@@ -250,15 +267,10 @@ fn every_heads_per_block_matches_the_cpu() {
     // x and S_in double-buffered by cp.async): the same numbers with each, a partial chunk included. At 8 heads,
     // p = 32, chunk_scan_mma asks for exactly 48 KB of dynamic shared memory, which a kernel with static shared
     // memory may use only once allowed explicitly (it failed to launch before the kernel cache did that).
-    let Some(_) = cuda() else { return };
-    let _env = ENV_LOCK.write().unwrap_or_else(|e| e.into_inner());
-    for hb in ["1", "2", "4", "8"] {
-        std::env::set_var("OURO_SSD_HEADS_PER_BLOCK", hb);
-        eprintln!("heads per block {hb}");
+    for_each_setting(["OURO_SSD_HEADS_PER_BLOCK"], &[["1"], ["2"], ["4"], ["8"]], || {
         check_inner(Case { b: 2, l: 200, h: 8, p: 64, g: 1, n: 64, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: true, with_d: true }, DType::BF16, 1e-2);
         check_y_inner(Case { b: 1, l: 150, h: 16, p: 32, g: 2, n: 128, dt_limit: (0.001, 0.1), init: false, d_per_channel: false, with_d: true }, true);
-    }
-    std::env::remove_var("OURO_SSD_HEADS_PER_BLOCK");
+    });
 }
 
 #[test]
@@ -267,20 +279,12 @@ fn chunk_bwd_every_heads_per_block_and_buffers_match_the_cpu() {
     // partials per block, or, with all of a group's heads, straight into dxbc), with the next head's tiles
     // loaded during a head (two buffers) or not (one): the general op (f32 partials or atomics) and the y-only
     // op (bf16 partials or stores), partial chunks and a single partial chunk included.
-    let Some(_) = cuda() else { return };
-    let _env = ENV_LOCK.write().unwrap_or_else(|e| e.into_inner());
-    for nb in ["2", "1"] {
-        std::env::set_var("OURO_SSD_BWD_BUFFERS", nb);
-        for hb in ["1", "2", "4", "8"] {
-            std::env::set_var("OURO_SSD_BWD_HEADS", hb);
-            eprintln!("chunk_bwd: {nb} buffers, {hb} heads per block");
-            check_inner(Case { b: 2, l: 200, h: 8, p: 64, g: 2, n: 64, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: true, with_d: true }, DType::BF16, 1e-2);
-            check_y_inner(Case { b: 1, l: 150, h: 16, p: 32, g: 2, n: 128, dt_limit: (0.001, 0.1), init: false, d_per_channel: false, with_d: true }, true);
-            check_y_inner(Case { b: 3, l: 37, h: 8, p: 64, g: 1, n: 64, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true }, true);
-        }
-    }
-    std::env::remove_var("OURO_SSD_BWD_BUFFERS");
-    std::env::remove_var("OURO_SSD_BWD_HEADS");
+    let settings = [["2", "1"], ["2", "2"], ["2", "4"], ["2", "8"], ["1", "1"], ["1", "2"], ["1", "4"], ["1", "8"]];
+    for_each_setting(["OURO_SSD_BWD_BUFFERS", "OURO_SSD_BWD_HEADS"], &settings, || {
+        check_inner(Case { b: 2, l: 200, h: 8, p: 64, g: 2, n: 64, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: true, with_d: true }, DType::BF16, 1e-2);
+        check_y_inner(Case { b: 1, l: 150, h: 16, p: 32, g: 2, n: 128, dt_limit: (0.001, 0.1), init: false, d_per_channel: false, with_d: true }, true);
+        check_y_inner(Case { b: 3, l: 37, h: 8, p: 64, g: 1, n: 64, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true }, true);
+    });
 }
 
 #[test]
@@ -292,36 +296,24 @@ fn state_pass_every_tile_matches_the_cpu() {
     // with the clamp dt_bias's gradient is a sum over the few unclamped steps, too ill-conditioned for the
     // 1e-2 tolerance (l450 below: the walk's dL/dcs_last per chunk differs from the separate kernels' by
     // 0.3–3% where ⟨dL/dS_out, S_in⟩ cancels, bf16-rounding noise, and d dt_bias then by 2%).
-    let Some(_) = cuda() else { return };
-    let _env = ENV_LOCK.write().unwrap_or_else(|e| e.into_inner());
-    for (tile, threads) in [("0", "256"), ("16", "256"), ("32", "256"), ("64", "256"), ("32", "512"), ("64", "512")] {
-        std::env::set_var("OURO_SSD_STATE_TILE", tile);
-        std::env::set_var("OURO_SSD_STATE_THREADS", threads);
-        eprintln!("state tile {tile}, {threads} threads");
+    let settings = [["0", "256"], ["16", "256"], ["32", "256"], ["64", "256"], ["32", "512"], ["64", "512"]];
+    for_each_setting(["OURO_SSD_STATE_TILE", "OURO_SSD_STATE_THREADS"], &settings, || {
         check_y_inner(Case { b: 2, l: 700, h: 4, p: 64, g: 2, n: 64, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: true, with_d: true }, true);
         check_y_inner(Case { b: 1, l: 450, h: 2, p: 64, g: 1, n: 128, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true }, true);
-    }
-    std::env::remove_var("OURO_SSD_STATE_TILE");
-    std::env::remove_var("OURO_SSD_STATE_THREADS");
+    });
 }
-
 
 #[test]
 fn scan_walk_every_tile_matches_the_cpu() {
     // ssd_scan_walk_mma (the y-only op's whole forward in one walk over the chunks, after ssd_chunk_cb_mma) at
     // each channel slice, and off (0): more chunks than its copy stages, a partial last chunk, a single partial
-    // chunk, two groups, head dims 64 and 32, d_state 32, 64 and 128, the dt clamp. (A slice the sizes do not allow falls back to the
-    // separate kernels.) The backward is the usual one.
-    let Some(_) = cuda() else { return };
-    let _env = ENV_LOCK.write().unwrap_or_else(|e| e.into_inner());
-    for tile in ["0", "16", "32", "64"] {
-        std::env::set_var("OURO_SSD_SCAN_WALK", tile);
-        eprintln!("scan walk slice {tile}");
+    // chunk, two groups, head dims 64 and 32, d_state 32, 64 and 128, the dt clamp. (A slice the sizes do not
+    // allow falls back to the separate kernels.) The backward is the usual one.
+    for_each_setting(["OURO_SSD_SCAN_WALK"], &[["0"], ["16"], ["32"], ["64"]], || {
         check_y_inner(Case { b: 2, l: 700, h: 4, p: 64, g: 2, n: 64, dt_limit: (0.001, 0.1), init: false, d_per_channel: true, with_d: true }, true);
         check_y_inner(Case { b: 1, l: 450, h: 2, p: 64, g: 1, n: 128, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true }, true);
         check_y_inner(Case { b: 2, l: 200, h: 4, p: 32, g: 1, n: 32, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: false }, false);
         // One partial chunk: the walk's copies and weights one chunk ahead find nothing to copy.
         check_y_inner(Case { b: 3, l: 37, h: 2, p: 64, g: 1, n: 64, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true }, true);
-    }
-    std::env::remove_var("OURO_SSD_SCAN_WALK");
+    });
 }
