@@ -317,3 +317,19 @@ fn scan_walk_every_tile_matches_the_cpu() {
         check_y_inner(Case { b: 3, l: 37, h: 2, p: 64, g: 1, n: 64, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true }, true);
     });
 }
+
+#[test]
+fn scan_walk_segments_match_the_cpu() {
+    // The scan walk with each sequence's chunks split into segments, each walked from a zero state, then
+    // ssd_walk_fixup adding the states entering them: l 700 is 11 chunks (2 segments: 6 + 5; 3: 4 + 4 + 3; 4:
+    // 3 + 3 + 3 + 2; 11: one chunk each, the fix-up's chains of states longest), l 450 eight and a partial
+    // chunk, l 37 a single partial chunk (one segment whatever is asked), l 1500 24 chunks (2 segments of 12:
+    // the fix-up's blocks take 8 chunks, then 4); slices 64 and 32, two groups.
+    let settings = [["64", "1"], ["64", "2"], ["64", "3"], ["32", "4"], ["64", "11"]];
+    for_each_setting(["OURO_SSD_SCAN_WALK", "OURO_SSD_WALK_SEGMENTS"], &settings, || {
+        check_y_inner(Case { b: 2, l: 700, h: 4, p: 64, g: 2, n: 64, dt_limit: (0.001, 0.1), init: false, d_per_channel: true, with_d: true }, true);
+        check_y_inner(Case { b: 1, l: 450, h: 2, p: 64, g: 1, n: 128, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true }, true);
+        check_y_inner(Case { b: 3, l: 37, h: 2, p: 64, g: 1, n: 64, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true }, true);
+        check_y_inner(Case { b: 1, l: 1500, h: 2, p: 64, g: 1, n: 64, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true }, true);
+    });
+}

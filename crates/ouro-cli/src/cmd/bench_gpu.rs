@@ -126,6 +126,9 @@ struct Row {
     /// which prefill with a state uses
     fwd_kernels_ms: f64,
     fwd_bwd_ms: f64,
+    /// of fwd_bwd_ms, candle's accumulation of the two large gradients (y's and xBC's), timed alone: for each
+    /// a zeros tensor and an add, as candle's backprop does for the first gradient that reaches a node
+    fwd_bwd_accum_ms: f64,
     /// forward and forward+backward by the host's clock around the call and a synchronize (the measure
     /// before the do_bench-like one)
     fwd_wall_ms: f64,
@@ -301,6 +304,13 @@ pub fn ssd_gpu(a: SsdGpuArgs) -> Result<()> {
         };
         let fb_s = time(&mut fb)?;
         let fb_wall_s = wall(&mut fb)?;
+        // What candle's backprop adds around the op's kernels for the two large gradients: `GradStore::or_insert`
+        // makes a zeros tensor for a node's gradient and the backward adds the op's gradient to it.
+        let accum_s = time(&mut || {
+            dy.zeros_like()?.add(&dy)?;
+            xbc.zeros_like()?.add(&xbc)?;
+            Ok(())
+        })?;
         if std::env::var_os("OURO_CUDA_PROFILE").is_some() {
             ouro_kernels::cuda::profile(true);
             let y = fwd(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), vars[3].as_tensor(), vars[4].as_tensor())?;
@@ -322,6 +332,7 @@ pub fn ssd_gpu(a: SsdGpuArgs) -> Result<()> {
             fwd_ms: fwd_s * 1e3,
             fwd_kernels_ms: kernel_s * 1e3,
             fwd_bwd_ms: fb_s * 1e3,
+            fwd_bwd_accum_ms: accum_s * 1e3,
             fwd_wall_ms: fwd_wall_s * 1e3,
             fwd_bwd_wall_ms: fb_wall_s * 1e3,
             fwd_tb_s: bf / fwd_s / 1e12,
@@ -345,7 +356,7 @@ pub fn ssd_gpu(a: SsdGpuArgs) -> Result<()> {
         }
         return Ok(());
     }
-    println!("| shape b×l×h×p×n | chunk | fwd ms (general op) | fwd TB/s | fwd TFLOP/s | fwd ÷ floor | fwd+bwd ms | fwd+bwd ÷ floor | wall-clock fwd / fwd+bwd ms | Triton fwd ms | Triton fwd+bwd ms | ouro speed-up fwd / fwd+bwd | check |");
+    println!("| shape b×l×h×p×n | chunk | fwd ms (general op) | fwd TB/s | fwd TFLOP/s | fwd ÷ floor | fwd+bwd ms (candle's gradient accumulation) | fwd+bwd ÷ floor | wall-clock fwd / fwd+bwd ms | Triton fwd ms | Triton fwd+bwd ms | ouro speed-up fwd / fwd+bwd | check |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         let peer = match (r.peer_fwd_ms, r.peer_fwd_bwd_ms) {
@@ -353,7 +364,7 @@ pub fn ssd_gpu(a: SsdGpuArgs) -> Result<()> {
             _ => ("—".into(), "—".into(), "—".into()),
         };
         println!(
-            "| {} | {} | {:.3} ({:.3}) | {:.2} | {:.1} | {:.1}× | {:.3} | {:.1}× | {:.3} / {:.3} | {} | {} | {} | {} |",
+            "| {} | {} | {:.3} ({:.3}) | {:.2} | {:.1} | {:.1}× | {:.3} ({:.3}) | {:.1}× | {:.3} / {:.3} | {} | {} | {} | {} |",
             r.shape,
             r.chunk,
             r.fwd_ms,
@@ -362,6 +373,7 @@ pub fn ssd_gpu(a: SsdGpuArgs) -> Result<()> {
             r.fwd_tflop_s,
             r.fwd_ms / r.fwd_floor_ms,
             r.fwd_bwd_ms,
+            r.fwd_bwd_accum_ms,
             r.fwd_bwd_ms / r.fwd_bwd_floor_ms,
             r.fwd_wall_ms,
             r.fwd_bwd_wall_ms,

@@ -1162,6 +1162,11 @@ extern "C" __global__ void __launch_bounds__(128) ssd_chunk_cb_mma(const T* xbc,
 // group: ssd_chunk_cb_mma computes it once, and the y warps read it (f32). Copies by cp.async, two chunks ahead
 // (SW stages): chunk c's x, B, C and C·Bᵀ, with la and dt of chunk c + 1 (a ring of 4 slots: c's sums are read
 // while c + 1's weights are made and c + 2's, c + 3's arrive), by cp_rows.
+// Segments: where the sequences × heads × slices are too few blocks for the GPU, each sequence's chunks are
+// split into segments of CPS chunks (grid z: Bt × segments), each walked from a zero state. A segment's own
+// final state goes to sfin (b, segment, h, P, N; f32) and the sums of la from its start through each chunk to
+// pre (b, h, NC); ssd_walk_fixup then adds what the states entering the segments contribute. CPS ≥ NC: one
+// segment, sfin and pre unused (null).
 #define SW 3
 __device__ __forceinline__ float ex2(float x) {
     float y;
@@ -1218,9 +1223,27 @@ __device__ __forceinline__ void ldsm_b2(unsigned* b, const bf* s, int st, int n0
     const unsigned addr = (unsigned)__cvta_generic_to_shared(s + (n0 + (lane & 7) + (lane >> 4) * 8) * st + k0 + ((lane >> 3) & 1) * 8);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3]) : "r"(addr));
 }
+// ya = C·Sᵀ for this warp's 16 rows from r0 and YT n8 tiles of S's rows (channels): C stored [i][n], S stored
+// [p][n], both with stride sb (N columns), by ldmatrix.
+template <int YT>
+__device__ __forceinline__ void c_state(float (*ya)[4], const bf* cm, const bf* s, int sb, int r0) {
+    zero<YT>(ya);
+#pragma unroll
+    for (int kt = 0; kt < N / 16; ++kt) {
+        unsigned fa[4];
+        ldsm_a(fa, cm, sb, r0, kt * 16);
+#pragma unroll
+        for (int t = 0; t < YT; t += 2) {
+            unsigned fb[4];
+            ldsm_b2(fb, s, sb, t * 8, kt * 16);
+            mma16816(ya[t], fa, fb);
+            mma16816(ya[t + 1], fa, fb + 2);
+        }
+    }
+}
 template <int PT>
 __device__ __forceinline__ void scan_walk(const T* xbc, const float* cbg, const float* dt, const float* la, bf* y, const float* D, int L,
-                                          int H, int HPG, int ROW, int X_OFF, int B_OFF, int C_OFF, int NC) {
+                                          int H, int HPG, int ROW, int X_OFF, int B_OFF, int C_OFF, int NC, int CPS, float* sfin, float* pre) {
     constexpr int NTH = 256, WM = PT / 16, WN = 4 / WM, NTW = N / (8 * WN); // the state warps' grid over the slice
     constexpr int YT = PT / 8;                                              // n8 tiles of a y warp's rows
     static_assert(P % PT == 0 && N % (8 * WN) == 0 && YT % 2 == 0, "slices of P, warps' columns of N");
@@ -1232,19 +1255,20 @@ __device__ __forceinline__ void scan_walk(const T* xbc, const float* cbg, const 
     float* vecs = cbs + SW * MQ * SC;                     // 4 × (la, dt, cs·log2 e) × MQ
     bf* tiles = reinterpret_cast<bf*>(vecs + 4 * 3 * MQ); // SW × STAGE
     bf* sins = tiles + SW * STAGE;                        // 2 × PT × SB: S_in [p][n]
-    const int p0 = blockIdx.x * PT, h = blockIdx.y, b = blockIdx.z, g = h / HPG, G = H / HPG;
+    const int NS = (NC + CPS - 1) / CPS, seg = blockIdx.z % NS, c0 = seg * CPS, c1 = min(NC, c0 + CPS); // this block's chunks
+    const int p0 = blockIdx.x * PT, h = blockIdx.y, b = blockIdx.z / NS, g = h / HPG, G = H / HPG;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
     const bf* xb = reinterpret_cast<const bf*>(xbc);
     const long seq0 = (long)b * L; // the sequence's first row
     const bf* cb0 = reinterpret_cast<const bf*>(cbg + ((long)b * NC * G + g) * (MQ * MQ)); // C·Bᵀ rows (MQ f32) as 2·MQ bf16
     auto vec_issue = [&](int c) { // la and dt of chunk c into slot c % 4 (0 past the sequence's end)
-        if (c < NC && threadIdx.x < 2 * MQ) {
+        if (c < c1 && threadIdx.x < 2 * MQ) {
             const int nq = min(MQ, L - c * MQ), i = threadIdx.x & (MQ - 1);
             cp4(vecs + (c % 4) * 3 * MQ + threadIdx.x, (threadIdx.x < MQ ? la : dt) + (seq0 + c * MQ + (i < nq ? i : 0)) * H + h, i < nq);
         }
     };
     auto issue = [&](int c) { // chunk c's tiles and C·Bᵀ, chunk c + 1's la and dt: one group
-        if (c < NC) {
+        if (c < c1) {
             const int nq = min(MQ, L - c * MQ), s = c % SW; // rows past the sequence's end: zeros
             const bf* rows = xb + (seq0 + (long)c * MQ) * ROW;   // the chunk's first row
             bf* xs = tiles + s * STAGE;
@@ -1256,10 +1280,10 @@ __device__ __forceinline__ void scan_walk(const T* xbc, const float* cbg, const 
         }
         cp_commit();
     };
-    vec_issue(0);
-    issue(0);
-    issue(1);
-    for (int e = threadIdx.x; e < PT * SB; e += NTH) sins[e] = 0; // S_in of chunk 0
+    vec_issue(c0);
+    issue(c0);
+    issue(c0 + 1);
+    for (int e = threadIdx.x; e < PT * SB; e += NTH) sins[(c0 & 1) * PT * SB + e] = 0; // S_in of the first chunk
     cp_wait<1>();
     __syncthreads();
     if (warp < 4) {
@@ -1270,7 +1294,7 @@ __device__ __forceinline__ void scan_walk(const T* xbc, const float* cbg, const 
         for (int t = 0; t < YT; ++t) dv[t][0] = D[h * P + p0 + t * 8 + 2 * tq], dv[t][1] = D[h * P + p0 + t * 8 + 2 * tq + 1];
         bf* yt = y + (seq0 * H + h) * P + p0 + 2 * tq; // row 0 of the sequence, this lane's column pair
         const long yrow = (long)H * P;
-        for (int c = 0; c < NC; ++c) {
+        for (int c = c0; c < c1; ++c) {
             cp_wait<1>();    // chunk c's group (and c + 1's la and dt)
             __syncthreads(); // ... seen by all; S_in and the sums of c written; chunk c − 1's stage and slots free
             issue(c + 2);
@@ -1283,19 +1307,7 @@ __device__ __forceinline__ void scan_walk(const T* xbc, const float* cbg, const 
             const bf* sin = sins + (c & 1) * PT * SB;
             // C·S_inᵀ, scaled by exp(cs_i); then M·X with M = C·Bᵀ ∘ exp(cs_i − cs_j)·dt_j (j ≤ i) made in registers.
             float ya[YT][4];
-            zero<YT>(ya);
-#pragma unroll
-            for (int kt = 0; kt < N / 16; ++kt) {
-                unsigned fa[4];
-                ldsm_a(fa, cms, SB, i0, kt * 16);
-#pragma unroll
-                for (int t = 0; t < YT; t += 2) {
-                    unsigned fb[4];
-                    ldsm_b2(fb, sin, SB, t * 8, kt * 16);
-                    mma16816(ya[t], fa, fb);
-                    mma16816(ya[t + 1], fa, fb + 2);
-                }
-            }
+            c_state<YT>(ya, cms, sin, SB, i0);
             const float csa = csl[ra], csb = csl[rb], ea = ex2(csa), eb = ex2(csb);
 #pragma unroll
             for (int t = 0; t < YT; ++t) ya[t][0] *= ea, ya[t][1] *= ea, ya[t][2] *= eb, ya[t][3] *= eb;
@@ -1321,17 +1333,21 @@ __device__ __forceinline__ void scan_walk(const T* xbc, const float* cbg, const 
         // State warps: the slice's rows m0.. and n8 tiles n0.. of S.
         const int sw = warp - 4, m0 = (sw / WN) * 16, n0 = (sw % WN) * NTW * 8;
         float* cs_out = sw == 0 ? vecs + 2 * MQ : nullptr; // warp 4 writes the sums (slot offset added below)
-        float w[16], last;
-        chunk_weights<false>(vecs, w, last, cs_out, LOG2E);
+        float w[16], last, run = 0.f;                      // run: the sum of la from the segment's start
+        const int s0 = (c0 % 4) * 3 * MQ;
+        chunk_weights<false>(vecs + s0, w, last, cs_out ? cs_out + s0 : nullptr, LOG2E);
         float acc[NTW][4];
         zero<NTW>(acc);
         bf* so0 = sins + (m0 + gq) * SB + n0 + 2 * tq;
-        for (int c = 0; c < NC; ++c) {
+        float* pre_bh = pre && sw == 0 && lane == 0 && blockIdx.x == 0 ? pre + ((long)b * H + h) * NC : nullptr;
+        for (int c = c0; c < c1; ++c) {
             cp_wait<1>();
             __syncthreads();
             issue(c + 2);
             const bf* xs = tiles + (c % SW) * STAGE;
             walk_update<NTW, SX, SB>(acc, __expf(last), w, xs, xs + MQ * SX, m0, n0);
+            run += last;
+            if (pre_bh) pre_bh[c] = run;
             // S_out of chunk c = S_in of c + 1, in bf16 for the y warps' next step.
             bf* so = so0 + ((c + 1) & 1) * PT * SB;
 #pragma unroll
@@ -1343,6 +1359,99 @@ __device__ __forceinline__ void scan_walk(const T* xbc, const float* cbg, const 
             const int s1 = ((c + 1) % 4) * 3 * MQ;
             chunk_weights<false>(vecs + s1, w, last, cs_out ? cs_out + s1 : nullptr, LOG2E);
         }
+        if (sfin && seg + 1 < NS) { // the segment's own final state, for the segments after it
+            float* f = sfin + (((long)b * NS + seg) * H + h) * (P * N) + (long)(p0 + m0 + gq) * N + n0 + 2 * tq;
+#pragma unroll
+            for (int t = 0; t < NTW; ++t) {
+                st2(f, 8 * t, acc[t][0], acc[t][1]);
+                st2(f, 8 * N + 8 * t, acc[t][2], acc[t][3]);
+            }
+        }
+    }
+    cp_wait<0>();
+}
+
+// ssd_walk_states: the states entering the segments of a split scan walk, S_1 = F_0, S_{k+1} = exp(A_k)·S_k + F_k
+// (F_k segment k's own final state, A_k its sum of la), in bf16 as the walk's own S_in: sseg (b, segment, h, P,
+// N), slot 0 unused. Grid (H, Bt), 256 threads, each a few elements through all the segments.
+extern "C" __global__ void __launch_bounds__(256) ssd_walk_states(const float* sfin, const float* pre, bf* sseg, int H, int NC, int CPS) {
+    const int NS = (NC + CPS - 1) / CPS, h = blockIdx.x, b = blockIdx.y;
+    const float* pr = pre + ((long)b * H + h) * NC;
+    for (int e = threadIdx.x; e < P * N; e += 256) {
+        float s = 0.f;
+        for (int k = 0; k + 1 < NS; ++k) {
+            const long o = (((long)b * NS + k) * H + h) * (P * N) + e;
+            s = __expf(pr[(k + 1) * CPS - 1]) * s + sfin[o];
+            sseg[o + (long)H * P * N] = to_bf(s);
+        }
+    }
+}
+
+// ssd_walk_fixup: the segments of a split scan walk made whole. A segment after the first was walked from a zero
+// state; the state entering it, S_k (ssd_walk_states), adds exp(Σ_{s = start..t} la_s)·C_t·S_kᵀ to y_t. Grid
+// (GPS·(NS − 1), H, Bt): GPS groups of at most FG chunks per segment, a block per group and head; 128 threads,
+// warp w rows 16w.. and all P columns. S_k arrives once; each chunk's C, y and la by cp.async into one of two
+// stages, the next chunk's while one is computed. y is added to in bf16 and written back 16 bytes at a time.
+extern "C" __global__ void __launch_bounds__(128) ssd_walk_fixup(const T* xbc, const float* la, const bf* sseg, const float* pre, bf* y,
+                                                                 int L, int H, int HPG, int ROW, int C_OFF, int NC, int CPS, int FG) {
+    constexpr int SB = N + PADK, SY = P + PADK, YT = P / 8, STAGE = MQ * (SB + SY);
+    extern __shared__ float sm[];
+    float* lav = sm;                          // 2 × MQ: la of a stage's chunk
+    float* pfx = lav + 2 * MQ;                          // FG: the sum of la from the segment's start to each chunk's start
+    bf* ss = reinterpret_cast<bf*>(pfx + ((FG + 3) & ~3)); // P × SB: S_k [p][n] (16-byte aligned)
+    bf* stages = ss + P * SB;                 // 2 × (C [i][n] MQ × SB, y [i][p] MQ × SY)
+    const int NS = (NC + CPS - 1) / CPS, GPS = (CPS + FG - 1) / FG;
+    const int seg = 1 + blockIdx.x / GPS, h = blockIdx.y, b = blockIdx.z, g = h / HPG;
+    const int cb = seg * CPS + (blockIdx.x % GPS) * FG, cnt = min(min(FG, (seg + 1) * CPS - cb), NC - cb);
+    if (cnt <= 0) return;
+    const float* pr = pre + ((long)b * H + h) * NC;
+    if (threadIdx.x < cnt) pfx[threadIdx.x] = cb + (int)threadIdx.x > seg * CPS ? pr[cb + threadIdx.x - 1] : 0.f;
+    cp_tile<P, N>(sseg + (((long)b * NS + seg) * H + h) * (P * N), N, P, ss, SB);
+    auto issue = [&](int i) { // chunk cb + i into stage i & 1
+        if (i < cnt) {
+            const int c = cb + i, nq = min(MQ, L - c * MQ);
+            const long r0 = (long)b * L + (long)c * MQ;
+            bf* cm = stages + (i & 1) * STAGE;
+            cp_tile<MQ, N>(reinterpret_cast<const bf*>(xbc) + r0 * ROW + C_OFF + g * N, ROW, nq, cm, SB);
+            cp_tile<MQ, P>(y + (r0 * H + h) * P, (long)H * P, nq, cm + MQ * SB, SY);
+            if (threadIdx.x < MQ) cp4(lav + (i & 1) * MQ + threadIdx.x, la + (r0 + (threadIdx.x < nq ? threadIdx.x : 0)) * H + h, threadIdx.x < nq);
+        }
+        cp_commit();
+    };
+    issue(0);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
+    const int ra = warp * 16 + gq, rb = ra + 8;
+    for (int i = 0; i < cnt; ++i) {
+        const int c = cb + i, nq = min(MQ, L - c * MQ);
+        __syncthreads(); // chunk i − 1's stage written back: free for chunk i + 1
+        issue(i + 1);
+        cp_wait<1>();
+        __syncthreads(); // chunk i's stage (and S_k, the prefixes) seen by all
+        const bf* cm = stages + (i & 1) * STAGE;
+        bf* ym = const_cast<bf*>(cm) + MQ * SB;
+        // This warp's rows' sums of la, from the chunk's cumulative sums (lane k holds rows 2k, 2k + 1).
+        const float2 l2 = *reinterpret_cast<const float2*>(lav + (i & 1) * MQ + 2 * lane);
+        float last;
+        const float run = warp_cumsum2(l2.x, l2.y, last), prev = run - l2.y;
+        const float ra1 = __shfl_sync(0xffffffffu, run, ra >> 1), ra0 = __shfl_sync(0xffffffffu, prev, ra >> 1);
+        const float rb1 = __shfl_sync(0xffffffffu, run, rb >> 1), rb0 = __shfl_sync(0xffffffffu, prev, rb >> 1);
+        const float ca = ra & 1 ? ra1 : ra0, cbv = rb & 1 ? rb1 : rb0;
+        float ya[YT][4];
+        c_state<YT>(ya, cm, ss, SB, warp * 16);
+        const float ea = __expf(pfx[i] + ca), eb = __expf(pfx[i] + cbv);
+#pragma unroll
+        for (int t = 0; t < YT; ++t) { // each element of the tile this thread's alone
+            const int p = t * 8 + 2 * tq;
+            const float2 u = ld2f(ym, ra * SY + p), v = ld2f(ym, rb * SY + p);
+            st2(ym, ra * SY + p, u.x + ea * ya[t][0], u.y + ea * ya[t][1]);
+            st2(ym, rb * SY + p, v.x + eb * ya[t][2], v.y + eb * ya[t][3]);
+        }
+        __syncthreads();
+        bf* yc = y + (((long)b * L + (long)c * MQ) * H + h) * P;
+        for (int e = threadIdx.x; e < MQ * (P / 8); e += 128) {
+            const int r = e / (P / 8), k = 8 * (e % (P / 8));
+            if (r < nq) *reinterpret_cast<uint4*>(yc + (long)r * H * P + k) = *reinterpret_cast<const uint4*>(ym + r * SY + k);
+        }
     }
     cp_wait<0>();
 }
@@ -1351,8 +1460,9 @@ __device__ __forceinline__ void scan_walk(const T* xbc, const float* cbg, const 
 #define SCAN_WALK(PT, OK)                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, 1) ssd_scan_walk_mma##PT(const T* xbc, const float* cb, const float* dt, const float* la, \
                                                                                bf* y, const float* D, int L, int H, int HPG, int ROW,       \
-                                                                               int X_OFF, int B_OFF, int C_OFF, int NC) {                   \
-        if constexpr (OK && IO_T) scan_walk<PT>(xbc, cb, dt, la, y, D, L, H, HPG, ROW, X_OFF, B_OFF, C_OFF, NC);                               \
+                                                                               int X_OFF, int B_OFF, int C_OFF, int NC, int CPS, float* sfin, \
+                                                                               float* pre) {                                                \
+        if constexpr (OK && IO_T) scan_walk<PT>(xbc, cb, dt, la, y, D, L, H, HPG, ROW, X_OFF, B_OFF, C_OFF, NC, CPS, sfin, pre);              \
     }
 SCAN_WALK(64, P % 64 == 0 && POW2_N && N >= 16)
 SCAN_WALK(32, P % 32 == 0 && POW2_N && N >= 16)

@@ -2,7 +2,8 @@
 //! y_t = S_t·C_t, read straight from Mamba-2's conv output rows [x | B | C] in f32 or bf16, f32 math.
 //!
 //! Forward: chunk_state → state_passing → chunk_scan (the training op, where its walk fills the GPU: chunk_cb
-//! → scan_walk, the whole forward in one walk over the chunks). Backward: the first two again (the states
+//! → scan_walk, the whole forward in one walk over the chunks; with few sequences × heads, the walk over
+//! segments of the sequence, then walk_fixup). Backward: the first two again (the states
 //! entering each chunk), then chunk_dstate → state_passing_bwd → chunk_bwd. The chunk size is the largest of
 //! 64, 32, 16 whose backward fits in one block's shared memory; bf16 rows aligned to 16 bytes take the
 //! tensor-core kernels (chunk 64), whose chunk_state, chunk_scan and chunk_dstate each take several heads
@@ -75,6 +76,22 @@ const STATE_PASS_STAGES: usize = 4;
 /// padded by 8).
 fn state_pass_smem(pt: usize, n: usize, bwd: bool) -> usize {
     STATE_PASS_STAGES * (8 * MMA_CHUNK + 2 * (MMA_CHUNK * (pt + 8 + n + 8) + if bwd { pt * (n + 8) } else { 0 }))
+}
+
+/// Chunks per block of ssd_walk_fixup (the state entering a segment read once for them; the next chunk's tiles
+/// load while one is computed). At 2×32768×32 heads, 2 segments: 0.118 / 0.108 / 0.105 / 0.106 ms at 2 / 4 / 8 /
+/// 16 (one chunk per block, no second stage: 0.123).
+const FIXUP_CHUNKS: usize = 8;
+
+/// Segments of the scan walk over `blocks` sequences × heads × slices and `nc` chunks on `sms` multiprocessors:
+/// `OURO_SSD_WALK_SEGMENTS` where set (≥ 1), else as many as keep one wave of blocks (⌊sms / blocks⌋, one
+/// block per multiprocessor), each of at least 4 chunks. Each segment after the first is walked from a zero
+/// state and made whole by ssd_walk_states and ssd_walk_fixup, which read C and y again.
+fn walk_segments(blocks: usize, nc: usize, sms: usize) -> usize {
+    match std::env::var("OURO_SSD_WALK_SEGMENTS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&k| k >= 1) {
+        Some(k) => k,
+        None => (sms / blocks.max(1)).min(nc / 4).max(1),
+    }
 }
 
 /// Stages of ssd_scan_walk_mma's copies (SW in ssd.cu).
@@ -323,20 +340,26 @@ impl SsdCuda {
     /// head_dim is taken where it gives about every multiprocessor a block (0.9×), at d_state 64 or 128 (the
     /// sizes the CUDA tests run them at) and where `fits(pt, max shared memory per block)`; the variable `var`
     /// (64, 32 or 16; 0: none) forces the choice.
-    fn walk_slice(&self, stream: &Stream, z: &Sizes, var: &str, auto: &[usize], fits: impl Fn(usize, usize) -> bool) -> Result<Option<usize>> {
+    /// With `segments`, a walk may split each sequence's chunks into segments (see [`walk_segments`]), which
+    /// count as blocks here; the choice is returned beside the slice (1 without).
+    fn walk_slice(&self, stream: &Stream, z: &Sizes, var: &str, auto: &[usize], segments: bool, fits: impl Fn(usize, usize) -> bool) -> Result<Option<(usize, usize)>> {
         use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
         let XbcLayout { heads: h, head_dim: p, d_state: n, .. } = self.lay;
         if !(self.mma && self.io_t) {
             return Ok(None);
         }
         let max = super::device_attribute(stream, A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+        let sms = super::device_attribute(stream, A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
         let fits = |pt: usize| p % pt == 0 && fits(pt, max);
+        let segs = |pt: usize| if segments { walk_segments(z.b * h * (p / pt), z.nc, sms) } else { 1 };
         Ok(match std::env::var(var).ok().and_then(|v| v.parse::<usize>().ok()) {
-            Some(want) => Some(want).filter(|&pt| [16, 32, 64].contains(&pt) && fits(pt)),
-            None => {
-                let sms = super::device_attribute(stream, A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
-                auto.iter().copied().find(|&pt| p % pt == 0).filter(|&pt| (n == 64 || n == 128) && fits(pt) && 10 * z.b * h * (p / pt) >= 9 * sms)
-            }
+            Some(want) => Some(want).filter(|&pt| [16, 32, 64].contains(&pt) && fits(pt)).map(|pt| (pt, segs(pt))),
+            None => auto
+                .iter()
+                .copied()
+                .find(|&pt| p % pt == 0)
+                .map(|pt| (pt, segs(pt)))
+                .filter(|&(pt, k)| (n == 64 || n == 128) && fits(pt) && 10 * z.b * h * (p / pt) * k >= 9 * sms),
         })
     }
 
@@ -351,25 +374,27 @@ impl SsdCuda {
         // The kernels ssd.cu instantiates: N a power of two, ≥ 32 (≥ 64 for PT 16 or 512 threads).
         let least_n = |pt: usize| if pt == 16 || threads == 512 { 64 } else { 32 };
         let fits = |pt: usize, max: usize| !(pt == 16 && threads == 512) && n.is_power_of_two() && n >= least_n(pt) && state_pass_smem(pt, n, true) + 256 <= max;
-        Ok(self.walk_slice(stream, z, "OURO_SSD_STATE_TILE", &[64, 32], fits)?.map(|pt| (pt, threads as u32)))
+        Ok(self.walk_slice(stream, z, "OURO_SSD_STATE_TILE", &[64, 32], false, fits)?.map(|(pt, _)| (pt, threads as u32)))
     }
 
-    /// The channel slice of ssd_scan_walk_mma, the y-only op's whole forward in one walk over the chunks, or
-    /// None: chunk_state and the state passing (or their walk), then chunk_scan. By default slices of 64
-    /// ([`Self::walk_slice`]; one block per multiprocessor: 220 KB of shared memory at d_state 128). Narrower
+    /// The channel slice and segments of ssd_scan_walk_mma, the y-only op's whole forward in one walk over the
+    /// chunks, or None: chunk_state and the state passing (or their walk), then chunk_scan. By default slices of
+    /// 64 ([`Self::walk_slice`]; one block per multiprocessor: 220 KB of shared memory at d_state 128), and
+    /// where the sequences × heads are too few for the multiprocessors, segments ([`walk_segments`]). Narrower
     /// slices, which would cover fewer sequences × heads, measured no faster than the separate kernels (2×32768×32
-    /// heads: 0.78 ms at slice 32 against 0.77). `OURO_SSD_SCAN_WALK` (64, 32 or 16; 0: off) forces the choice.
-    fn scan_walk_kernel(&self, stream: &Stream, z: &Sizes) -> Result<Option<usize>> {
+    /// heads: 0.78 ms at slice 32 against 0.77). `OURO_SSD_SCAN_WALK` (64, 32 or 16; 0: off) forces the slice.
+    fn scan_walk_kernel(&self, stream: &Stream, z: &Sizes) -> Result<Option<(usize, usize)>> {
         let n = self.lay.d_state;
         // The kernels ssd.cu instantiates: N a power of two, ≥ 16 (≥ 32 at slice 16).
         let fits = |pt: usize, max: usize| n.is_power_of_two() && n >= if pt == 16 { 32 } else { 16 } && scan_walk_smem(pt, n) + 256 <= max;
-        self.walk_slice(stream, z, "OURO_SSD_SCAN_WALK", &[64], fits)
+        self.walk_slice(stream, z, "OURO_SSD_SCAN_WALK", &[64], true, fits)
     }
 
-    /// y by ssd_chunk_cb_mma (C·Bᵀ per chunk and group) and ssd_scan_walk_mma with slices of `pt` (from
-    /// [`Self::scan_walk_kernel`]), no passed states: the y-only op's forward.
+    /// y by ssd_chunk_cb_mma (C·Bᵀ per chunk and group) and ssd_scan_walk_mma with slices of `pt` and `segs`
+    /// segments (from [`Self::scan_walk_kernel`]), no passed states, then with segments ssd_walk_fixup: the
+    /// y-only op's forward.
     #[allow(clippy::too_many_arguments)]
-    fn launch_scan_walk(&self, dev: &candle_core::cuda_backend::CudaDevice, m: &Module, z: &Sizes, [xbc, dt, la]: [u64; 3], y: u64, dskip: u64, pt: usize) -> Result<()> {
+    fn launch_scan_walk(&self, dev: &candle_core::cuda_backend::CudaDevice, m: &Module, z: &Sizes, [xbc, dt, la]: [u64; 3], y: u64, dskip: u64, (pt, segs): (usize, usize)) -> Result<()> {
         let XbcLayout { heads: h, head_dim: p, groups: g, d_state: n, x_off, b_off, c_off } = self.lay;
         let stream = &dev.cuda_stream();
         let (_cb, pcb) = alloc_f32(dev, z.b * z.nc * g * MMA_CHUNK * MMA_CHUNK, false)?;
@@ -378,11 +403,32 @@ impl SsdCuda {
         launch(stream, &function(m, "ssd_chunk_cb_mma", cb_smem)?, (z.nc as u32, g as u32, z.b as u32), 128, cb_smem, &[
             Arg::Ptr(xbc), Arg::Ptr(pcb), Arg::I32(z.l as i32), Arg::I32(g as i32), row, Arg::I32(b_off as i32), Arg::I32(c_off as i32), nci,
         ])?;
+        // Segments of cps chunks (ns of them, the last maybe shorter); their own final states and sums of la.
+        let cps = z.nc.div_ceil(segs.clamp(1, z.nc));
+        let ns = z.nc.div_ceil(cps);
+        let (_sfin, psfin) = alloc_f32(dev, if ns > 1 { z.b * ns * h * p * n } else { 1 }, false)?;
+        let (_pre, ppre) = alloc_f32(dev, if ns > 1 { z.b * h * z.nc } else { 1 }, false)?;
+        let (psfin, ppre) = if ns > 1 { (psfin, ppre) } else { (0, 0) };
         let smem = scan_walk_smem(pt, n);
-        launch(stream, &function(m, &format!("ssd_scan_walk_mma{pt}"), smem)?, ((p / pt) as u32, h as u32, z.b as u32), 256, smem, &[
+        launch(stream, &function(m, &format!("ssd_scan_walk_mma{pt}"), smem)?, ((p / pt) as u32, h as u32, (z.b * ns) as u32), 256, smem, &[
             Arg::Ptr(xbc), Arg::Ptr(pcb), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(y), Arg::Ptr(dskip), Arg::I32(z.l as i32), Arg::I32(h as i32),
-            Arg::I32((h / g) as i32), row, Arg::I32(x_off as i32), Arg::I32(b_off as i32), Arg::I32(c_off as i32), nci,
-        ])
+            Arg::I32((h / g) as i32), row, Arg::I32(x_off as i32), Arg::I32(b_off as i32), Arg::I32(c_off as i32), nci, Arg::I32(cps as i32),
+            Arg::Ptr(psfin), Arg::Ptr(ppre),
+        ])?;
+        if ns > 1 {
+            // The states entering the segments (bf16), then each chunk after the first segment made whole.
+            let (_sseg, psseg) = alloc_bf16(dev, z.b * ns * h * p * n, false)?;
+            launch(stream, &function(m, "ssd_walk_states", 0)?, (h as u32, z.b as u32, 1), 256, 0, &[
+                Arg::Ptr(psfin), Arg::Ptr(ppre), Arg::Ptr(psseg), Arg::I32(h as i32), nci, Arg::I32(cps as i32),
+            ])?;
+            let fg = FIXUP_CHUNKS;
+            let smem = 4 * (2 * MMA_CHUNK + fg.next_multiple_of(4)) + 2 * (p * (n + 8) + 2 * MMA_CHUNK * (n + 8 + p + 8));
+            launch(stream, &function(m, "ssd_walk_fixup", smem)?, ((cps.div_ceil(fg) * (ns - 1)) as u32, h as u32, z.b as u32), 128, smem, &[
+                Arg::Ptr(xbc), Arg::Ptr(la), Arg::Ptr(psseg), Arg::Ptr(ppre), Arg::Ptr(y), Arg::I32(z.l as i32), Arg::I32(h as i32),
+                Arg::I32((h / g) as i32), row, Arg::I32(c_off as i32), nci, Arg::I32(cps as i32), Arg::I32(fg as i32),
+            ])?;
+        }
+        Ok(())
     }
 
     /// chunk_state's or chunk_dstate's kernel; the tensor-core ones at head_dim 64 and d_state 128 (38 KB of
