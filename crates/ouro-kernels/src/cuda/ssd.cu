@@ -1396,10 +1396,10 @@ extern "C" __global__ void __launch_bounds__(128) ssd_walk_fixup(const T* xbc, c
                                                                  int L, int H, int HPG, int ROW, int C_OFF, int NC, int CPS, int FG) {
     constexpr int SB = N + PADK, SY = P + PADK, YT = P / 8, STAGE = MQ * (SB + SY);
     extern __shared__ float sm[];
-    float* lav = sm;                          // 2 × MQ: la of a stage's chunk
-    float* pfx = lav + 2 * MQ;                          // FG: the sum of la from the segment's start to each chunk's start
+    float* lav = sm;                                       // 2 × MQ: la of a stage's chunk
+    float* pfx = lav + 2 * MQ;                             // FG: the sum of la from the segment's start to each chunk's start
     bf* ss = reinterpret_cast<bf*>(pfx + ((FG + 3) & ~3)); // P × SB: S_k [p][n] (16-byte aligned)
-    bf* stages = ss + P * SB;                 // 2 × (C [i][n] MQ × SB, y [i][p] MQ × SY)
+    bf* stages = ss + P * SB;                              // 2 × (C [i][n] MQ × SB, y [i][p] MQ × SY)
     const int NS = (NC + CPS - 1) / CPS, GPS = (CPS + FG - 1) / FG;
     const int seg = 1 + blockIdx.x / GPS, h = blockIdx.y, b = blockIdx.z, g = h / HPG;
     const int cb = seg * CPS + (blockIdx.x % GPS) * FG, cnt = min(min(FG, (seg + 1) * CPS - cb), NC - cb);

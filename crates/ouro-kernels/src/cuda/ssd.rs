@@ -406,9 +406,9 @@ impl SsdCuda {
         // Segments of cps chunks (ns of them, the last maybe shorter); their own final states and sums of la.
         let cps = z.nc.div_ceil(segs.clamp(1, z.nc));
         let ns = z.nc.div_ceil(cps);
-        let (_sfin, psfin) = alloc_f32(dev, if ns > 1 { z.b * ns * h * p * n } else { 1 }, false)?;
-        let (_pre, ppre) = alloc_f32(dev, if ns > 1 { z.b * h * z.nc } else { 1 }, false)?;
-        let (psfin, ppre) = if ns > 1 { (psfin, ppre) } else { (0, 0) };
+        let nsf = z.b * ns * h * p * n; // [sfin (b, ns, h, p, n) | pre (b, h, nc)], f32
+        let seg_buf = (ns > 1).then(|| alloc_f32(dev, nsf + z.b * h * z.nc, false)).transpose()?;
+        let (psfin, ppre) = seg_buf.as_ref().map_or((0, 0), |&(_, a)| (a, a + 4 * nsf as u64));
         let smem = scan_walk_smem(pt, n);
         launch(stream, &function(m, &format!("ssd_scan_walk_mma{pt}"), smem)?, ((p / pt) as u32, h as u32, (z.b * ns) as u32), 256, smem, &[
             Arg::Ptr(xbc), Arg::Ptr(pcb), Arg::Ptr(dt), Arg::Ptr(la), Arg::Ptr(y), Arg::Ptr(dskip), Arg::I32(z.l as i32), Arg::I32(h as i32),
@@ -421,11 +421,11 @@ impl SsdCuda {
             launch(stream, &function(m, "ssd_walk_states", 0)?, (h as u32, z.b as u32, 1), 256, 0, &[
                 Arg::Ptr(psfin), Arg::Ptr(ppre), Arg::Ptr(psseg), Arg::I32(h as i32), nci, Arg::I32(cps as i32),
             ])?;
-            let fg = FIXUP_CHUNKS;
-            let smem = 4 * (2 * MMA_CHUNK + fg.next_multiple_of(4)) + 2 * (p * (n + 8) + 2 * MMA_CHUNK * (n + 8 + p + 8));
-            launch(stream, &function(m, "ssd_walk_fixup", smem)?, ((cps.div_ceil(fg) * (ns - 1)) as u32, h as u32, z.b as u32), 128, smem, &[
+            // la (2 stages) and the chunks' prefixes (f32), S_k, and 2 stages of C and y (bf16, rows padded by 8).
+            let smem = 4 * (2 * MMA_CHUNK + FIXUP_CHUNKS.next_multiple_of(4)) + 2 * (p * (n + 8) + 2 * MMA_CHUNK * (n + 8 + p + 8));
+            launch(stream, &function(m, "ssd_walk_fixup", smem)?, ((cps.div_ceil(FIXUP_CHUNKS) * (ns - 1)) as u32, h as u32, z.b as u32), 128, smem, &[
                 Arg::Ptr(xbc), Arg::Ptr(la), Arg::Ptr(psseg), Arg::Ptr(ppre), Arg::Ptr(y), Arg::I32(z.l as i32), Arg::I32(h as i32),
-                Arg::I32((h / g) as i32), row, Arg::I32(c_off as i32), nci, Arg::I32(cps as i32), Arg::I32(fg as i32),
+                Arg::I32((h / g) as i32), row, Arg::I32(c_off as i32), nci, Arg::I32(cps as i32), Arg::I32(FIXUP_CHUNKS as i32),
             ])?;
         }
         Ok(())
