@@ -42,12 +42,14 @@ impl Stream {
     }
 }
 
-/// A batch: inputs (b, l), targets (b, l), loss weights (b, l) (0 where not scored), seq_idx (b, l).
+/// A batch: inputs (b, l), targets (b, l), loss weights (b, l) (0 where not scored), seq_idx (b, l): None
+/// where no row's inputs cross a document boundary, so that the models take their paths without resets (on
+/// CUDA the SSD kernels, which do not take document boundaries).
 pub struct Batch {
     pub inputs: Tensor,
     pub targets: Tensor,
     pub weights: Tensor,
-    pub seq_idx: Tensor,
+    pub seq_idx: Option<Tensor>,
 }
 
 /// Text documents from a corpus folder (every .txt, sorted by name), a single file, or a fetched corpus.
@@ -140,7 +142,7 @@ fn make_batch(rows: Vec<(Vec<u32>, Vec<u32>)>, seq_len: usize, dev: &Device) -> 
         inputs: Tensor::from_vec(inputs, (b, seq_len), dev)?,
         targets: Tensor::from_vec(targets, (b, seq_len), dev)?,
         weights: Tensor::from_vec(weights, (b, seq_len), dev)?,
-        seq_idx: Tensor::from_vec(seq, (b, seq_len), dev)?,
+        seq_idx: if seq.iter().any(|&d| d != 0) { Some(Tensor::from_vec(seq, (b, seq_len), dev)?) } else { None },
     })
 }
 
@@ -191,4 +193,24 @@ impl Stream {
 
 pub fn batch_from_rows(rows: Vec<(Vec<u32>, Vec<u32>)>, seq_len: usize, dev: &Device) -> Result<Batch> {
     make_batch(rows, seq_len, dev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::batch_from_rows;
+    use candle_core::Device;
+
+    #[test]
+    fn seq_idx_only_where_a_row_crosses_a_document_boundary() {
+        // Rows of 4 inputs and their targets: (tokens, document of each token).
+        let inside = (vec![1, 2, 3, 4, 5], vec![3, 3, 3, 3, 3]);
+        let crossing = (vec![1, 2, 3, 4, 5], vec![5, 5, 6, 6, 6]);
+        let at_last_target = (vec![1, 2, 3, 4, 5], vec![7, 7, 7, 7, 8]);
+        let b = batch_from_rows(vec![inside.clone(), at_last_target], 4, &Device::Cpu).unwrap();
+        assert!(b.seq_idx.is_none(), "no boundary inside the inputs: no document ids");
+        assert_eq!(b.weights.to_vec2::<f32>().unwrap(), vec![vec![1.0; 4], vec![1.0, 1.0, 1.0, 0.0]]);
+        let b = batch_from_rows(vec![inside, crossing], 4, &Device::Cpu).unwrap();
+        assert_eq!(b.seq_idx.unwrap().to_vec2::<u32>().unwrap(), vec![vec![0, 0, 0, 0], vec![0, 0, 1, 1]]);
+        assert_eq!(b.weights.to_vec2::<f32>().unwrap(), vec![vec![1.0; 4], vec![1.0, 0.0, 1.0, 1.0]]);
+    }
 }

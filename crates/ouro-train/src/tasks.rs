@@ -97,7 +97,7 @@ impl Task {
             inputs: Tensor::from_vec(inputs, (batch, total), dev)?,
             targets: Tensor::from_vec(targets, (batch, total), dev)?,
             weights: Tensor::from_vec(weights, (batch, total), dev)?,
-            seq_idx: Tensor::zeros((batch, total), candle_core::DType::U32, dev)?,
+            seq_idx: None,
         })
     }
 }

@@ -167,7 +167,7 @@ fn mask_batch(b: Batch, mask_id: u32, prob: f64, seed: u64) -> Result<Batch> {
 
 /// The loss of one batch under the configured objective.
 pub fn batch_loss(model: &dyn LanguageModel, batch: &Batch) -> Result<Tensor> {
-    let logits = model.forward(&batch.inputs, Some(&batch.seq_idx), None)?;
+    let logits = model.forward(&batch.inputs, batch.seq_idx.as_ref(), None)?;
     weighted_cross_entropy(&logits, &batch.targets, &batch.weights)
 }
 

@@ -23,7 +23,7 @@ fn three_adamw_steps_match_pytorch() {
         inputs: ids.narrow(1, 0, l).unwrap(),
         targets: ids.narrow(1, 1, l).unwrap(),
         weights: Tensor::ones((2, l), DType::F32, &Device::Cpu).unwrap(),
-        seq_idx: Tensor::zeros((2, l), DType::U32, &Device::Cpu).unwrap(),
+        seq_idx: None,
     };
     let mut opt = AdamW::new(tr.named_vars(), 0.9, 0.95, 1e-8, 0.1).unwrap();
     // Step-1 gradients.
