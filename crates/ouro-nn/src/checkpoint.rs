@@ -8,7 +8,7 @@
 use candle_core::quantized::gguf_file;
 use candle_core::{bail, DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
-use candle_nn::VarBuilder;
+use candle_nn::{VarBuilder, VarMap};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -41,6 +41,15 @@ pub struct Checkpoint {
 
 fn err_ctx<T>(r: Result<T>, what: impl FnOnce() -> String) -> Result<T> {
     r.map_err(|e| candle_core::Error::Msg(format!("{}: {e}", what())))
+}
+
+/// A VarMap's variables sorted by name. The map is a HashMap, whose order changes from run to run:
+/// whatever draws random values or sums over the variables walks this order instead, so that a seed
+/// gives the same result every time.
+pub fn named_vars(vm: &VarMap) -> Vec<(String, candle_core::Var)> {
+    let mut v: Vec<(String, candle_core::Var)> = vm.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
 }
 
 /// Reads `config.json` from a checkpoint folder.

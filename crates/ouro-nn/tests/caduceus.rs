@@ -40,7 +40,7 @@ fn random_ps(seed: u64, strategy: &str) -> Caduceus {
     let vm = VarMap::new();
     let m = Caduceus::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
     let mut g = Gen::new(seed);
-    for (name, v) in vm.data().lock().unwrap().iter() {
+    for (name, v) in ouro_nn::checkpoint::named_vars(&vm) {
         let t = if name.ends_with("A_log") {
             g.uniform(v.dims(), -0.5, 1.5)
         } else if name.ends_with("dt_proj.bias") {
@@ -115,7 +115,7 @@ fn bimamba_is_bidirectional_and_ties_projections() {
     let vm = VarMap::new();
     let m = Caduceus::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
     let mut g = Gen::new(9);
-    for (name, v) in vm.data().lock().unwrap().iter() {
+    for (name, v) in ouro_nn::checkpoint::named_vars(&vm) {
         v.set(&if name.ends_with("dt_proj.bias") { g.uniform(v.dims(), -3.0, -1.0) } else { g.normal(v.dims(), 0.5) }).unwrap();
     }
     let names: Vec<String> = vm.data().lock().unwrap().keys().cloned().collect();

@@ -38,8 +38,7 @@ fn gradients_match_finite_differences() {
     let w = Gen::new(7).normal(&[1, 9, 8], 1.0);
     let loss = |h: &Hydra, u: &Tensor| h.forward(u).unwrap().mul(&w).unwrap().sum_all().unwrap();
     let grads = loss(&h, u.as_tensor()).backward().unwrap();
-    let mut targets: Vec<(String, Var)> = vm.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    targets.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut targets = ouro_nn::checkpoint::named_vars(&vm);
     targets.push(("u".into(), u.clone()));
     let mut r = Gen::new(8);
     for (name, var) in targets {

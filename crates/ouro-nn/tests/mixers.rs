@@ -90,7 +90,7 @@ fn random_mixer<T>(seed: u64, f: impl Fn(VarBuilder) -> candle_core::Result<T>) 
     let vm = VarMap::new();
     let m = f(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
     let mut r = Gen::new(seed);
-    for (name, v) in vm.data().lock().unwrap().iter() {
+    for (name, v) in ouro_nn::checkpoint::named_vars(&vm) {
         let t = if name.ends_with("A_log") {
             r.uniform(v.dims(), -0.5, 1.5)
         } else if name.ends_with("dt_bias") || name.ends_with("dt_proj.bias") {

@@ -197,8 +197,7 @@ fn attention_rows_at_different_positions_equal_each_row_alone() {
         let vm = VarMap::new();
         let att = Attention::new_llama(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
         let mut g = Gen::new(3);
-        for (name, v) in vm.data().lock().unwrap().iter() {
-            let _ = name;
+        for (_, v) in ouro_nn::checkpoint::named_vars(&vm) {
             v.set(&g.normal(v.dims(), 0.5)).unwrap();
         }
         let lens = [3usize, 8, 5];

@@ -24,9 +24,7 @@ impl Trainable {
 
     /// Named parameters, sorted by name.
     pub fn named_vars(&self) -> Vec<(String, Var)> {
-        let mut v: Vec<(String, Var)> = self.varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
+        ouro_nn::checkpoint::named_vars(&self.varmap)
     }
 
     pub fn parameter_count(&self) -> usize {

@@ -175,8 +175,7 @@ impl TrainedOperator {
 /// memory's output, which starts silent (see below).
 fn init(varmap: &VarMap, cfg: &OperatorConfig, frames: usize, seed: u64) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut named: Vec<(String, candle_core::Var)> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let named = ouro_nn::checkpoint::named_vars(varmap);
     let dims_of = |name: &str| varmap.data().lock().unwrap().get(name).map(|v| v.dims().to_vec());
     for (name, var) in named {
         let dims = var.dims().to_vec();
@@ -236,7 +235,7 @@ pub fn train(cfg: OperatorConfig, train: &Trajectories, test: &Trajectories, o: 
     let varmap = VarMap::new();
     let net = NeuralOperator::new(cfg.clone(), VarBuilder::from_varmap(&varmap, DType::F32, dev))?;
     init(&varmap, &cfg, t, o.seed)?;
-    let named: Vec<(String, candle_core::Var)> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let named = ouro_nn::checkpoint::named_vars(&varmap);
     let parameters: usize = named.iter().map(|(_, v)| v.elem_count()).sum();
     log(&format!("{:?} (width {}, {} modes, {} layers): {parameters} parameters; {n} training trajectories × {t} frames × {r} points", cfg.kind, cfg.width, cfg.modes, cfg.layers));
     let mut model = TrainedOperator { ck: OperatorCheckpoint { model: cfg, mean, std, resolution: r, frames: t, parameters, data: train.meta.clone() }, varmap, net };

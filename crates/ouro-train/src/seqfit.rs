@@ -536,9 +536,7 @@ impl Net {
 /// Initialises a fresh network's parameters (PyTorch-style defaults; Lyra's S4D as in s4d.py).
 fn init(varmap: &VarMap, seed: u64) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut named: Vec<(String, candle_core::Var)> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, var) in named {
+    for (name, var) in ouro_nn::checkpoint::named_vars(varmap) {
         if name.starts_with("backbone.") {
             continue; // initialised by the backbone's own rules (or loaded from --init)
         }
@@ -973,7 +971,7 @@ pub fn fit(
         (_, Some(_)) => bail!("--init needs a backbone model"),
         _ => {}
     }
-    let named: Vec<(String, candle_core::Var)> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let named = ouro_nn::checkpoint::named_vars(&varmap);
     let params: usize = named.iter().map(|(_, v)| v.elem_count()).sum();
     log(&format!("model {} (d_model {}, {}): {params} parameters", spec.kind, spec.d_model, spec.embedding));
     let mut opt = AdamW::new(named, 0.9, 0.999, 1e-8, o.weight_decay)?;

@@ -7,7 +7,7 @@ use ouro_kernels::testing::Gen;
 /// biases ~ U(0.3, 0.7) (Cauchy's offset, kept away from its poles), everything else N(0, 0.4²).
 pub fn randomize(vm: &VarMap, seed: u64) {
     let mut r = Gen::new(seed);
-    for (name, v) in vm.data().lock().unwrap().iter() {
+    for (name, v) in ouro_nn::checkpoint::named_vars(vm) {
         let t = if name.ends_with("A_log") {
             r.uniform(v.dims(), -0.5, 0.5)
         } else if name.ends_with("dt_bias") {
