@@ -27,6 +27,24 @@ use rayon::prelude::*;
 /// CPUs 24–32 runs fastest (see docs/performance.md); GPU kernels use the checkpoint's chunk size.
 pub const CPU_CHUNK: usize = 32;
 
+/// How far the CUDA kernels, which take no document ids, lower the log-decay a_t of a document's first
+/// position: the state entering it (the previous document's) is then scaled by exp(a_t − 24) < 4e-11, below
+/// f32's rounding (6e-8) of what the document adds, while the decays inside a document are unchanged
+/// (they are differences of cumulative sums, from which the offset cancels). The decay a_t itself
+/// multiplies nothing else, so its gradient is the same ~0 as under an exact reset. Each boundary in a
+/// chunk adds 24 to the magnitude of that chunk's cumulative sums, and with it a rounding of 2⁻²⁴·24·k to
+/// their differences (k boundaries before the position in the chunk): 2e-5 relative at k = 16.
+pub const DOC_START_DECAY: f64 = 24.0;
+
+/// (b, l, 1) f32 on `dev`, or None without documents: −[`DOC_START_DECAY`] where a position's document
+/// id differs from its predecessor's, 0 elsewhere. Added to the log-decay, it resets the state at every
+/// boundary, the first document of a row taking the initial state, as the exact masks of the CPU path do.
+pub fn doc_start_decay(seg: &Segments, b: usize, l: usize, dev: &candle_core::Device) -> Result<Option<Tensor>> {
+    let Some(ids) = seg.ids() else { return Ok(None) };
+    let v: Vec<f32> = (0..b * l).map(|i| if i % l > 0 && ids[i] != ids[i - 1] { -DOC_START_DECAY as f32 } else { 0.0 }).collect();
+    Tensor::from_vec(v, (b, l, 1), dev).map(Some)
+}
+
 /// Problem sizes: batch, length, heads, head dim, groups, state size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dims {
@@ -1170,10 +1188,14 @@ pub fn ssd_xbc(
     let f = |t: &Tensor| t.to_dtype(DType::F32);
     let dev = xbc.device();
     #[cfg(feature = "cuda")]
-    if algo != Algo::Quadratic && seq_idx.is_none() && crate::cuda::ssd::supported(dev, xbc.dtype(), p, n) {
-        // The CUDA kernels read x, B, C from the rows as they are; dt and the decay are prepared here.
+    if algo != Algo::Quadratic && crate::cuda::ssd::supported(dev, xbc.dtype(), p, n) {
+        // The CUDA kernels read x, B, C from the rows as they are; dt and the decay are prepared here,
+        // document boundaries as a lowered decay.
         let dtp = process_dt(dt, dt_bias, dt_softplus, dt_limit)?;
-        let la = dtp.broadcast_mul(&f(a)?.reshape((1, 1, h))?)?;
+        let mut la = dtp.broadcast_mul(&f(a)?.reshape((1, 1, h))?)?;
+        if let Some(starts) = doc_start_decay(&Segments::from_tensor(seq_idx, b, l)?, b, l, dev)? {
+            la = la.broadcast_add(&starts)?;
+        }
         return crate::cuda::ssd::scan_xbc(xbc, &dtp, &la, d, initial_states, crate::cuda::ssd::XbcLayout::mamba2(h, p, g, n));
     }
     if !dev.is_cpu() || algo == Algo::Quadratic {
@@ -1226,17 +1248,20 @@ pub fn ssd_xbc(
 
 /// [`ssd_xbc`]'s y alone, from a zero initial state (training: no state in, none out). On CUDA with bf16
 /// xbc this is one op each way on the tensor-core kernels (the dt preparation inside; y, dy and the xbc
-/// gradient in bf16), and y comes back in bf16; elsewhere it is `ssd_xbc`'s y (f32).
+/// gradient in bf16; document boundaries as in [`DOC_START_DECAY`]), and y comes back in bf16; elsewhere it is
+/// `ssd_xbc`'s y (f32).
 #[allow(clippy::too_many_arguments)]
 pub fn ssd_xbc_y(xbc: &Tensor, dt: &Tensor, shape: XbcShape, a: &Tensor, dt_bias: Option<&Tensor>, d: Option<&Tensor>, dt_softplus: bool, dt_limit: (f64, f64), seq_idx: Option<&Tensor>, algo: Algo) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if algo != Algo::Quadratic && seq_idx.is_none() && xbc.device().is_cuda() && xbc.dim(1)? > 0 {
+    if algo != Algo::Quadratic && xbc.device().is_cuda() && xbc.dim(1)? > 0 {
         let XbcShape { heads: h, head_dim: p, groups: g, d_state: n } = shape;
         expect_dims(a, &[h], "ssd: A")?;
         // Rows of another width are left to ssd_xbc's error; groups that do not divide the heads to scan_xbc_y's None.
         if xbc.dim(2)? == h * p + 2 * g * n {
+            let (b, l, _) = xbc.dims3()?;
+            let starts = doc_start_decay(&Segments::from_tensor(seq_idx, b, l)?, b, l, xbc.device())?;
             let lay = crate::cuda::ssd::XbcLayout::mamba2(h, p, g, n);
-            if let Some(y) = crate::cuda::ssd::scan_xbc_y(xbc, dt, a, dt_bias, d, dt_softplus, dt_limit, lay)? {
+            if let Some(y) = crate::cuda::ssd::scan_xbc_y(xbc, dt, a, dt_bias, d, dt_softplus, dt_limit, starts.as_ref(), lay)? {
                 return Ok(y);
             }
         }
@@ -1283,15 +1308,19 @@ pub fn scan(
         None => Tensor::zeros((b, h, p, n), DType::F32, x.device())?,
     };
     #[cfg(feature = "cuda")]
-    if algo != Algo::Quadratic && seq_idx.is_none() && crate::cuda::ssd::supported(x.device(), DType::F32, p, n) {
+    if algo != Algo::Quadratic && crate::cuda::ssd::supported(x.device(), DType::F32, p, n) {
         let xbc = Tensor::cat(&[&x.reshape((b, l, h * p))?, &bm.reshape((b, l, g * n))?, &cm.reshape((b, l, g * n))?], 2)?;
         let ones = Tensor::ones((b, l, h), DType::F32, x.device())?;
+        let a = match doc_start_decay(&seg, b, l, x.device())? {
+            Some(starts) => a.broadcast_add(&starts)?,
+            None => a,
+        };
         return crate::cuda::ssd::scan_xbc(&xbc, &ones, &a, None, Some(&s0), crate::cuda::ssd::XbcLayout::mamba2(h, p, g, n));
     }
     match algo {
         Algo::Quadratic => scan_quadratic(&x, &a, &bm, &cm, &s0, &seg),
-        // Other devices, and CUDA where its kernels do not apply (document boundaries, odd sizes): the
-        // quadratic form (exact, O(L²) memory).
+        // Other devices, and CUDA where its kernels do not apply (odd sizes): the quadratic form (exact,
+        // O(L²) memory).
         _ if !x.device().is_cpu() => scan_quadratic(&x, &a, &bm, &cm, &s0, &seg),
         _ => {
             let xa = to_f32_contig(&Tensor::cat(&[&x, &a.unsqueeze(3)?], 3)?)?;

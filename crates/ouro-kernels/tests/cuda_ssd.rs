@@ -27,6 +27,16 @@ struct Case {
     init: bool,
     d_per_channel: bool,
     with_d: bool,
+    /// Document boundaries (positions where a new document starts), the same in every row; none: no seq_idx.
+    cuts: &'static [usize],
+}
+
+/// seq_idx (b, l) on `dev` for `c.cuts` (row r's documents numbered from r), or None without cuts.
+fn seq_idx(c: &Case, dev: &Device) -> Option<Tensor> {
+    (!c.cuts.is_empty()).then(|| {
+        let ids: Vec<u32> = (0..c.b * c.l).map(|i| (i / c.l + c.cuts.iter().filter(|&&t| i % c.l >= t).count()) as u32).collect();
+        Tensor::from_vec(ids, (c.b, c.l), dev).unwrap()
+    })
 }
 
 /// (y, final state, grads of xbc, dt, A, dt_bias, D, initial state) of `ssd_xbc` on `dev` with xbc in `dtype`.
@@ -47,7 +57,8 @@ fn run(c: &Case, seed: u64, dev: &Device, dtype: DType) -> Vec<Tensor> {
     let (xbc, dt, a, dt_bias, d, s0) = (v(&xbc), v(&dt), v(&a), v(&dt_bias), v(&d), v(&s0));
     let algo = Algo::Chunked(CPU_CHUNK);
     let d_arg = c.with_d.then_some(d.as_tensor());
-    let (y, sf) = ssd_xbc(&xbc, &dt, shape, &a, Some(&dt_bias), d_arg, true, c.dt_limit, c.init.then_some(s0.as_tensor()), None, algo).unwrap();
+    let si = seq_idx(c, dev);
+    let (y, sf) = ssd_xbc(&xbc, &dt, shape, &a, Some(&dt_bias), d_arg, true, c.dt_limit, c.init.then_some(s0.as_tensor()), si.as_ref(), algo).unwrap();
     let loss = ((y.broadcast_mul(&wy.to_device(dev).unwrap()).unwrap().sum_all().unwrap())
         + sf.broadcast_mul(&ws.to_device(dev).unwrap()).unwrap().sum_all().unwrap())
     .unwrap();
@@ -96,51 +107,51 @@ fn check_inner(c: Case, dtype: DType, tol: f32) {
 
 #[test]
 fn f32_small_heads_groups_partial_chunk() {
-    check(Case { b: 2, l: 200, h: 4, p: 16, g: 2, n: 32, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: false, with_d: true }, DType::F32, 1e-4);
+    check(Case { b: 2, l: 200, h: 4, p: 16, g: 2, n: 32, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: false, with_d: true, cuts: &[] }, DType::F32, 1e-4);
 }
 
 #[test]
 fn f32_mamba2_sizes_dt_limit() {
-    check(Case { b: 2, l: 300, h: 4, p: 64, g: 1, n: 128, dt_limit: (0.001, 0.1), init: true, d_per_channel: true, with_d: true }, DType::F32, 1e-4);
+    check(Case { b: 2, l: 300, h: 4, p: 64, g: 1, n: 128, dt_limit: (0.001, 0.1), init: true, d_per_channel: true, with_d: true, cuts: &[] }, DType::F32, 1e-4);
 }
 
 #[test]
 fn f32_no_initial_state_single_chunk() {
-    check(Case { b: 3, l: 17, h: 2, p: 8, g: 1, n: 16, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true }, DType::F32, 1e-4);
+    check(Case { b: 3, l: 17, h: 2, p: 8, g: 1, n: 16, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true, cuts: &[] }, DType::F32, 1e-4);
 }
 
 #[test]
 fn bf16_inputs() {
     // xbc in bf16 on both devices (the CPU computes on the same rounded values, in f32); the GPU's
     // tensor-core forward also rounds its intermediate products' operands to bf16.
-    check(Case { b: 2, l: 257, h: 8, p: 64, g: 2, n: 64, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: false, with_d: true }, DType::BF16, 1e-2);
+    check(Case { b: 2, l: 257, h: 8, p: 64, g: 2, n: 64, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: false, with_d: true, cuts: &[] }, DType::BF16, 1e-2);
 }
 
 #[test]
 fn bf16_mamba2_sizes() {
     // The tensor-core forward (chunk 64, bf16 tiles): products of bf16-rounded operands, f32 sums.
-    check(Case { b: 2, l: 300, h: 4, p: 64, g: 1, n: 128, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: true, with_d: true }, DType::BF16, 1e-2);
+    check(Case { b: 2, l: 300, h: 4, p: 64, g: 1, n: 128, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: true, with_d: true, cuts: &[] }, DType::BF16, 1e-2);
 }
 
 #[test]
 fn bf16_short_and_whole_chunks_no_skip_no_state_groups_equal_heads() {
     // One partial chunk (l < 64), whole chunks (l = 128), no D, no initial state, one head per group.
     for l in [37, 128] {
-        check(Case { b: 2, l, h: 4, p: 32, g: 4, n: 32, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: false }, DType::BF16, 1e-2);
+        check(Case { b: 2, l, h: 4, p: 32, g: 4, n: 32, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: false, cuts: &[] }, DType::BF16, 1e-2);
     }
 }
 
 #[test]
 fn bf16_on_the_f32_kernels() {
     // head_dim 12 is not a multiple of 16: bf16 storage on the f32 kernels.
-    check(Case { b: 2, l: 90, h: 3, p: 12, g: 1, n: 20, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: false, with_d: true }, DType::BF16, 1e-2);
+    check(Case { b: 2, l: 90, h: 3, p: 12, g: 1, n: 20, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: false, with_d: true, cuts: &[] }, DType::BF16, 1e-2);
 }
 
 #[test]
 fn bf16_group_partials_with_atomics() {
     // The B/C gradients summed by atomics instead of per-head partials (OURO_SSD_ATOMICS) agree.
     let Some(_) = cuda() else { return };
-    let c = || Case { b: 1, l: 100, h: 4, p: 16, g: 2, n: 16, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: false, with_d: true };
+    let c = || Case { b: 1, l: 100, h: 4, p: 16, g: 2, n: 16, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: false, with_d: true, cuts: &[] };
     let dev = Device::new_cuda(0).unwrap();
     let _env = ENV_LOCK.write().unwrap_or_else(|e| e.into_inner());
     let partials = run(&c(), 7, &dev, DType::BF16);
@@ -164,13 +175,19 @@ fn discrete_scan_entry_matches_the_cpu() {
     let bm = r.normal(&[b, l, g, n], 1.0);
     let cm = r.normal(&[b, l, g, n], 1.0);
     let s0 = r.normal(&[b, h, p, n], 1.0);
-    let run = |dev: &Device| {
-        let t = |v: &Tensor| v.to_device(dev).unwrap();
-        let (y, sf) = ouro_kernels::ssd::scan(&t(&x), &t(&a), &t(&bm), &t(&cm), Some(&t(&s0)), None, Algo::Chunked(CPU_CHUNK)).unwrap();
-        (y.to_device(&Device::Cpu).unwrap(), sf.to_device(&Device::Cpu).unwrap())
-    };
-    let (want, got) = (run(&Device::Cpu), run(&dev));
-    assert!(rel_err(&got.0, &want.0) < 1e-4 && rel_err(&got.1, &want.1) < 1e-4, "{} {}", rel_err(&got.0, &want.0), rel_err(&got.1, &want.1));
+    // Without and with documents (boundaries mid-chunk, at a chunk's edge, back to back).
+    let docs = Tensor::from_vec((0..b * l).map(|i| [0, 64, 65, 100].iter().filter(|&&c| i % l >= c).count() as u32).collect::<Vec<_>>(), (b, l), &Device::Cpu).unwrap();
+    for si in [None, Some(&docs)] {
+        let run = |dev: &Device| {
+            let t = |v: &Tensor| v.to_device(dev).unwrap();
+            let (y, sf) = ouro_kernels::ssd::scan(&t(&x), &t(&a), &t(&bm), &t(&cm), Some(&t(&s0)), si.map(t).as_ref(), Algo::Chunked(CPU_CHUNK)).unwrap();
+            (y.to_device(&Device::Cpu).unwrap(), sf.to_device(&Device::Cpu).unwrap())
+        };
+        let (want, got) = (run(&Device::Cpu), run(&dev));
+        let (ey, es) = (rel_err(&got.0, &want.0), rel_err(&got.1, &want.1));
+        eprintln!("discrete scan, documents {}: y rel err {ey:.2e}, final state {es:.2e}", si.is_some());
+        assert!(ey < 1e-4 && es < 1e-4, "{ey} {es}");
+    }
 }
 
 /// (y, grads of xbc, dt, A, dt_bias, D) of `ssd_xbc_y` (y alone, zero initial state) on `dev`, xbc in bf16.
@@ -188,7 +205,8 @@ fn run_y(c: &Case, seed: u64, dev: &Device, with_bias: bool) -> Vec<Tensor> {
     let wy = r.normal(&[c.b, c.l, c.h, c.p], 1.0).to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
     let v = |t: &Tensor| Var::from_tensor(&t.to_device(dev).unwrap()).unwrap();
     let (xbc, dt, a, dt_bias, d) = (v(&xbc), v(&dt), v(&a), v(&dt_bias), v(&d));
-    let y = ouro_kernels::ssd::ssd_xbc_y(&xbc, &dt, shape, &a, with_bias.then_some(dt_bias.as_tensor()), c.with_d.then_some(d.as_tensor()), true, c.dt_limit, None, Algo::Chunked(CPU_CHUNK)).unwrap();
+    let si = seq_idx(c, dev);
+    let y = ouro_kernels::ssd::ssd_xbc_y(&xbc, &dt, shape, &a, with_bias.then_some(dt_bias.as_tensor()), c.with_d.then_some(d.as_tensor()), true, c.dt_limit, si.as_ref(), Algo::Chunked(CPU_CHUNK)).unwrap();
     if dev.is_cuda() {
         assert_eq!(y.dtype(), DType::BF16, "the y-only tensor-core op did not run");
     }
@@ -246,18 +264,18 @@ fn for_each_setting<const V: usize>(vars: [&str; V], settings: &[[&str; V]], che
 #[test]
 fn y_only_op_mamba2_sizes_dt_limit() {
     // The training op (dt preparation inside, y / dy / dxbc in bf16) against the CPU's ssd_xbc.
-    check_y(Case { b: 2, l: 300, h: 4, p: 64, g: 1, n: 128, dt_limit: (0.001, 0.1), init: false, d_per_channel: true, with_d: true }, true);
+    check_y(Case { b: 2, l: 300, h: 4, p: 64, g: 1, n: 128, dt_limit: (0.001, 0.1), init: false, d_per_channel: true, with_d: true, cuts: &[] }, true);
 }
 
 #[test]
 fn y_only_op_groups_partial_chunk() {
-    check_y(Case { b: 2, l: 257, h: 8, p: 64, g: 2, n: 64, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true }, true);
+    check_y(Case { b: 2, l: 257, h: 8, p: 64, g: 2, n: 64, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true, cuts: &[] }, true);
 }
 
 #[test]
 fn y_only_op_short_no_skip_no_bias() {
     for l in [37, 128] {
-        check_y(Case { b: 2, l, h: 4, p: 32, g: 4, n: 32, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: false }, false);
+        check_y(Case { b: 2, l, h: 4, p: 32, g: 4, n: 32, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: false, cuts: &[] }, false);
     }
 }
 
@@ -268,8 +286,8 @@ fn every_heads_per_block_matches_the_cpu() {
     // p = 32, chunk_scan_mma asks for exactly 48 KB of dynamic shared memory, which a kernel with static shared
     // memory may use only once allowed explicitly (it failed to launch before the kernel cache did that).
     for_each_setting(["OURO_SSD_HEADS_PER_BLOCK"], &[["1"], ["2"], ["4"], ["8"]], || {
-        check_inner(Case { b: 2, l: 200, h: 8, p: 64, g: 1, n: 64, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: true, with_d: true }, DType::BF16, 1e-2);
-        check_y_inner(Case { b: 1, l: 150, h: 16, p: 32, g: 2, n: 128, dt_limit: (0.001, 0.1), init: false, d_per_channel: false, with_d: true }, true);
+        check_inner(Case { b: 2, l: 200, h: 8, p: 64, g: 1, n: 64, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: true, with_d: true, cuts: &[] }, DType::BF16, 1e-2);
+        check_y_inner(Case { b: 1, l: 150, h: 16, p: 32, g: 2, n: 128, dt_limit: (0.001, 0.1), init: false, d_per_channel: false, with_d: true, cuts: &[] }, true);
     });
 }
 
@@ -281,9 +299,9 @@ fn chunk_bwd_every_heads_per_block_and_buffers_match_the_cpu() {
     // op (bf16 partials or stores), partial chunks and a single partial chunk included.
     let settings = [["2", "1"], ["2", "2"], ["2", "4"], ["2", "8"], ["1", "1"], ["1", "2"], ["1", "4"], ["1", "8"]];
     for_each_setting(["OURO_SSD_BWD_BUFFERS", "OURO_SSD_BWD_HEADS"], &settings, || {
-        check_inner(Case { b: 2, l: 200, h: 8, p: 64, g: 2, n: 64, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: true, with_d: true }, DType::BF16, 1e-2);
-        check_y_inner(Case { b: 1, l: 150, h: 16, p: 32, g: 2, n: 128, dt_limit: (0.001, 0.1), init: false, d_per_channel: false, with_d: true }, true);
-        check_y_inner(Case { b: 3, l: 37, h: 8, p: 64, g: 1, n: 64, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true }, true);
+        check_inner(Case { b: 2, l: 200, h: 8, p: 64, g: 2, n: 64, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: true, with_d: true, cuts: &[] }, DType::BF16, 1e-2);
+        check_y_inner(Case { b: 1, l: 150, h: 16, p: 32, g: 2, n: 128, dt_limit: (0.001, 0.1), init: false, d_per_channel: false, with_d: true, cuts: &[] }, true);
+        check_y_inner(Case { b: 3, l: 37, h: 8, p: 64, g: 1, n: 64, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true, cuts: &[] }, true);
     });
 }
 
@@ -298,8 +316,8 @@ fn state_pass_every_tile_matches_the_cpu() {
     // 0.3–3% where ⟨dL/dS_out, S_in⟩ cancels, bf16-rounding noise, and d dt_bias then by 2%).
     let settings = [["0", "256"], ["16", "256"], ["32", "256"], ["64", "256"], ["32", "512"], ["64", "512"]];
     for_each_setting(["OURO_SSD_STATE_TILE", "OURO_SSD_STATE_THREADS"], &settings, || {
-        check_y_inner(Case { b: 2, l: 700, h: 4, p: 64, g: 2, n: 64, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: true, with_d: true }, true);
-        check_y_inner(Case { b: 1, l: 450, h: 2, p: 64, g: 1, n: 128, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true }, true);
+        check_y_inner(Case { b: 2, l: 700, h: 4, p: 64, g: 2, n: 64, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: true, with_d: true, cuts: &[] }, true);
+        check_y_inner(Case { b: 1, l: 450, h: 2, p: 64, g: 1, n: 128, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true, cuts: &[] }, true);
     });
 }
 
@@ -310,11 +328,11 @@ fn scan_walk_every_tile_matches_the_cpu() {
     // chunk, two groups, head dims 64 and 32, d_state 32, 64 and 128, the dt clamp. (A slice the sizes do not
     // allow falls back to the separate kernels.) The backward is the usual one.
     for_each_setting(["OURO_SSD_SCAN_WALK"], &[["0"], ["16"], ["32"], ["64"]], || {
-        check_y_inner(Case { b: 2, l: 700, h: 4, p: 64, g: 2, n: 64, dt_limit: (0.001, 0.1), init: false, d_per_channel: true, with_d: true }, true);
-        check_y_inner(Case { b: 1, l: 450, h: 2, p: 64, g: 1, n: 128, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true }, true);
-        check_y_inner(Case { b: 2, l: 200, h: 4, p: 32, g: 1, n: 32, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: false }, false);
+        check_y_inner(Case { b: 2, l: 700, h: 4, p: 64, g: 2, n: 64, dt_limit: (0.001, 0.1), init: false, d_per_channel: true, with_d: true, cuts: &[] }, true);
+        check_y_inner(Case { b: 1, l: 450, h: 2, p: 64, g: 1, n: 128, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true, cuts: &[] }, true);
+        check_y_inner(Case { b: 2, l: 200, h: 4, p: 32, g: 1, n: 32, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: false, cuts: &[] }, false);
         // One partial chunk: the walk's copies and weights one chunk ahead find nothing to copy.
-        check_y_inner(Case { b: 3, l: 37, h: 2, p: 64, g: 1, n: 64, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true }, true);
+        check_y_inner(Case { b: 3, l: 37, h: 2, p: 64, g: 1, n: 64, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true, cuts: &[] }, true);
     });
 }
 
@@ -327,9 +345,27 @@ fn scan_walk_segments_match_the_cpu() {
     // the fix-up's blocks take 8 chunks, then 4); slices 64 and 32, two groups.
     let settings = [["64", "1"], ["64", "2"], ["64", "3"], ["32", "4"], ["64", "11"]];
     for_each_setting(["OURO_SSD_SCAN_WALK", "OURO_SSD_WALK_SEGMENTS"], &settings, || {
-        check_y_inner(Case { b: 2, l: 700, h: 4, p: 64, g: 2, n: 64, dt_limit: (0.001, 0.1), init: false, d_per_channel: true, with_d: true }, true);
-        check_y_inner(Case { b: 1, l: 450, h: 2, p: 64, g: 1, n: 128, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true }, true);
-        check_y_inner(Case { b: 3, l: 37, h: 2, p: 64, g: 1, n: 64, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true }, true);
-        check_y_inner(Case { b: 1, l: 1500, h: 2, p: 64, g: 1, n: 64, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true }, true);
+        check_y_inner(Case { b: 2, l: 700, h: 4, p: 64, g: 2, n: 64, dt_limit: (0.001, 0.1), init: false, d_per_channel: true, with_d: true, cuts: &[] }, true);
+        check_y_inner(Case { b: 1, l: 450, h: 2, p: 64, g: 1, n: 128, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true, cuts: &[] }, true);
+        check_y_inner(Case { b: 3, l: 37, h: 2, p: 64, g: 1, n: 64, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true, cuts: &[] }, true);
+        check_y_inner(Case { b: 1, l: 1500, h: 2, p: 64, g: 1, n: 64, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: false, with_d: true, cuts: &[] }, true);
+    });
+}
+
+#[test]
+fn document_boundaries_match_the_cpu() {
+    // seq_idx on CUDA: the kernels take no document ids; each document's first position gets its log-decay
+    // lowered by 24 (ssd::doc_start_decay), against the CPU's exact reset. Boundaries: a one-token document
+    // first, then back to back, at the edges of 64-token chunks, mid-chunk, several in one chunk, and one at
+    // the last position. The general op (f32 and bf16, with an initial state, which only the first document
+    // sees) and the y-only op, its walk in 1, 2 and 3 segments (the segments' states chained across
+    // boundaries by the fix-up).
+    const CUTS: &[usize] = &[1, 2, 3, 63, 64, 65, 100, 128, 130, 131, 140, 150, 160, 199];
+    check(Case { b: 2, l: 200, h: 4, p: 16, g: 2, n: 32, dt_limit: (0.0, f64::INFINITY), init: true, d_per_channel: false, with_d: true, cuts: CUTS }, DType::F32, 1e-4);
+    check(Case { b: 2, l: 200, h: 8, p: 64, g: 2, n: 128, dt_limit: (0.001, 0.1), init: true, d_per_channel: true, with_d: true, cuts: CUTS }, DType::BF16, 1e-2);
+    check_y(Case { b: 2, l: 200, h: 4, p: 64, g: 2, n: 64, dt_limit: (0.0, f64::INFINITY), init: false, d_per_channel: true, with_d: true, cuts: CUTS }, true);
+    const LONG: &[usize] = &[5, 64, 300, 301, 640, 641, 642, 700];
+    for_each_setting(["OURO_SSD_SCAN_WALK", "OURO_SSD_WALK_SEGMENTS"], &[["64", "1"], ["64", "2"], ["64", "3"]], || {
+        check_y_inner(Case { b: 2, l: 700, h: 4, p: 64, g: 2, n: 64, dt_limit: (0.001, 0.1), init: false, d_per_channel: true, with_d: true, cuts: LONG }, true);
     });
 }

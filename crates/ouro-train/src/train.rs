@@ -110,6 +110,11 @@ pub fn load_text(corpus: &str, data_dir: &Path, tokenizer: &Tokenizer, valid_fra
     };
     let docs = tokenize(texts, tokenizer)?;
     let (train, valid) = split(docs, valid_fraction, seed);
+    // The validation documents by name, the first 8 where there are more.
+    let mut names = valid.iter().take(8).map(|x| x.name.as_str()).collect::<Vec<_>>().join(", ");
+    if valid.len() > 8 {
+        names += &format!(", … {} more", valid.len() - 8);
+    }
     log(&format!(
         "corpus {}: {} training documents ({} tokens), {} validation documents ({} tokens: {})",
         corpus,
@@ -117,7 +122,7 @@ pub fn load_text(corpus: &str, data_dir: &Path, tokenizer: &Tokenizer, valid_fra
         train.iter().map(|x| x.tokens.len()).sum::<usize>(),
         valid.len(),
         valid.iter().map(|x| x.tokens.len()).sum::<usize>(),
-        valid.iter().map(|x| x.name.as_str()).collect::<Vec<_>>().join(", ")
+        names
     ));
     Ok((Stream::new(&train), Stream::new(&valid)))
 }

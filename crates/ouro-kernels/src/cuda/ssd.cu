@@ -500,14 +500,16 @@ extern "C" __global__ void __launch_bounds__(NT) ssd_chunk_bwd(const T* xbc, con
 __device__ __forceinline__ float maybe_softplus(float x, int on) { return on && x <= 20.f ? log1pf(__expf(x)) : x; }
 
 // Over (rows, H) f32: dtp = clamp(softplus(dt + bias_h), lo, hi) (softplus when `softplus`), la = dtp·A_h.
-extern "C" __global__ void ssd_prep_dt(const float* dt, const float* A, const float* bias, float* dtp, float* la, long total, int H,
-                                       int softplus, float lo, float hi) {
+// start (b·l, or null): added to la at every head of a position (document boundaries, ssd.rs's
+// doc_start_decay); a constant, so the backward does not see it.
+extern "C" __global__ void ssd_prep_dt(const float* dt, const float* A, const float* bias, const float* start, float* dtp, float* la, long total,
+                                       int H, int softplus, float lo, float hi) {
     for (long e = blockIdx.x * (long)blockDim.x + threadIdx.x; e < total; e += (long)gridDim.x * blockDim.x) {
         const int h = e % H;
         const float x = dt[e] + bias[h];
         const float v = fminf(fmaxf(maybe_softplus(x, softplus), lo), hi);
         dtp[e] = v;
-        la[e] = v * A[h];
+        la[e] = start ? fmaf(v, A[h], start[e / H]) : v * A[h];
     }
 }
 

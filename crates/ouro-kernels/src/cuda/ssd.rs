@@ -708,7 +708,7 @@ impl CustomOp3 for SsdCudaBwd {
 /// Returns y (b, l, h, p) bf16, or None where these kernels do not apply (then [`scan_xbc`] does).
 /// Differentiable w.r.t. xbc, dt, a, dt_bias and d.
 #[allow(clippy::too_many_arguments)]
-pub fn scan_xbc_y(xbc: &Tensor, dt: &Tensor, a: &Tensor, dt_bias: Option<&Tensor>, d: Option<&Tensor>, softplus: bool, dt_limit: (f64, f64), lay: XbcLayout) -> Result<Option<Tensor>> {
+pub fn scan_xbc_y(xbc: &Tensor, dt: &Tensor, a: &Tensor, dt_bias: Option<&Tensor>, d: Option<&Tensor>, softplus: bool, dt_limit: (f64, f64), starts: Option<&Tensor>, lay: XbcLayout) -> Result<Option<Tensor>> {
     let (b, l, row) = xbc.dims3()?;
     let XbcLayout { heads: h, head_dim: p, groups: g, d_state: n, .. } = lay;
     if xbc.dtype() != DType::BF16 || g == 0 || h % g != 0 || std::env::var_os("OURO_SSD_ATOMICS").is_some() {
@@ -731,14 +731,22 @@ pub fn scan_xbc_y(xbc: &Tensor, dt: &Tensor, a: &Tensor, dt_bias: Option<&Tensor
         Some(t) => f(t)?,
         None => Tensor::zeros(h, DType::F32, xbc.device())?,
     };
-    // dt as it is (f32, contiguous: no copy when it is already), and [A (h) | dt_bias (h) | D (h·p)], f32.
+    // dt as it is (f32, contiguous: no copy when it is already), and [A (h) | dt_bias (h) | D (h·p) | the
+    // document starts' decay offsets (b·l) where there are documents], f32.
     let dt = f(dt)?.contiguous()?;
-    let params = Tensor::cat(&[f(a)?.flatten_all()?, bias.flatten_all()?, d.flatten_all()?], 0)?;
-    if params.elem_count() != 2 * h + h * p {
+    let mut parts = vec![f(a)?.flatten_all()?, bias.flatten_all()?, d.flatten_all()?];
+    if let Some(s) = starts {
+        if s.elem_count() != b * l {
+            bail!("ssd (cuda): document starts must have {} values, got {}", b * l, s.elem_count());
+        }
+        parts.push(f(s)?.flatten_all()?);
+    }
+    let params = Tensor::cat(&parts, 0)?;
+    if params.elem_count() != 2 * h + h * p + starts.map_or(0, |_| b * l) {
         bail!("ssd (cuda): A and dt_bias must be ({h})");
     }
     let (lo, hi) = dt_limit;
-    let op = SsdYCuda { lay, softplus, lo: lo as f32, hi: if hi.is_finite() { hi as f32 } else { f32::INFINITY } };
+    let op = SsdYCuda { lay, softplus, lo: lo as f32, hi: if hi.is_finite() { hi as f32 } else { f32::INFINITY }, docs: starts.is_some() };
     Ok(Some(xbc.apply_op3(&dt, &params, op)?))
 }
 
@@ -748,6 +756,8 @@ struct SsdYCuda {
     softplus: bool,
     lo: f32,
     hi: f32,
+    /// `params` ends with the document starts' decay offsets (b·l).
+    docs: bool,
 }
 
 impl SsdYCuda {
@@ -766,9 +776,10 @@ impl SsdYCuda {
     fn prep(&self, dev: &candle_core::cuda_backend::CudaDevice, m: &Module, dt: u64, params: u64, blh: usize) -> Result<(candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>, u64, u64)> {
         let h = self.lay.heads;
         let (buf, pb) = alloc_f32(dev, 2 * blh, false)?;
-        let [pa, pbias, _] = self.params(params);
+        let [pa, pbias, pd] = self.params(params);
+        let start = if self.docs { pd + 4 * (h * self.lay.head_dim) as u64 } else { 0 };
         launch(&dev.cuda_stream(), &function(m, "ssd_prep_dt", 0)?, (blh.div_ceil(256).min(4096) as u32, 1, 1), 256, 0, &[
-            Arg::Ptr(dt), Arg::Ptr(pa), Arg::Ptr(pbias), Arg::Ptr(pb), Arg::Ptr(pb + 4 * blh as u64), Arg::I64(blh as i64), Arg::I32(h as i32),
+            Arg::Ptr(dt), Arg::Ptr(pa), Arg::Ptr(pbias), Arg::Ptr(start), Arg::Ptr(pb), Arg::Ptr(pb + 4 * blh as u64), Arg::I64(blh as i64), Arg::I32(h as i32),
             Arg::I32(self.softplus as i32), Arg::F32(self.lo), Arg::F32(self.hi),
         ])?;
         Ok((buf, pb, pb + 4 * blh as u64))
@@ -868,7 +879,8 @@ impl CustomOp3 for SsdYCudaBwd {
         if covered {
             poison_bf16(&dev, pdx, nx)?;
         }
-        let total = blh + 2 * h + h * p;
+        // (Zero-filled: the document starts, at the end of the parameters, are constants.)
+        let total = blh + self.params.elem_count();
         let (dpk, pdpk) = alloc_f32(&dev, total, true)?;
         // dt's gradient, then the parameters' laid out as they are.
         let (pddt, [pda, pdbias, pdd]) = (pdpk, y.params(pdpk + 4 * blh as u64));
