@@ -187,12 +187,19 @@ impl Griffin {
         Ok(Self { cfg, embed_tokens, normalizer, layers, final_norm, lm_head, act, device })
     }
 
+    /// The parameters' dtype, which the layers compute in; the residual stream stays f32, each layer's input
+    /// cast to it and its output back.
+    fn dtype(&self) -> DType {
+        self.embed_tokens.embeddings().dtype()
+    }
+
     fn mlp(&self, l: &Layer, x: &Tensor) -> Result<Tensor> {
-        l.down_proj.forward(&(self.act.apply(&l.gate_proj.forward(x)?)? * l.up_proj.forward(x)?)?)
+        let x = x.to_dtype(self.dtype())?;
+        l.down_proj.forward(&(self.act.apply(&l.gate_proj.forward(&x)?)? * l.up_proj.forward(&x)?)?)?.to_dtype(DType::F32)
     }
 
     fn head(&self, h: &Tensor) -> Result<Tensor> {
-        let logits = self.lm_head.forward(&self.final_norm.forward(h)?)?;
+        let logits = self.lm_head.forward(&self.final_norm.forward(h)?.to_dtype(self.dtype())?)?;
         let c = self.cfg.logits_soft_cap;
         if c > 0.0 {
             (logits / c)?.tanh()? * c
@@ -270,7 +277,7 @@ impl LanguageModel for Griffin {
         let resets = self.resets(b, l, offset, seq_idx)?;
         let mut h = (self.embed_tokens.forward(ids)?.to_dtype(DType::F32)? * self.normalizer)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let x = layer.temporal_pre_norm.forward(&h)?;
+            let x = layer.temporal_pre_norm.forward(&h)?.to_dtype(self.dtype())?;
             let lc = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let t = match (&layer.temporal, lc) {
                 (Temporal::Recurrent(r), Some(LayerCache::RgLru(s))) => r.forward(&x, &resets, seq_idx, Some(s))?,
@@ -279,7 +286,7 @@ impl LanguageModel for Griffin {
                 (Temporal::Attention(a), None) => a.forward(&x, seq_idx, None)?,
                 _ => bail!("cache layer {i} does not match the model"),
             };
-            let r = (t + &h)?;
+            let r = (t.to_dtype(DType::F32)? + &h)?;
             h = (self.mlp(layer, &layer.channel_pre_norm.forward(&r)?)? + r)?;
         }
         if let Some(c) = cache {
@@ -292,13 +299,13 @@ impl LanguageModel for Griffin {
         let reset = cache.seqlen == 0;
         let mut h = (self.embed_tokens.forward(ids)?.to_dtype(DType::F32)? * self.normalizer)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let x = layer.temporal_pre_norm.forward(&h)?;
+            let x = layer.temporal_pre_norm.forward(&h)?.to_dtype(self.dtype())?;
             let t = match (&layer.temporal, &mut cache.layers[i]) {
                 (Temporal::Recurrent(r), LayerCache::RgLru(s)) => r.step(&x, reset, s)?,
                 (Temporal::Attention(a), LayerCache::Attention(kv)) => a.forward(&x.unsqueeze(1)?, None, Some(kv))?.squeeze(1)?,
                 _ => bail!("cache layer {i} does not match the model"),
             };
-            let r = (t + &h)?;
+            let r = (t.to_dtype(DType::F32)? + &h)?;
             h = (self.mlp(layer, &layer.channel_pre_norm.forward(&r)?)? + r)?;
         }
         cache.seqlen += 1;

@@ -131,7 +131,7 @@ impl Mamba {
             };
             return Ok((delta, expand(bl)?, expand(cl)?));
         };
-        let x_dbl = x_proj.forward(x)?;
+        let x_dbl = x_proj.forward(&x.to_dtype(x_proj.weight().dtype())?)?; // x: the conv's f32 output
         let mut dt_low = x_dbl.narrow(D::Minus1, 0, r)?;
         let mut bm = x_dbl.narrow(D::Minus1, r, n)?;
         let mut cm = x_dbl.narrow(D::Minus1, r + n, n)?;

@@ -235,8 +235,12 @@ impl Mamba2 {
                 st.ssm = final_state;
                 y
             }
-            // No state in or out (training): on CUDA in bf16 one op each way, y in bf16.
-            None => ssd_xbc_y(&xbc_conv, &dt, shape, &self.a()?, Some(&self.dt_bias), Some(&self.d_skip()?), true, c.dt_limit, seq_idx, algo)?.to_dtype(DType::F32)?,
+            // No state in or out (training): on CUDA in bf16 one op each way, y in bf16. A layer computing in
+            // bf16 hands it xBC in bf16 (the conv's output is f32), as mamba_ssm's layer does.
+            None => {
+                let xbc_conv = if self.in_proj.weight().dtype() == DType::BF16 { xbc_conv.to_dtype(DType::BF16)? } else { xbc_conv };
+                ssd_xbc_y(&xbc_conv, &dt, shape, &self.a()?, Some(&self.dt_bias), Some(&self.d_skip()?), true, c.dt_limit, seq_idx, algo)?.to_dtype(DType::F32)?
+            }
         };
         self.output(y.reshape((b, l, c.d_ssm()))?, &z, &z0, &x0)
     }

@@ -532,15 +532,22 @@ impl MambaLm {
     }
 
     fn run(&self, ids: &Tensor, seq_idx: Option<&Tensor>, cache: Option<&mut Cache>) -> Result<Tensor> {
-        self.lm_head.forward(&self.hidden(ids, seq_idx, cache)?)
+        self.lm_head.forward(&self.hidden(ids, seq_idx, cache)?.to_dtype(self.dtype())?)
     }
 
-    /// Final normalised hidden states (b, l, d).
+    /// The parameters' dtype, which the layers compute in; the residual stream h stays f32 (mamba_ssm's
+    /// residual_in_fp32), each layer's input cast to it and its output back.
+    fn dtype(&self) -> DType {
+        self.embedding.embeddings().dtype()
+    }
+
+    /// Final normalised hidden states (b, l, d), f32.
     pub fn hidden(&self, ids: &Tensor, seq_idx: Option<&Tensor>, mut cache: Option<&mut Cache>) -> Result<Tensor> {
         let mut h = self.embedding.forward(ids)?.to_dtype(DType::F32)?;
+        let dt = self.dtype();
         for (i, blk) in self.blocks.iter().enumerate() {
             let lc = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let x = blk.norm.forward(&h)?;
+            let x = blk.norm.forward(&h)?.to_dtype(dt)?;
             let y = match (&blk.mixer, lc) {
                 (Mixer::Mamba(m), Some(LayerCache::Mamba(s))) => m.forward(&x, seq_idx, Some(s))?,
                 (Mixer::Mamba(m), None) => m.forward(&x, seq_idx, None)?,
@@ -551,9 +558,9 @@ impl MambaLm {
                 (Mixer::Mlp(m), None | Some(LayerCache::None)) => m.forward(&x)?,
                 _ => bail!("cache layer {i} does not match the model"),
             };
-            h = (h + y)?;
+            h = (h + y.to_dtype(DType::F32)?)?;
             if let Some((n2, mlp)) = &blk.mlp {
-                h = (&h + mlp.forward(&n2.forward(&h)?)?)?;
+                h = (&h + mlp.forward(&n2.forward(&h)?.to_dtype(dt)?)?.to_dtype(DType::F32)?)?;
             }
         }
         self.norm_f.forward(&h)
@@ -631,8 +638,9 @@ impl LanguageModel for MambaLm {
 
     fn step(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
         let mut h = self.embedding.forward(ids)?.to_dtype(DType::F32)?; // (b, d)
+        let dt = self.dtype();
         for (i, blk) in self.blocks.iter().enumerate() {
-            let x = blk.norm.forward(&h)?;
+            let x = blk.norm.forward(&h)?.to_dtype(dt)?;
             let y = match (&blk.mixer, &mut cache.layers[i]) {
                 (Mixer::Mamba(m), LayerCache::Mamba(s)) => m.step(&x, s)?,
                 (Mixer::Mamba2(m), LayerCache::Mamba2(s)) => m.step(&x, s)?,
@@ -640,12 +648,12 @@ impl LanguageModel for MambaLm {
                 (Mixer::Mlp(m), LayerCache::None) => m.forward(&x)?,
                 _ => bail!("cache layer {i} does not match the model"),
             };
-            h = (h + y)?;
+            h = (h + y.to_dtype(DType::F32)?)?;
             if let Some((n2, mlp)) = &blk.mlp {
-                h = (&h + mlp.forward(&n2.forward(&h)?)?)?;
+                h = (&h + mlp.forward(&n2.forward(&h)?.to_dtype(dt)?)?.to_dtype(DType::F32)?)?;
             }
         }
         cache.seqlen += 1;
-        self.lm_head.forward(&self.norm_f.forward(&h)?)
+        self.lm_head.forward(&self.norm_f.forward(&h)?.to_dtype(dt)?)
     }
 }

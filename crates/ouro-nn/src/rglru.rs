@@ -79,12 +79,12 @@ impl RecurrentBlock {
         })
     }
 
-    /// u (rows, W) → σ(blockdiag(u) + bias) for one of the gates.
+    /// u (rows, W) → σ(blockdiag(u) + bias) for one of the gates, in u's dtype (the conv's f32 output).
     fn gate(&self, u: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
         let rows = u.dim(0)?;
         let bw = self.width / self.heads;
         let uh = u.reshape((rows, self.heads, bw))?.transpose(0, 1)?.contiguous()?; // (H, rows, bw)
-        let g = uh.matmul(w)?.broadcast_add(&b.unsqueeze(1)?)?; // (H, rows, bw)
+        let g = uh.matmul(&w.to_dtype(u.dtype())?)?.broadcast_add(&b.to_dtype(u.dtype())?.unsqueeze(1)?)?; // (H, rows, bw)
         candle_nn::ops::sigmoid(&g.transpose(0, 1)?.reshape((rows, self.width))?)
     }
 
@@ -93,7 +93,7 @@ impl RecurrentBlock {
     fn lru_inputs(&self, u: &Tensor, reset: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
         let gx = self.gate(u, &self.input_gate_weight, &self.input_gate_bias)?;
         let ga = self.gate(u, &self.recurrent_gate_weight, &self.recurrent_gate_bias)?;
-        let log_a = ga.broadcast_mul(&ouro_kernels::act::softplus(&self.recurrent_param)?)?.affine(-8.0, 0.0)?;
+        let log_a = ga.broadcast_mul(&ouro_kernels::act::softplus(&self.recurrent_param.to_dtype(ga.dtype())?)?)?.affine(-8.0, 0.0)?;
         let a = log_a.exp()?;
         let a2 = (&log_a * 2.0)?.exp()?;
         let mult = ouro_kernels::act::sqrt_bound(&a2.affine(-1.0, 1.0)?, MAX_SQRT_GRADIENT)?;

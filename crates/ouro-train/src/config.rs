@@ -189,6 +189,11 @@ pub struct TrainSpec {
     /// Device: cpu, cuda, cuda:N.
     #[serde(default = "cpu")]
     pub device: String,
+    /// Mixed precision: each step computes in bf16 on a bf16 copy of the f32 parameters (the casts are in the
+    /// graph, so the gradients reach the f32 parameters, which the optimizer and the checkpoints keep); the loss in
+    /// f32. For CUDA, where the bf16 kernels run (on the CPU bf16 is slower than f32 unless it has AVX-512 BF16).
+    #[serde(default)]
+    pub bf16: bool,
 }
 
 fn causal() -> String {
@@ -256,6 +261,9 @@ impl TrainConfig {
             (None, false) => {}
         }
         let bidirectional = BIDIRECTIONAL.contains(&m.arch.as_str());
+        if t.bf16 && bidirectional {
+            bail!("train.bf16 runs the causal language models (mamba, mamba2, llama, hawk, griffin, hybrid); model.arch = \"{}\" trains in f32", m.arch);
+        }
         if bidirectional && t.objective != "masked" {
             bail!("model.arch = \"{}\" is bidirectional: set train.objective = \"masked\"", m.arch);
         }

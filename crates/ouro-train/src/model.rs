@@ -27,6 +27,18 @@ impl Trainable {
         ouro_nn::checkpoint::named_vars(&self.varmap)
     }
 
+    /// The model a step computes with in `dtype`: None for f32 (the parameters themselves), else the same
+    /// architecture on the parameters cast to `dtype` (mixed precision: the casts are in the graph, so the
+    /// gradients reach the f32 parameters).
+    pub fn cast(&self, dtype: DType) -> Result<Option<Box<dyn LanguageModel>>> {
+        if dtype == DType::F32 {
+            return Ok(None);
+        }
+        let dev = self.model.device().clone();
+        let map = self.named_vars().into_iter().map(|(name, v)| Ok((name, v.as_tensor().to_dtype(dtype)?))).collect::<Result<std::collections::HashMap<_, _>>>()?;
+        build(&self.config, VarBuilder::from_tensors(map, dtype, &dev)).map(Some)
+    }
+
     pub fn parameter_count(&self) -> usize {
         self.named_vars().iter().map(|(_, v)| v.elem_count()).sum()
     }

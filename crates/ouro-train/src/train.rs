@@ -325,7 +325,8 @@ pub fn train(cfg: &TrainConfig, dev: &Device, resume: bool, progress: bool, stop
         tr.init(cfg.train.seed)?;
     }
     let params = tr.parameter_count();
-    log(&format!("model {}: {} parameters ({:.2} M)", cfg.model.arch, params, params as f64 / 1e6));
+    let dtype = if cfg.train.bf16 { DType::BF16 } else { DType::F32 };
+    log(&format!("model {}: {} parameters ({:.2} M){}", cfg.model.arch, params, params as f64 / 1e6, if cfg.train.bf16 { ", computing in bf16" } else { "" }));
     let t = &cfg.train;
     let seq = match &source {
         Source::Task(task) => task.input_len(cfg.data.seq_len),
@@ -359,7 +360,9 @@ pub fn train(cfg: &TrainConfig, dev: &Device, resume: bool, progress: bool, stop
             }
             batches.push(b);
         }
-        let (loss, norm) = train_step(tr.model.as_ref(), &mut opt, &batches, lr, t.grad_clip)
+        // bf16: a copy of the model on the parameters as they are now (cast again after each update).
+        let cast = tr.cast(dtype)?;
+        let (loss, norm) = train_step(cast.as_deref().unwrap_or(tr.model.as_ref()), &mut opt, &batches, lr, t.grad_clip)
             .map_err(|e| candle_core::Error::Msg(format!("step {step}: {e}; stopping (the last checkpoint in {} is intact)", paths.checkpoint().display())))?;
         step += 1;
         tokens += tokens_per_step;
@@ -373,14 +376,16 @@ pub fn train(cfg: &TrainConfig, dev: &Device, resume: bool, progress: bool, stop
         let out_of_time = (t.time_limit_minutes > 0.0 && t0.elapsed().as_secs_f64() > t.time_limit_minutes * 60.0) || stop_at == Some(step);
         let last = step == t.steps || out_of_time;
         if step % t.eval_every == 0 || last {
+            let cast = tr.cast(dtype)?;
+            let model = cast.as_deref().unwrap_or(tr.model.as_ref());
             let (v, acc) = match &source {
-                Source::Text(corpus) => (evaluate(tr.model.as_ref(), cfg, &corpus.valid, mask_id)?, None),
+                Source::Text(corpus) => (evaluate(model, cfg, &corpus.valid, mask_id)?, None),
                 Source::Task(task) => {
                     let b = task.batch(t.batch_size, cfg.data.seq_len, 0xe7a1, dev)?;
-                    let v = batch_loss(tr.model.as_ref(), &b)?.to_scalar::<f32>()? as f64;
+                    let v = batch_loss(model, &b)?.to_scalar::<f32>()? as f64;
                     let acc = eval_lengths(cfg)
                         .into_iter()
-                        .map(|len| Ok((len, crate::tasks::accuracy(tr.model.as_ref(), task, len, t.batch_size, 4, 0xe7a1)?)))
+                        .map(|len| Ok((len, crate::tasks::accuracy(model, task, len, t.batch_size, 4, 0xe7a1)?)))
                         .collect::<Result<Vec<_>>>()?;
                     (v, Some(acc))
                 }

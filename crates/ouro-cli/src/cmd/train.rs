@@ -36,6 +36,9 @@ pub struct TrainArgs {
     time_limit: Option<f64>,
     #[arg(long)]
     device: Option<String>,
+    /// Compute in bf16 on f32 parameters (mixed precision; for --device cuda).
+    #[arg(long)]
+    bf16: bool,
     /// No progress bar (log lines only).
     #[arg(long)]
     quiet: bool,
@@ -102,6 +105,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
     if let Some(v) = a.device {
         cfg.train.device = v;
     }
+    cfg.train.bf16 |= a.bf16;
     cfg.validate().with_context(|| source.clone())?;
     let dev = crate::device::parse(&cfg.train.device)?;
     let out = ouro_train::train::train(&cfg, &dev, a.resume, !a.quiet, a.stop_at, &mut |s| eprintln!("{s}"))?;

@@ -418,7 +418,7 @@ impl SsdCuda {
         if ns > 1 {
             // The states entering the segments (bf16), then each chunk after the first segment made whole.
             let (_sseg, psseg) = alloc_bf16(dev, z.b * ns * h * p * n, false)?;
-            launch(stream, &function(m, "ssd_walk_states", 0)?, (h as u32, z.b as u32, 1), 256, 0, &[
+            launch(stream, &function(m, "ssd_walk_states", 0)?, (h as u32, z.b as u32, (p * n).div_ceil(256) as u32), 256, 0, &[
                 Arg::Ptr(psfin), Arg::Ptr(ppre), Arg::Ptr(psseg), Arg::I32(h as i32), nci, Arg::I32(cps as i32),
             ])?;
             // la (2 stages) and the chunks' prefixes (f32), S_k, and 2 stages of C and y (bf16, rows padded by 8).
