@@ -4,7 +4,8 @@
 //! Two algorithms that must agree: [`ScanAlgo::Sequential`] (one pass over time, vectorised over channels)
 //! and [`ScanAlgo::Chunked`] (a parallel scan: chunks of time scanned independently from a zero state while
 //! carrying the product of their decays, then the chunk carries propagated, then a fix-up pass — work
-//! spreads over time as well as over batch and channels).
+//! spreads over time as well as over batch and channels). On CUDA, a thread per channel walks the time steps
+//! (`cuda/linear_scan.cu`), forward and backward.
 
 use crate::cpu::SendPtr;
 use crate::util::{cpu_f32, expect_dims};
@@ -169,6 +170,10 @@ impl CustomOp3 for LinearScanOp {
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::linear_scan::fwd(dims(l1)?, (s1, l1), (s2, l2), (s3, l3))
+    }
     fn bwd(&self, x: &Tensor, a: &Tensor, h0: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, l, w) = x.dims3()?;
         let y = res.detach().narrow(0, 0, b * l * w)?;
@@ -205,6 +210,10 @@ impl candle_core::CustomOp2 for LinearScanBwdOp {
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::linear_scan::bwd((self.b, self.l, self.w), (s1, l1), (s2, l2))
+    }
 }
 
 /// h_t = a_t ⊙ h_{t−1} + x_t over (b, l, w) from h0 (b, w) (zeros when absent). Returns (all states y (b, l, w),
@@ -223,8 +232,8 @@ pub fn linear_scan(x: &Tensor, a: &Tensor, h0: Option<&Tensor>, algo: ScanAlgo) 
         }
         None => Tensor::zeros((b, w), DType::F32, x.device())?,
     };
-    if !x.device().is_cpu() {
-        // Device-generic: the recurrence in tensor ops.
+    if !(x.device().is_cpu() || x.device().is_cuda()) {
+        // Other devices: the recurrence in tensor ops.
         let mut h = h0;
         let mut ys = Vec::with_capacity(l);
         for t in 0..l {

@@ -1,4 +1,4 @@
-//! The CUDA kernels of the selective scan, conv1d, gated RMSNorm and the fused Mamba-2 decode step against
+//! The CUDA kernels of the selective scan, conv1d, gated RMSNorm, the linear recurrence (RG-LRU) and the fused Mamba-2 decode step against
 //! the CPU implementation, forward and gradients, on random inputs; outputs poisoned with NaN before each
 //! run (every element must be written). f32 throughout: tolerance 1e-4 relative. Skips without a device.
 #![cfg(feature = "cuda")]
@@ -192,4 +192,19 @@ fn decode_step_fused_matches_the_cpu() {
     decode_case(3, 8, 64, 2, 128, 4, false, (0.0, f64::INFINITY));
     decode_case(2, 4, 12, 1, 20, 4, true, (0.001, 0.1));
     decode_case(5, 6, 16, 3, 64, 2, false, (0.0, f64::INFINITY));
+}
+
+#[test]
+fn linear_scan_forward_and_gradients() {
+    // h_t = a_t ⊙ h_{t−1} + x_t (Hawk/Griffin's RG-LRU): a thread per channel, 8 steps' loads at a time. Lengths
+    // not a multiple of 8 and shorter than 8, channels over more than one block of 128 and fewer than a block.
+    for (b, l, w) in [(2, 77, 200), (1, 5, 3), (3, 64, 130)] {
+        let mut r = Gen::new((b * 100 + l + w) as u64);
+        let inputs = vec![r.normal(&[b, l, w], 1.0), r.uniform(&[b, l, w], 0.5, 0.999), r.normal(&[b, w], 1.0)];
+        let f = |t: &[Tensor]| {
+            let (y, last) = ouro_kernels::linear_scan::linear_scan(&t[0], &t[1], Some(&t[2]), ouro_kernels::linear_scan::ScanAlgo::Sequential).unwrap();
+            vec![y, last]
+        };
+        check(&format!("linear scan b{b} l{l} w{w}"), &["y", "last state", "dx", "da", "dh0"], &inputs, &f);
+    }
 }

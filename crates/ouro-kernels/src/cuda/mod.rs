@@ -12,6 +12,7 @@
 
 pub mod conv;
 pub mod decode;
+pub mod linear_scan;
 pub mod norm;
 pub mod selective_scan;
 pub mod ssd;
