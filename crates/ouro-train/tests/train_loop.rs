@@ -95,11 +95,21 @@ fn bf16_mixed_precision_tracks_f32() {
     // train.bf16: each step on a bf16 copy of the f32 parameters. Same seed and batches as an f32 run: the first
     // loss within 1% of f32's (bf16 rounding of weights and activations), the loss falls as far, the checkpoint
     // stays f32, and every step's gradients reached the parameters (the weights moved as much).
-    for arch in ["mamba2", "llama", "mamba", "griffin"] {
+    for arch in ["mamba2", "llama", "mamba", "griffin", "hybrid"] {
         let dir = tmp(&format!("bf16-{arch}"));
         let c = corpus(&dir);
-        let f32_run = config(arch, &c, &dir.join("f32"), "causal");
-        let mut bf16_run = config(arch, &c, &dir.join("bf16"), "causal");
+        // hybrid: a Mamba-2 layer and an attention layer, each with an MLP sublayer after it.
+        let make = |out: &str| {
+            let mut cfg = config(if arch == "hybrid" { "mamba2" } else { arch }, &c, &dir.join(out), "causal");
+            if arch == "hybrid" {
+                (cfg.model.arch, cfg.model.pattern) = ("hybrid".into(), Some("M-*-".into()));
+                cfg.model.n_layer = 4;
+                cfg.validate().unwrap();
+            }
+            cfg
+        };
+        let f32_run = make("f32");
+        let mut bf16_run = make("bf16");
         bf16_run.train.bf16 = true;
         let (a, b) = (train(&f32_run, &Device::Cpu, false, false, None, &mut |_| {}).unwrap(), train(&bf16_run, &Device::Cpu, false, false, None, &mut |_| {}).unwrap());
         let loss = |run: &str| -> Vec<f64> { read_metrics(&dir.join(run).join("metrics.jsonl")).unwrap().iter().filter_map(|m| m.loss).collect() };
