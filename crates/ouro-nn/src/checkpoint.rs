@@ -52,6 +52,12 @@ pub fn named_vars(vm: &VarMap) -> Vec<(String, candle_core::Var)> {
     v
 }
 
+/// A VarMap's variables cast to `dtype`, by name: the parameters of a mixed-precision step (the casts are in
+/// the graph, so the gradients reach the variables themselves).
+pub fn cast_vars(vm: &VarMap, dtype: DType) -> Result<HashMap<String, Tensor>> {
+    vm.data().lock().unwrap().iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().to_dtype(dtype)?))).collect()
+}
+
 /// Reads `config.json` from a checkpoint folder.
 pub fn read_config(dir: &Path) -> Result<serde_json::Value> {
     let cfg_path = dir.join("config.json");

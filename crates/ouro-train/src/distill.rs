@@ -47,11 +47,7 @@ impl Student {
         if dtype == DType::F32 {
             return Ok(None);
         }
-        let data = self.varmap.data().lock().unwrap();
-        let mut map = std::collections::HashMap::new();
-        for (name, var) in data.iter() {
-            map.insert(name.clone(), var.as_tensor().to_dtype(dtype)?);
-        }
+        let map = ouro_nn::checkpoint::cast_vars(&self.varmap, dtype)?;
         let emb = map.get("backbone.embedding.weight").ok_or_else(|| candle_core::Error::Msg("distill: the student has no embedding".into()))?;
         let (rows, dev) = (emb.dim(0)?, emb.device().clone());
         Ok(Some(Llamba::new(self.cfg.clone(), rows, VarBuilder::from_tensors(map, dtype, &dev))?))

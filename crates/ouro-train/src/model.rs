@@ -34,9 +34,8 @@ impl Trainable {
         if dtype == DType::F32 {
             return Ok(None);
         }
-        let dev = self.model.device().clone();
-        let map = self.named_vars().into_iter().map(|(name, v)| Ok((name, v.as_tensor().to_dtype(dtype)?))).collect::<Result<std::collections::HashMap<_, _>>>()?;
-        build(&self.config, VarBuilder::from_tensors(map, dtype, &dev)).map(Some)
+        let map = ouro_nn::checkpoint::cast_vars(&self.varmap, dtype)?;
+        build(&self.config, VarBuilder::from_tensors(map, dtype, self.model.device())).map(Some)
     }
 
     pub fn parameter_count(&self) -> usize {
